@@ -1,0 +1,243 @@
+"""THE mapping between our parameters and Hugging Face checkpoint tensors: names, shards, FP8 blocks.
+
+Notable choices
+- Our parameter names are the HF names (see model/gpt.py). The table below holds only the
+  exceptions: the MTP layer of DeepSeek's release carries its own copies of the embedding and
+  output head (`model.layers.{L+k}.embed_tokens`, `.shared_head.head`), which we share with the main
+  model; tied embeddings have no `lm_head.weight` on disk.
+- How a parameter is sliced comes from the parameter itself (`tp_shard_dim`, set by the parallel
+  layers), so loading, conversion and vLLM weight sync all slice the same way, with `narrow()`.
+- Shards are streamed: `safe_open(...).get_slice(name)` reads only this rank's slice, so peak memory
+  stays near one tensor, not the model.
+- DeepSeek's FP8 release: e4m3 weights with a `weight_scale_inv` per 128×128 block (edge blocks
+  partial); `dequantize_fp8` multiplies block-wise in float32 and casts to the target dtype.
+- Problems are one `CheckpointError` line naming the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import torch
+
+from megatron_r1.config import ModelConfig
+
+FP8_BLOCK = 128
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem a user can act on; the message names the file and the tensor."""
+
+
+# --------------------------------------------------------------------------------------- name table
+def hf_aliases(cfg: ModelConfig) -> dict[str, str]:
+    """HF names that are copies of one of our parameters: {hf_name: our_name}."""
+    out = {}
+    for k in range(cfg.num_nextn_predict_layers if cfg.model_type == "deepseek_v3" else 0):
+        i = cfg.num_hidden_layers + k
+        out[f"model.layers.{i}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[f"model.layers.{i}.shared_head.head.weight"] = "lm_head.weight"
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = "model.embed_tokens.weight"
+    return out
+
+
+def our_name(hf_name: str, cfg: ModelConfig) -> str:
+    return hf_aliases(cfg).get(hf_name, hf_name)
+
+
+def hf_names(our: str, cfg: ModelConfig) -> list[str]:
+    """Every HF tensor that holds our parameter `our` (the parameter itself and its release copies)."""
+    names = [] if (cfg.tie_word_embeddings and our == "lm_head.weight") else [our]
+    return names + [h for h, o in hf_aliases(cfg).items() if o == our and h != our]
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers (the router's expert bias) by name, deduplicating tied ones."""
+    out = dict(model.named_parameters())
+    out.update({k: v for k, v in model.state_dict().items() if k not in out and "tokens_per_expert" not in k})
+    if "lm_head.weight" in out and "model.embed_tokens.weight" in out and \
+            out["lm_head.weight"] is out["model.embed_tokens.weight"]:
+        del out["lm_head.weight"]
+    return out
+
+
+def shard_of(full: torch.Tensor | object, param: torch.Tensor, mesh) -> object:
+    """This rank's slice of a full tensor (or safetensors slice) for `param`."""
+    dim = getattr(param, "tp_shard_dim", None)
+    if dim is None or mesh.tp == 1:
+        return full[...] if not isinstance(full, torch.Tensor) else full
+    size = param.shape[dim]
+    start = mesh.tp_rank * size
+    if isinstance(full, torch.Tensor):
+        return full.narrow(dim, start, size)
+    index = [slice(None)] * len(param.shape)
+    index[dim] = slice(start, start + size)
+    return full[tuple(index)]
+
+
+# ---------------------------------------------------------------------------------------------- FP8
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16, block: int = FP8_BLOCK):
+    """w: [R, C] float8_e4m3fn, scale_inv: [ceil(R/b), ceil(C/b)] float32 -> w·scale per block, in `dtype`."""
+    r, c = w.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:r].repeat_interleave(block, 1)[:, :c]
+    return (w.float() * s).to(dtype)
+
+
+def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise e4m3 quantisation in DeepSeek's release format: returns (w_fp8, weight_scale_inv)."""
+    r, c = w.shape
+    rb, cb = -(-r // block), -(-c // block)
+    pad = torch.zeros(rb * block, cb * block, dtype=torch.float32)
+    pad[:r, :c] = w.float()
+    blocks = pad.view(rb, block, cb, block).abs().amax(dim=(1, 3))
+    scale_inv = (blocks / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    q = (w.float() / scale_inv.repeat_interleave(block, 0)[:r].repeat_interleave(block, 1)[:, :c])
+    return q.to(torch.float8_e4m3fn), scale_inv
+
+
+# ---------------------------------------------------------------------------------- reading a dir
+def checkpoint_files(path: str) -> dict[str, str]:
+    """{hf tensor name: file path} for a HF dir (index or single file). Checks every shard exists."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            weight_map = json.load(open(index))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(path, f))})
+        if missing:
+            n = sum(1 for f in weight_map.values() if f == missing[0])
+            raise CheckpointError(f"{os.path.join(path, missing[0])}: missing shard (the index names it for {n} "
+                                  f"tensors)" + (f", and {len(missing) - 1} more missing shards" if len(missing) > 1 else ""))
+        return {k: os.path.join(path, f) for k, f in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: no model.safetensors or {INDEX_FILE}")
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, dtype=None,
+                    progress: bool = False) -> None:
+    """Fill `model` (any layout: tp slices, local experts, one pipeline chunk) from a HF directory."""
+    from safetensors import safe_open
+    files = checkpoint_files(path)
+    params = model_state(model)
+    # every name the full model has on disk, to tell "another rank's tensor" from "unknown tensor"
+    with torch.device("meta"):
+        from megatron_r1.model.gpt import CausalLM
+        known = set()
+        for n in model_state(CausalLM(cfg)):
+            known.update(hf_names(n, cfg))
+    filled: set[str] = set()
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, f in files.items():
+        by_file[f].append(name)
+    it = sorted(by_file.items())
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="loading shards", unit="shard")
+    for fpath, names in it:
+        with safe_open(fpath, "pt") as f:
+            for hf in names:
+                if hf.endswith("_scale_inv"):
+                    continue
+                if hf not in known:
+                    raise CheckpointError(f"{fpath}: unknown tensor '{hf}' for a {cfg.model_type} model "
+                                          f"with {cfg.num_hidden_layers} layers")
+                ours = our_name(hf, cfg)
+                if ours not in params or (ours in filled and hf != ours):
+                    continue  # another rank's / stage's tensor, or a release copy of a shared one
+                p = params[ours]
+                sl = f.get_slice(hf)
+                shape = tuple(sl.get_shape())
+                want = _full_shape(p, mesh)
+                if shape != want:
+                    raise CheckpointError(f"{fpath}: tensor '{hf}' has shape {shape}, expected {want}")
+                t = shard_of(sl, p, mesh)
+                if t.dtype == torch.float8_e4m3fn:
+                    scale_name = hf + "_scale_inv"
+                    if scale_name not in files:
+                        raise CheckpointError(f"{fpath}: FP8 tensor '{hf}' has no '{scale_name}'")
+                    with safe_open(files[scale_name], "pt") as fs:
+                        full = dequantize_fp8(f.get_tensor(hf), fs.get_tensor(scale_name), torch.float32)
+                    t = shard_of(full, p, mesh)
+                with torch.no_grad():
+                    p.copy_(t.to(dtype or p.dtype))
+                filled.add(ours)
+    missing = [n for n in params if n not in filled]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor '{hf_names(missing[0], cfg)[0]}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _full_shape(p: torch.Tensor, mesh) -> tuple:
+    shape = list(p.shape)
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is not None:
+        shape[dim] *= mesh.tp
+    return tuple(shape)
+
+
+# ---------------------------------------------------------------------------------- writing a dir
+def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf name, tensor) for a FULL state dict of ours, with the release copies the HF format expects."""
+    for name, t in state.items():
+        for hf in hf_names(name, cfg):
+            yield hf, t
+
+
+def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_dir: str,
+            max_shard_bytes: int = 2 << 30, dtype=torch.bfloat16, fp8: bool = False) -> None:
+    """Write config.json + sharded safetensors + index. `fp8`: DeepSeek's block-scaled release format
+    for 2-D linear weights (not embeddings, norms, router or head)."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    if fp8:
+        hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    json.dump(hf_cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
+    shards: list[dict] = [{}]
+    sizes = [0]
+    for name, t in tensors:
+        t = t.detach().cpu()
+        out = {}
+        if fp8 and _fp8_eligible(name, t):
+            q, s = quantize_fp8(t)
+            out[name], out[name + "_scale_inv"] = q, s
+        else:
+            out[name] = t.to(dtype if t.is_floating_point() and "e_score_correction_bias" not in name else t.dtype)
+        nbytes = sum(v.numel() * v.element_size() for v in out.values())
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1].update({k: v.contiguous() for k, v in out.items()})
+        sizes[-1] += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, sh in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(sh, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in sh})
+    if n > 1:
+        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
+                  open(os.path.join(out_dir, INDEX_FILE), "w"), indent=2)
+    json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+               "temperature": 0.6, "top_p": 0.95}, open(os.path.join(out_dir, "generation_config.json"), "w"), indent=2)
+
+
+_NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|gate\.weight|e_score_correction_bias|eh_proj)")
+
+
+def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
+    return t.dim() == 2 and not _NOT_FP8.search(name)

@@ -1,0 +1,511 @@
+"""Configuration: dataclasses, presets, YAML files and dotted command-line overrides.
+
+Notable choices
+- One source of truth: the dataclasses below. YAML and `a.b=c` overrides are validated against their
+  field types once, in `load_config`; an unknown key or a wrong type is a `ConfigError` naming the key.
+- `ModelConfig` field names are Hugging Face `config.json` names, so a real DeepSeek-V3 / Qwen2 / Llama
+  config loads with `ModelConfig.from_hf_dict` (HF metadata keys we do not model are ignored there, and
+  only there: a user's YAML with a typo is an error).
+- RoPE: DeepSeek's release config uses `rope_theta` + `rope_scaling`; transformers 5 writes
+  `rope_parameters`. Both load; internally we keep `rope_theta` + `rope_scaling`.
+- Training-only knobs that HF does not know (MTP loss weight λ, balance-loss α, bias update speed γ)
+  live in `ModelConfig` too, because they belong to the architecture's training recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can act on; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"  # deepseek_v3 | qwen2 | llama
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense FFN width (first_k_dense_replace layers, dense students)
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128  # GQA for dense students; MLA ignores it
+    head_dim: int | None = None  # dense students: defaults to hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2 has it)
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # mla
+    q_lora_rank: int | None = 1536  # None: plain q_proj
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_interleave: bool = True  # DeepSeek's rope dims are stored as interleaved pairs
+    # moe
+    n_routed_experts: int | None = 256  # None: dense model
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 2048
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    # rope / yarn
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    max_position_embeddings: int = 163840
+    # mtp
+    num_nextn_predict_layers: int = 1  # MTP depth D (0: off)
+    # training recipe (not in HF config.json)
+    mtp_loss_weight: float = 0.3  # λ of the MTP loss (0.3 early in V3 training, 0.1 later)
+    aux_loss_alpha: float = 0.0  # α of the sequence-wise balance loss (V3: 1e-4); 0 = off
+    bias_update_speed: float = 0.001  # γ of the aux-loss-free bias update; 0 = frozen bias
+
+    # ---- derived
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "deepseek_v3" and bool(self.n_routed_experts)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type == "deepseek_v3"
+
+    @property
+    def dense_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.first_k_dense_replace
+
+    def validate(self) -> None:
+        if self.model_type not in ("deepseek_v3", "qwen2", "llama"):
+            raise ConfigError(f"model.model_type={self.model_type!r}: expected deepseek_v3, qwen2 or llama")
+        if self.is_moe:
+            e, g = self.n_routed_experts, self.n_group
+            if e % g:
+                raise ConfigError(f"model.n_group={g} does not divide n_routed_experts={e}")
+            if not 1 <= self.topk_group <= g:
+                raise ConfigError(f"model.topk_group={self.topk_group} must be in [1, n_group={g}]")
+            if self.num_experts_per_tok > self.topk_group * (e // g):
+                raise ConfigError(
+                    f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the "
+                    f"selected groups (topk_group {self.topk_group} × {e // g} experts/group)")
+            if self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc":
+                raise ConfigError("only scoring_func=sigmoid with topk_method=noaux_tc (DeepSeek-V3) is supported")
+        if not self.is_mla and self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"model.num_key_value_heads={self.num_key_value_heads} does not divide "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("yarn", "default", None):
+                raise ConfigError(f"model.rope_scaling.type={kind!r}: only yarn is supported")
+
+    # ---- parameter counts
+    def num_parameters(self) -> dict[str, int]:
+        """Total and activated parameters of the main model, and of the MTP module(s) separately.
+
+        DeepSeek quotes 671B total / 37B activated for the main model; the release checkpoint (685B)
+        adds the 14B MTP module. Embedding and output head are counted (not tied in V3)."""
+        h, v = self.hidden_size, self.vocab_size
+
+        def attn() -> int:
+            if self.is_mla:
+                nh = self.num_attention_heads
+                q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
+                     if self.q_lora_rank else h * nh * self.qk_head_dim)
+                kv = (h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                      + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim))
+                return q + kv + nh * self.v_head_dim * h
+            d, nh, nkv = self.dense_head_dim, self.num_attention_heads, self.num_key_value_heads
+            bias = (nh + 2 * nkv) * d if self.attention_bias else 0
+            return h * nh * d + 2 * h * nkv * d + bias + nh * d * h
+
+        def ffn(width: int) -> int:
+            return 3 * h * width
+
+        def layer(i: int) -> tuple[int, int]:  # (total, active)
+            base = attn() + 2 * h
+            if not self.is_moe_layer(i):
+                return base + ffn(self.intermediate_size), base + ffn(self.intermediate_size)
+            e, k, s, w = self.n_routed_experts, self.num_experts_per_tok, self.n_shared_experts, self.moe_intermediate_size
+            router = e * h
+            return base + router + (e + s) * ffn(w), base + router + (k + s) * ffn(w)
+
+        per_layer = [layer(i) for i in range(self.num_hidden_layers)]
+        embed = v * h
+        head = 0 if self.tie_word_embeddings else v * h
+        total = embed + head + h + sum(t for t, _ in per_layer)
+        active = embed + head + h + sum(a for _, a in per_layer)
+        # MTP module k: enorm + hnorm + eh_proj + one (MoE) block + final norm; embedding/head shared
+        mtp_block = layer(self.num_hidden_layers)  # an MTP block is a MoE block when the model is MoE
+        mtp = self.num_nextn_predict_layers * (2 * h + 2 * h * h + mtp_block[0] + h)
+        return {"total": total, "activated": active, "mtp": mtp}
+
+    # ---- Hugging Face interop
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a HF config.json dict; HF metadata we do not model is ignored."""
+        d = dict(d)
+        mt = d.get("model_type")
+        if mt not in ("deepseek_v3", "qwen2", "llama"):
+            raise ConfigError(f"config.json model_type={mt!r}: expected deepseek_v3, qwen2 or llama")
+        rp = d.pop("rope_parameters", None)
+        if rp:  # transformers 5 layout
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            if kind != "default" and d.get("rope_scaling") is None:
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta",)}
+        if d.get("rope_scaling") and "type" not in d["rope_scaling"]:
+            d["rope_scaling"] = {"type": d["rope_scaling"].get("rope_type"), **d["rope_scaling"]}
+        if mt == "qwen2":
+            d["attention_bias"] = True
+        if mt != "deepseek_v3":
+            d["n_routed_experts"] = None
+            d["num_nextn_predict_layers"] = 0
+            d["q_lora_rank"] = None
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = d["eos_token_id"][0]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        cfg = _build(cls, kw, "model")
+        cfg.validate()
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        """The config.json we write; transformers and vLLM both read it."""
+        common = dict(
+            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            hidden_act=self.hidden_act, rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings, initializer_range=self.initializer_range,
+            rope_theta=self.rope_theta, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+        )
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**{k: v for k, v in self.rope_scaling.items() if k != "type"},
+                    "rope_type": self.rope_scaling.get("type", "yarn"), "rope_theta": self.rope_theta}
+            common["rope_scaling"] = {**self.rope_scaling, "type": rope["rope_type"]}
+        common["rope_parameters"] = rope
+        if self.model_type == "deepseek_v3":
+            return dict(common, architectures=["DeepseekV3ForCausalLM"],
+                        q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
+                        qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+                        v_head_dim=self.v_head_dim, n_routed_experts=self.n_routed_experts,
+                        n_shared_experts=self.n_shared_experts, num_experts_per_tok=self.num_experts_per_tok,
+                        moe_intermediate_size=self.moe_intermediate_size, n_group=self.n_group,
+                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
+                        first_k_dense_replace=self.first_k_dense_replace, norm_topk_prob=self.norm_topk_prob,
+                        scoring_func=self.scoring_func, topk_method=self.topk_method, moe_layer_freq=1,
+                        num_nextn_predict_layers=self.num_nextn_predict_layers, rope_interleave=self.rope_interleave,
+                        attention_bias=self.attention_bias)
+        arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        out = dict(common, architectures=[arch], head_dim=self.dense_head_dim)
+        if self.model_type == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=False)
+        return out
+
+
+# -------------------------------------------------------------------------------------- parallelism
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    sp: bool = False  # sequence parallel (needs tp > 1 to matter)
+    cp: int = 1  # context parallel (2·cp load-balanced chunks)
+    ep: int = 1  # expert parallel, folded into dp×cp×tp of each pipeline stage
+    pp: int = 1  # pipeline stages
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    zero1: bool = True  # shard AdamW states over data-parallel ranks
+    grad_bucket_mb: float = 25.0  # gradient reduction bucket size
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    params_dtype: str = "bfloat16"  # float32 | bfloat16 (weights are the compute dtype; fp32 masters)
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_steps: int = 1000
+    lr: float = 3e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | cosine | linear
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    save_dir: str | None = None
+    save_interval: int = 0  # steps; 0 = only at the end
+    keep_last: int = 3
+    log_interval: int = 1
+
+
+# ------------------------------------------------------------------------------------------------ RL
+@dataclass
+class RLConfig:
+    group_size: int = 16  # G samples per prompt
+    prompts_per_step: int = 32
+    max_prompt_len: int = 1024
+    max_response_len: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eps_low: float = 0.2  # clip ratio below 1
+    eps_high: float = 0.2  # clip ratio above 1 (DAPO clip-higher: 0.28)
+    beta: float = 0.001  # KL(k3) weight; 0 = no reference model
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    adv_std_norm: bool = True  # False: Dr. GRPO (no std division)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
+    overlong: str = "none"  # none | filter | penalty
+    overlong_buffer: int = 0  # tokens of the soft penalty ramp
+    updates_per_batch: int = 1  # optimizer steps per rollout batch
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    template: str = "r1_zero"
+
+
+@dataclass
+class RolloutConfig:
+    tp: int = 1  # vLLM tensor parallel size (over training ranks)
+    bucket_mb: float = 512.0  # weight-sync bucket cap
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 4096
+    sleep_between_steps: bool = True  # free KV cache during training (GPU)
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None  # prompts: JSONL or Parquet
+    eval_path: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    on_error: str = "skip"  # skip | raise: malformed rows
+    tokenizer: str | None = None  # HF tokenizer dir or sentencepiece .model
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run_dir: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        """The resolved config, saved beside each checkpoint and run."""
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- presets
+_YARN_671B = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+MODEL_PRESETS: dict[str, dict] = {
+    # the published shape (config.json of deepseek-ai/DeepSeek-V3)
+    "deepseek-v3-671b": dict(rope_scaling=_YARN_671B, max_position_embeddings=163840),
+    # same architecture, small; kv_lora_rank 512 and qk_rope_head_dim 64 kept for vLLM's CPU MLA kernel
+    "tiny-moe": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=2048,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32.0,
+                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        num_nextn_predict_layers=1, aux_loss_alpha=1e-4),
+    # dense students (shapes of Qwen2.5-1.5B and Llama-3.1-8B); tiny-* variants for tests
+    "qwen2-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, attention_bias=True,
+                       tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=131072,
+                       rms_norm_eps=1e-6),
+    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       attention_bias=True, max_position_embeddings=2048, rope_theta=10000.0),
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       max_position_embeddings=2048, rope_theta=10000.0),
+}
+for _name in ("qwen2-1.5b", "llama-8b", "tiny-qwen2", "tiny-llama"):
+    MODEL_PRESETS[_name].update(n_routed_experts=None, num_nextn_predict_layers=0, q_lora_rank=None)
+MODEL_PRESETS["qwen2"] = MODEL_PRESETS["qwen2-1.5b"]
+MODEL_PRESETS["llama"] = MODEL_PRESETS["llama-8b"]
+
+
+# -------------------------------------------------------------------------------- loading/validation
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            close = [n for n in names if n.startswith(k[:4])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}.{k}'{hint}")
+    kw = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
+    return cls(**kw)
+
+
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "rl": RLConfig,
+             "rollout": RolloutConfig, "data": DataConfig}
+
+
+def _model_values(spec: Any) -> dict:
+    """A model section is a preset name, a dict (optionally with `preset:`), or a HF dir/config.json."""
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"model: expected a preset name or a mapping, got {spec!r}")
+    spec = dict(spec)
+    base: dict = {}
+    preset = spec.pop("preset", None)
+    if preset is not None:
+        if preset in MODEL_PRESETS:
+            base = dict(MODEL_PRESETS[preset])
+        elif os.path.exists(preset):
+            path = os.path.join(preset, "config.json") if os.path.isdir(preset) else preset
+            base = dataclasses.asdict(ModelConfig.from_hf_dict(json.load(open(path))))
+        else:
+            raise ConfigError(f"unknown model preset {preset!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
+    base.update(spec)
+    return base
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. model.hidden_size=256")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(source: str | dict | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a Config from a model preset name, a YAML file, or a dict; then apply `a.b=c` overrides.
+
+    `load_config('deepseek-v3-671b')` gives the 671B model with default training settings.
+    """
+    raw: dict = {}
+    if isinstance(source, dict):
+        raw = dict(source)
+    elif isinstance(source, str):
+        if source in MODEL_PRESETS:
+            raw = {"model": source}
+        elif os.path.isfile(source):
+            try:
+                with open(source) as f:
+                    raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+                raise ConfigError(f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        else:
+            raise ConfigError(f"{source!r} is neither a model preset ({', '.join(sorted(MODEL_PRESETS))}) "
+                              f"nor a YAML file")
+    elif source is not None:
+        raise ConfigError(f"load_config: unsupported source {source!r}")
+
+    sections: dict[str, dict] = {}
+    for k, v in raw.items():
+        if k == "run_dir":
+            continue
+        if k not in _SECTIONS:
+            raise ConfigError(f"unknown config section '{k}'; expected one of {', '.join(_SECTIONS)}, run_dir")
+        if k == "model":
+            sections[k] = _model_values(v)
+        elif not isinstance(v, dict):
+            raise ConfigError(f"{k}: expected a mapping, got {v!r}")
+        else:
+            sections[k] = dict(v)
+    run_dir = raw.get("run_dir", "runs/default")
+
+    for item in overrides:
+        path, value = _parse_override(item)
+        if path == ["run_dir"]:
+            run_dir = str(value)
+            continue
+        if path[0] not in _SECTIONS or len(path) < 2:
+            raise ConfigError(f"override {item!r}: unknown key '{'.'.join(path)}'")
+        if path == ["model", "preset"]:
+            sections["model"] = {**_model_values(value), **{k: v for k, v in sections.get("model", {}).items()}}
+            continue
+        node = sections.setdefault(path[0], {})
+        for p in path[1:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a mapping")
+        node[path[-1]] = value
+
+    cfg = Config(**{k: _build(cls, sections.get(k, {}), k) for k, cls in _SECTIONS.items()}, run_dir=run_dir)
+    cfg.model.validate()
+    return cfg

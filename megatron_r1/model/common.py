@@ -1,0 +1,110 @@
+"""Pieces every architecture shares: RMSNorm, rotary embeddings with YaRN, the SwiGLU MLP, attention glue.
+
+Notable choices
+- RMSNorm computes in float32 and casts back, like DeepSeek's and HF's reference code.
+- RoPE frequencies follow YaRN (NTK-by-parts ramp between interpolated and extrapolated frequencies,
+  attention-factor mscale) exactly as DeepSeek-V3's release code and transformers compute them.
+- Rotary angles are computed from *global* position ids, so context-parallel chunks stay correct.
+- The MLP's gate/up are column-parallel and down is row-parallel: one all-reduce per MLP under TP.
+Shapes: B batch, S sequence (local to this rank), H hidden, N heads on this tp rank, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- rotary
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin amplitude factor (YaRN's attention factor)."""
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if not scaling or scaling.get("type", scaling.get("rope_type")) in (None, "default"):
+        return 1.0 / pos_freqs, 1.0
+    factor = scaling.get("factor") or max_pos / scaling["original_max_position_embeddings"]
+    orig = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rot):
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = yarn_get_mscale(factor, m) / yarn_get_mscale(factor, m_all) if m and m_all else yarn_get_mscale(factor)
+    return inv, float(attn)
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, theta: float, scaling: dict | None, max_pos: int, interleaved: bool):
+        super().__init__()
+        inv, self.amplitude = rope_frequencies(dim, theta, scaling, max_pos)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.interleaved = interleaved
+
+    def cos_sin(self, pos: torch.Tensor):  # pos: [B, S] global positions -> [B, S, D/2] each
+        ang = pos.unsqueeze(-1).float() * self.inv_freq
+        return ang.cos() * self.amplitude, ang.sin() * self.amplitude
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, S, D]; cos/sin: [B, S, D/2]. Interleaved pairs (x0,x1),(x2,x3).. (DeepSeek) or halves."""
+        cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- attention
+def attention(q, k, v, q_pos, k_pos, scale: float):
+    """Causal attention by global positions. q: [B, N, Sq, D], k/v: [B, N, Sk, D], *_pos: [B, S*]."""
+    from megatron_r1.kernels import get_kernel
+    return get_kernel("attention")(q, k, v, q_pos, k_pos, scale)
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) · up(x)).
+
+    `parallel=True`: a tensor-parallel region (gate/up column-parallel, down row-parallel, one reduction).
+    `parallel=False`: whole weights on this rank (routed experts; shared experts on a token shard)."""
+
+    def __init__(self, hidden: int, inner: int, mesh, parallel: bool = True, out_std: float = 0.02):
+        super().__init__()
+        from megatron_r1.parallel.mesh import ParallelMesh
+        self.mesh = mesh if parallel else ParallelMesh.single()
+        self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh)
+        self.up_proj = ColumnParallelLinear(hidden, inner, self.mesh)
+        self.down_proj = RowParallelLinear(inner, hidden, self.mesh, std=out_std)
+
+    def forward(self, x):
+        x = tp_enter(x, self.mesh)
+        return tp_exit(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.mesh)

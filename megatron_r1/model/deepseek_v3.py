@@ -1,0 +1,206 @@
+"""DeepSeek-V3: Multi-head Latent Attention and DeepSeekMoE, in the paper's order.
+
+Notable features
+- MLA: queries through a low-rank bottleneck (q_a → norm → q_b); keys and values from one compressed
+  latent c_kv (kv_a → norm → kv_b) plus a decoupled RoPE key shared by all heads. Softmax scale
+  1/√(d_nope + d_rope) times YaRN's mscale². Heads are split over tp; the low-rank projections are
+  replicated (their gradients are partial and summed over tp). Under cp the latent is gathered.
+- DeepSeekMoE: 1 shared expert + top-k of n routed experts. Sigmoid affinities; the selection adds a
+  per-expert bias (aux-loss-free balancing, `noaux_tc`) and is group-limited (top `topk_group` of
+  `n_group` groups, a group scored by the sum of its top-2); gate weights are the *unbiased* scores of
+  the chosen experts, normalised and multiplied by `routed_scaling_factor`.
+- Balancing: after each optimizer step bias_i += γ·sign(mean load − load_i) (`update_expert_bias`),
+  loads summed over every rank of the pipeline stage; optional sequence-wise balance loss α·Σ f_i·P_i,
+  attached to the activations so it backpropagates without threading a second loss through the pipeline.
+- Tokens: the MoE runs on a token shard (split over tp when tp > 1), experts folded over ep.
+Shapes: B batch, S sequence, H hidden, N local heads, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_r1.config import ModelConfig
+from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_mscale
+from megatron_r1.parallel.context import gather_kv, gather_positions
+from megatron_r1.parallel.expert import moe_dispatch_combine
+from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, _all_reduce, copy_to_region,
+                                         gather_from_region, mark_tp_partial, reduce_from_region,
+                                         scatter_to_region, tp_enter, tp_exit)
+
+
+# -------------------------------------------------------------------------------------------- MLA
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+        super().__init__()
+        self.mesh, self.cfg = mesh, cfg
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.n_local = nh // mesh.tp
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * cfg.qk_head_dim, mesh)
+            mark_tp_partial(self.q_a_proj, mesh)
+            mark_tp_partial(self.q_a_layernorm, mesh)
+        else:
+            self.q_proj = ColumnParallelLinear(h, nh * cfg.qk_head_dim, mesh)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), mesh)
+        self.o_proj = RowParallelLinear(nh * cfg.v_head_dim, h, mesh, std=out_std)
+        mark_tp_partial(self.kv_a_proj_with_mqa, mesh)
+        mark_tp_partial(self.kv_a_layernorm, mesh)
+        for lin in (getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=cfg.initializer_range)
+        self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                             interleaved=cfg.rope_interleave)
+        self.scale = cfg.qk_head_dim ** -0.5
+        rs = cfg.rope_scaling or {}
+        if rs.get("mscale_all_dim"):
+            m = yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
+            self.scale *= m * m
+
+    def forward(self, x, pos):  # x: [B, S_l, H] residual layout; pos: [B, S] global positions of this cp rank
+        cfg = self.cfg
+        x = tp_enter(x, self.mesh)  # [B, S, H]
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q = q.view(b, s, self.n_local, cfg.qk_head_dim).transpose(1, 2)  # [B, N, S, Dqk]
+        q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(kv_nope)  # [B, S, C] the compressed latent
+        cos, sin = self.rotary.cos_sin(pos)
+        q_rot = self.rotary.apply(q_rot, cos, sin)
+        k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [B, 1, S, Dr]
+        # context parallel: every rank needs the latents of the whole sequence (small: C + Dr per token)
+        c_kv, k_rot, k_pos = gather_kv(c_kv, self.mesh, 1), gather_kv(k_rot, self.mesh, 2), gather_positions(pos, self.mesh)
+        sk = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(b, sk, self.n_local, cfg.qk_nope_head_dim + cfg.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(-1, self.n_local, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        o = attention(q, k, v, pos, k_pos, self.scale)  # [B, N, S, Dv]
+        o = o.transpose(1, 2).reshape(b, s, self.n_local * cfg.v_head_dim)
+        return tp_exit(self.o_proj(o), self.mesh)
+
+
+# -------------------------------------------------------------------------------------- router / MoE
+class Router(nn.Module):
+    """Sigmoid affinities, biased group-limited top-k selection, unbiased normalised weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size).normal_(std=cfg.initializer_range))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        # tokens routed to each expert since the last bias update (this rank only; summed at update time)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores.detach() + self.e_score_correction_bias
+        e, g = cfg.n_routed_experts, cfg.n_group
+        group_scores = choice.view(-1, g, e // g).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1.0).bool()
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e)
+        idx = choice.masked_fill(~expert_mask, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        if self.training and torch.is_grad_enabled():
+            self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=e).to(self.tokens_per_expert.dtype)
+        return w * cfg.routed_scaling_factor, idx, scores
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on x; the backward also seeds d(total loss)/d(aux) = 1 (Megatron's MoEAuxLossAutoScaler)."""
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        (aux,) = ctx.saved_tensors
+        return g, torch.ones_like(aux)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+        super().__init__()
+        self.cfg, self.mesh = cfg, mesh
+        self.gate = Router(cfg)
+        per = cfg.n_routed_experts // mesh.ep
+        first = mesh.ep_rank * per
+        self.local_ids = list(range(first, first + per))
+        self.experts = nn.ModuleDict({str(i): MLP(cfg.hidden_size, cfg.moe_intermediate_size, mesh, parallel=False,
+                                                  out_std=out_std) for i in self.local_ids})
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, mesh,
+                                   parallel=False, out_std=out_std) if cfg.n_shared_experts else None)
+        # replicated over tp but each tp rank routes a different token shard
+        mark_tp_partial(self.gate, mesh)
+        if self.shared_experts is not None:
+            mark_tp_partial(self.shared_experts, mesh)
+        self.aux_normalizer = 1.0  # global number of sequences; set by the trainer each step
+        self.last_aux_loss = torch.zeros(())
+
+    def forward(self, x):  # x: [B, S_l, H] residual layout
+        split = self.mesh.tp > 1 and not self.mesh.sp  # replicated tokens: each tp rank takes a shard
+        if split:
+            x = scatter_to_region(x, self.mesh.tp_group, dim=1)
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        w, idx, scores = self.gate(flat)
+        out = moe_dispatch_combine(flat, idx, w, [self.experts[str(i)] for i in self.local_ids],
+                                   self.cfg.n_routed_experts, self.mesh)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        out = out.view(b, s, h)
+        if self.cfg.aux_loss_alpha > 0 and self.training and torch.is_grad_enabled():
+            out = _AttachAuxLoss.apply(out, self._sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))
+        if split:
+            out = gather_from_region(out, self.mesh.tp_group, dim=1)
+        return out.to(x.dtype)
+
+    def _sequence_balance_loss(self, idx, scores):
+        """α Σ_i f_i P_i per sequence, summed over sequences / global sequence count.
+
+        A sequence is spread over the tp (token shards) and cp ranks: the partial counts and
+        probabilities are summed over that group; each rank adds 1/|group| of the result."""
+        cfg, mesh = self.cfg, self.mesh
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        group = mesh.group("tp_cp")
+        counts = torch.zeros(idx.shape[0], e).scatter_add_(1, idx.reshape(idx.shape[0], -1),
+                                                          torch.ones(idx.shape[0], idx.shape[1] * k))
+        probs = (scores / scores.sum(-1, keepdim=True)).sum(1)  # [B, E] partial sums over local tokens
+        tokens = torch.tensor(float(idx.shape[1]))
+        counts, tokens = _all_reduce(counts, group), _all_reduce(tokens, group)
+        probs = copy_to_region(reduce_from_region(probs, group), group)
+        f = counts * e / (k * tokens)
+        p = probs / tokens
+        n = 1 if group is None else dist.get_world_size(group)
+        loss = cfg.aux_loss_alpha * (f * p).sum() / self.aux_normalizer / n
+        self.last_aux_loss = loss.detach()
+        return loss
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, mesh, speed: float) -> dict:
+    """Aux-loss-free balancing step: bias_i += γ·sign(mean load − load_i), loads over the whole stage.
+
+    Returns the max-violation of the loads before the update (max load / mean load − 1), for logging."""
+    stats = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            load = _all_reduce(m.tokens_per_expert.clone(), mesh.stage_group)
+            if load.sum() > 0:
+                stats.append((load.max() / load.mean() - 1).item())
+                if speed > 0:
+                    m.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+            m.tokens_per_expert.zero_()
+    return {"moe_max_violation": max(stats) if stats else 0.0}

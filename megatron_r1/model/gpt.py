@@ -1,0 +1,215 @@
+"""The causal language model: embedding → decoder blocks → norm → output head (+ MTP modules).
+
+Notable features
+- Parameter names ARE the Hugging Face names (`model.layers.3.self_attn.q_b_proj.weight`,
+  `model.layers.5.mlp.experts.17.up_proj.weight`, `lm_head.weight`); a tensor-parallel parameter holds
+  a contiguous slice (`param.tp_shard_dim`), an expert-parallel rank holds only its experts. So
+  `ckpt/hf.py` maps names once for loading, conversion and vLLM weight sync alike.
+- One class serves a whole model (pp=1) or one pipeline chunk: `layers` names the global layer
+  indices it owns, `pre_process` adds the embedding, `post_process` the final norm, head and MTP.
+- Multi-token prediction (DeepSeek-V3 §2.2), depth D, at `model.layers.{L+k-1}` like the release
+  checkpoint: h'ᵏ = eh_proj([enorm(Emb(t_{i+k})); hnorm(hᵏ⁻¹_i)]), hᵏ = Block(h'ᵏ), logits from the
+  shared head after `shared_head.norm`. Loss λ/D Σ_k CEᵏ. Embedding and head are shared with the main model.
+- Residual layout: [B, S_l, H], S_l = this rank's tokens (S/cp, and /tp under sequence parallelism).
+- Dense students (Qwen2 / Llama) use GQA attention with the same blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from megatron_r1.config import ModelConfig
+from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention
+from megatron_r1.model.deepseek_v3 import MLA, MoE
+from megatron_r1.parallel.context import cp_positions, gather_kv, gather_positions
+from megatron_r1.parallel.mesh import ParallelMesh
+from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                         init_std_scaled, tp_enter, tp_exit)
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (Qwen2: q/k/v bias; Llama: none), heads and kv-heads split over tp."""
+
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+        super().__init__()
+        self.mesh, d = mesh, cfg.dense_head_dim
+        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d, self.nh, self.nkv = d, nh // mesh.tp, nkv // mesh.tp
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, nh * d, mesh, bias=cfg.attention_bias)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=cfg.attention_bias)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(nh * d, cfg.hidden_size, mesh, std=out_std)
+        self.rotary = Rotary(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, interleaved=False)
+        self.scale = d ** -0.5
+
+    def forward(self, x, pos):
+        x = tp_enter(x, self.mesh)
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.nh, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.nkv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.nkv, self.d).transpose(1, 2)
+        cos, sin = self.rotary.cos_sin(pos)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        k, v, k_pos = gather_kv(k, self.mesh, 2), gather_kv(v, self.mesh, 2), gather_positions(pos, self.mesh)
+        rep = self.nh // self.nkv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = attention(q, k, v, pos, k_pos, self.scale).transpose(1, 2).reshape(b, s, self.nh * self.d)
+        return tp_exit(self.o_proj(o), self.mesh)
+
+
+def _residual_norm(dim: int, cfg: ModelConfig, mesh) -> RMSNorm:
+    """A norm applied in the residual layout: under SP it sees a token shard, so its grad is partial."""
+    n = RMSNorm(dim, cfg.rms_norm_eps)
+    if mesh.sp:
+        n.weight.tp_partial = True
+    return n
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh, layer: int):
+        super().__init__()
+        out_std = init_std_scaled(cfg.initializer_range, cfg.num_hidden_layers)
+        self.input_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
+        self.self_attn = MLA(cfg, mesh, out_std) if cfg.is_mla else GQA(cfg, mesh, out_std)
+        self.post_attention_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
+        self.mlp = MoE(cfg, mesh, out_std) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
+                                                                                mesh, out_std=out_std)
+
+    def forward(self, x, pos):
+        x = x + self.self_attn(self.input_layernorm(x), pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg, mesh):
+        super().__init__()
+        self.norm = _residual_norm(cfg.hidden_size, cfg, mesh)
+
+
+class MTPLayer(Block):
+    """One MTP module: the projection of [embedding of the token k ahead; previous depth's hidden] + a block."""
+
+    def __init__(self, cfg: ModelConfig, mesh, layer: int):
+        super().__init__(cfg, mesh, layer)
+        self.enorm = _residual_norm(cfg.hidden_size, cfg, mesh)
+        self.hnorm = _residual_norm(cfg.hidden_size, cfg, mesh)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        nn.init.normal_(self.eh_proj.weight, std=cfg.initializer_range)
+        if mesh.sp:
+            self.eh_proj.weight.tp_partial = True
+        self.shared_head = SharedHead(cfg, mesh)
+
+    def forward(self, h_prev, emb, pos):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return super().forward(x, pos)
+
+
+@dataclass
+class StageOutput:
+    """What the last pipeline stage returns: vocab-sharded logits for this rank's positions."""
+    logits: torch.Tensor  # [B, S/cp, V/tp] main head
+    mtp_logits: list  # D × [B, S/cp, V/tp]; position p of depth k predicts token p+k+1
+    positions: torch.Tensor  # [S/cp] global positions of the rows
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: ParallelMesh | None = None, layers: list[int] | None = None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        mesh = mesh or ParallelMesh.single()
+        self.cfg, self.mesh = cfg, mesh
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_ids = list(range(cfg.num_hidden_layers)) if layers is None else list(layers)
+        self.mtp_depth = cfg.num_nextn_predict_layers if post_process else 0
+        self.model = nn.Module()
+        needs_embed = pre_process or self.mtp_depth > 0
+        if needs_embed:
+            self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh, cfg.initializer_range)
+        blocks = {str(i): Block(cfg, mesh, i) for i in self.layer_ids}
+        for k in range(self.mtp_depth):
+            blocks[str(cfg.num_hidden_layers + k)] = MTPLayer(cfg, mesh, cfg.num_hidden_layers + k)
+        self.model.layers = nn.ModuleDict(blocks)
+        if post_process:
+            self.model.norm = _residual_norm(cfg.hidden_size, cfg, mesh)
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, mesh, std=cfg.initializer_range)
+            if cfg.tie_word_embeddings:
+                if not pre_process:
+                    raise ValueError("tie_word_embeddings with pipeline parallelism is not supported")
+                self.lm_head.weight = self.model.embed_tokens.weight
+        self._tag_shards()
+
+    def _tag_shards(self):
+        """`param.is_expert`: routed-expert weights, reduced over the expert-data-parallel group."""
+        for p in self.parameters():
+            p.is_expert = False
+        for mod in self.modules():
+            if isinstance(mod, MoE):
+                for p in mod.experts.parameters():
+                    p.is_expert = True
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, with_mtp: bool = True):
+        """input_ids: [B, S] the whole sequence (every stage and cp rank gets it).
+
+        Returns hidden [B, S_l, H] on a non-last stage, else a StageOutput."""
+        mesh = self.mesh
+        pos = cp_positions(input_ids.shape[1], mesh)  # [S/cp]
+        pos_b = pos.unsqueeze(0).expand(input_ids.shape[0], -1)
+        if self.pre_process:
+            h = self.model.embed_tokens(input_ids[:, pos])
+        else:
+            h = hidden
+        for i in self.layer_ids:
+            h = self.model.layers[str(i)](h, pos_b)
+        if not self.post_process:
+            return h
+        logits = self.lm_head(tp_enter(self.model.norm(h), mesh))
+        mtp_logits = []
+        if with_mtp and self.mtp_depth:
+            s = input_ids.shape[1]
+            for k in range(1, self.mtp_depth + 1):
+                ahead = (pos + k).clamp(max=s - 1)  # the last k positions have no token k ahead (masked in the loss)
+                emb = self.model.embed_tokens(input_ids[:, ahead])
+                layer = self.model.layers[str(self.cfg.num_hidden_layers + k - 1)]
+                h = layer(h, emb, pos_b)
+                mtp_logits.append(self.lm_head(tp_enter(layer.shared_head.norm(h), mesh)))
+        return StageOutput(logits, mtp_logits, pos)
+
+    @torch.no_grad()
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S, V] logits of a whole (pp=1, cp=1) model: for inference and tests."""
+        from megatron_r1.parallel.tensor import gather_vocab
+        return gather_vocab(self.forward(input_ids, with_mtp=False).logits, self.mesh)
+
+
+def lm_loss(out: StageOutput, input_ids: torch.Tensor, loss_mask: torch.Tensor | None, cfg: ModelConfig, mesh,
+            normalizer: float) -> tuple[torch.Tensor, dict]:
+    """Next-token CE summed over this rank's targets / `normalizer` (the global target count), + λ·MTP.
+
+    loss_mask: [B, S] 1 where token t counts as a prediction target (None: all). Because every rank
+    divides by the same global count, gradients simply add up over micro-batches, dp and cp ranks."""
+    from megatron_r1.parallel.tensor import vocab_parallel_cross_entropy
+    s = input_ids.shape[1]
+    mask = torch.ones_like(input_ids, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+
+    def ce_sum(logits, shift):
+        tgt_pos = out.positions + shift
+        valid = (tgt_pos < s).float()
+        tgt_pos = tgt_pos.clamp(max=s - 1)
+        target = input_ids[:, tgt_pos]
+        w = mask[:, tgt_pos] * valid
+        return (vocab_parallel_cross_entropy(logits, target, mesh) * w).sum(), w.sum()
+
+    main, count = ce_sum(out.logits, 1)
+    loss = main / normalizer
+    metrics = {"lm_loss_sum": main.detach(), "tokens": count.detach()}
+    if out.mtp_logits:
+        d = len(out.mtp_logits)
+        for k, lg in enumerate(out.mtp_logits, start=1):
+            mk, _ = ce_sum(lg, k + 1)
+            # the depth-k targets are the main targets minus the last k positions; normalise by the same count
+            loss = loss + cfg.mtp_loss_weight / d * mk / normalizer
+            metrics[f"mtp{k}_loss_sum"] = mk.detach()
+    return loss, metrics

@@ -1,0 +1,64 @@
+"""Expert parallelism: route token copies to the ranks that own their experts and bring them back.
+
+Notable choices
+- Token copies are sorted by expert id, so the rows for each destination rank are contiguous; one
+  all-to-all with variable splits sends them (the per-expert counts go first, in a tiny all-to-all).
+- On arrival rows are grouped by (source rank, expert); they are regrouped by expert for the expert
+  kernel (`kernels` registry: a loop now, grouped GEMM backends later) and ungrouped afterwards.
+- Router weights are applied on the token's home rank, after the combine, so the router's gradient
+  never crosses ranks. Every collective is an autograd pair (the backward all-to-all reverses splits).
+Shapes: N tokens on this rank, K experts per token, H hidden, E experts in total, L = E / ep local experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.kernels import get_kernel
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(out, g.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
+                         local_experts: list, num_experts: int, mesh) -> torch.Tensor:
+    """x: [N, H]; topk_idx, topk_w: [N, K]; local_experts: this rank's L experts in global order.
+
+    Returns Σ_k w[n,k] · expert_{idx[n,k]}(x[n]) as [N, H]."""
+    n, k = topk_idx.shape
+    flat = topk_idx.reshape(-1)  # [N·K]
+    order = torch.argsort(flat, stable=True)
+    rows = x[order // k]  # [N·K, H], grouped by expert
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    experts_kernel = get_kernel("experts")
+    if mesh.ep == 1:
+        y = experts_kernel(rows, counts.tolist(), local_experts)
+    else:
+        ep, local = mesh.ep, num_experts // mesh.ep
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=mesh.ep_group)  # [ep·L]: per source, per local expert
+        recv_counts = recv_counts.view(ep, local)
+        in_splits = counts.view(ep, local).sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        recv = _AllToAll.apply(rows, out_splits, in_splits, mesh.ep_group)  # grouped by (source, expert)
+        # regroup by expert: row index of every (source, expert) block, expert-major
+        starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
+        blocks = [(int(starts[s * local + e]), int(recv_counts[s, e])) for e in range(local) for s in range(ep)]
+        perm = torch.cat([torch.arange(a, a + c) for a, c in blocks]) if blocks else torch.zeros(0, dtype=torch.long)
+        y_by_expert = experts_kernel(recv[perm], recv_counts.sum(0).tolist(), local_experts)
+        y_recv = torch.empty_like(y_by_expert).index_copy(0, perm, y_by_expert) if perm.numel() else y_by_expert
+        y = _AllToAll.apply(y_recv, in_splits, out_splits, mesh.ep_group)
+    out = torch.empty_like(y).index_copy(0, order, y).view(n, k, -1)  # back to (token, slot) order
+    return (out * topk_w.to(out.dtype).unsqueeze(-1)).sum(1)
