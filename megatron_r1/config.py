@@ -124,7 +124,9 @@ class ModelConfig:
         """Total and activated parameters of the main model, and of the MTP module(s) separately.
 
         DeepSeek quotes 671B total / 37B activated for the main model; the release checkpoint (685B)
-        adds the 14B MTP module. Embedding and output head are counted (not tied in V3)."""
+        adds the MTP module. `activated` counts the weights a token is multiplied with: not the input
+        embedding table (a lookup; Kaplan et al.'s convention for N); `activated_with_embedding` adds it.
+        For the 671B preset: 671.0B total, 36.6B activated (37.5B with the embedding)."""
         h, v = self.hidden_size, self.vocab_size
 
         def attn() -> int:
@@ -154,11 +156,11 @@ class ModelConfig:
         embed = v * h
         head = 0 if self.tie_word_embeddings else v * h
         total = embed + head + h + sum(t for t, _ in per_layer)
-        active = embed + head + h + sum(a for _, a in per_layer)
+        active = head + h + sum(a for _, a in per_layer)
         # MTP module k: enorm + hnorm + eh_proj + one (MoE) block + final norm; embedding/head shared
         mtp_block = layer(self.num_hidden_layers)  # an MTP block is a MoE block when the model is MoE
         mtp = self.num_nextn_predict_layers * (2 * h + 2 * h * h + mtp_block[0] + h)
-        return {"total": total, "activated": active, "mtp": mtp}
+        return {"total": total, "activated": active, "activated_with_embedding": active + embed, "mtp": mtp}
 
     # ---- Hugging Face interop
     @classmethod
@@ -347,10 +349,10 @@ MODEL_PRESETS: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                      max_position_embeddings=131072, rms_norm_eps=1e-5),
     "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                        attention_bias=True, max_position_embeddings=2048, rope_theta=10000.0),
     "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                        max_position_embeddings=2048, rope_theta=10000.0),
 }
 for _name in ("qwen2-1.5b", "llama-8b", "tiny-qwen2", "tiny-llama"):
@@ -389,6 +391,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -209,8 +209,12 @@ def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_d
     json.dump(hf_cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
     shards: list[dict] = [{}]
     sizes = [0]
+    seen: set[int] = set()
     for name, t in tensors:
         t = t.detach().cpu()
+        if t.data_ptr() in seen:  # a release copy (MTP's embedding/head): safetensors wants its own storage
+            t = t.clone()
+        seen.add(t.data_ptr())
         out = {}
         if fp8 and _fp8_eligible(name, t):
             q, s = quantize_fp8(t)

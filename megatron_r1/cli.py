@@ -1,0 +1,73 @@
+"""`megatron-r1 <command>`: one entry point for every stage and tool.
+
+Notable choices
+- Subcommands import their module lazily, so `megatron-r1 params` works without vLLM.
+- Errors a user can act on (bad config, bad checkpoint, bad data) print one line, `error: ...`, and
+  exit 2; a traceback means a bug in megatron-r1.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function taking argv, one-line help)
+COMMANDS = {
+    "params": ("megatron_r1.cli", "params_main", "parameter counts of a preset or config"),
+    "check-parallel": ("megatron_r1.parallel.check", "main", "prove a parallel layout equals one rank"),
+    "plan": ("megatron_r1.parallel.plan", "main", "memory / bubble / all-to-all plan of a layout"),
+    "convert": ("tools.convert_checkpoint", "main", "convert checkpoints HF <-> megatron_r1"),
+    "grpo": ("megatron_r1.rl.trainer", "main", "R1-Zero / R1 GRPO training"),
+    "pretrain": ("megatron_r1.sft.trainer", "pretrain_main", "language-model pretraining (tiny base models)"),
+    "sft": ("megatron_r1.sft.trainer", "main", "supervised fine-tuning (cold start, distillation)"),
+    "eval": ("megatron_r1.eval.runner", "main", "pass@1 / cons@k evaluation"),
+}
+
+
+def user_errors() -> tuple[type, ...]:
+    """Exception types that mean 'the input is wrong', not 'the code is wrong'."""
+    from megatron_r1.config import ConfigError
+    errs: list[type] = [ConfigError, FileNotFoundError]
+    for mod, name in (("megatron_r1.ckpt.hf", "CheckpointError"), ("megatron_r1.data.prompts", "DataError")):
+        try:
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+def params_main(argv: list[str]) -> int:
+    import argparse
+    from megatron_r1.config import load_config
+    ap = argparse.ArgumentParser(prog="megatron-r1 params", description=COMMANDS["params"][2])
+    ap.add_argument("source", nargs="?", default="deepseek-v3-671b", help="preset name or YAML config")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_hidden_layers=4")
+    a = ap.parse_args(argv)
+    n = load_config(a.source, a.overrides).model.num_parameters()
+    print(f"total      {n['total'] / 1e9:8.2f} B  (main model)")
+    print(f"activated  {n['activated'] / 1e9:8.2f} B  per token (without the input-embedding lookup)")
+    print(f"           {n['activated_with_embedding'] / 1e9:8.2f} B  per token with it")
+    print(f"mtp        {n['mtp'] / 1e9:8.2f} B  (MTP module(s), embedding and head shared)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: megatron-r1 <command> [args]\n\ncommands:")
+        for name, (_, _, doc) in COMMANDS.items():
+            print(f"  {name:15s} {doc}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; run `megatron-r1 --help`", file=sys.stderr)
+        return 2
+    mod, fn, _ = COMMANDS[cmd]
+    try:
+        return int(getattr(importlib.import_module(mod), fn)(rest) or 0)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
