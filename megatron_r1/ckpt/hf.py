@@ -58,7 +58,7 @@ def hf_names(our: str, cfg: ModelConfig) -> list[str]:
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers (the router's expert bias) by name, deduplicating tied ones."""
-    out = dict(model.named_parameters())
+    out = dict(model.named_parameters(remove_duplicate=False))  # tied names too, as the same object
     out.update({k: v for k, v in model.state_dict().items() if k not in out and "tokens_per_expert" not in k})
     if "lm_head.weight" in out and "model.embed_tokens.weight" in out and \
             out["lm_head.weight"] is out["model.embed_tokens.weight"]:
@@ -207,8 +207,17 @@ def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_d
         hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                          "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     json.dump(hf_cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
-    shards: list[dict] = [{}]
+    # shards are written as soon as they fill (peak memory ~ one shard), under temporary names until
+    # the count n is known for DeepSeek/HF's model-0000i-of-0000n names
+    shard: dict = {}
     sizes = [0]
+    written: list[tuple[str, list[str]]] = []
+
+    def flush():
+        tmp = os.path.join(out_dir, f".shard-{len(written):05d}.tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+
     seen: set[int] = set()
     for name, t in tensors:
         t = t.detach().cpu()
@@ -223,16 +232,18 @@ def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_d
             out[name] = t.to(dtype if t.is_floating_point() and "e_score_correction_bias" not in name else t.dtype)
         nbytes = sum(v.numel() * v.element_size() for v in out.values())
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
+            flush()
+            shard = {}
             sizes.append(0)
-        shards[-1].update({k: v.contiguous() for k, v in out.items()})
+        shard.update({k: v.contiguous() for k, v in out.items()})
         sizes[-1] += nbytes
-    n = len(shards)
+    flush()
+    n = len(written)
     weight_map = {}
-    for i, sh in enumerate(shards):
+    for i, (tmp, names) in enumerate(written):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(sh, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in sh})
+        os.replace(tmp, os.path.join(out_dir, fname))
+        weight_map.update({k: fname for k in names})
     if n > 1:
         json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
                   open(os.path.join(out_dir, INDEX_FILE), "w"), indent=2)

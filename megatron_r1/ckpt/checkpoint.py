@@ -1,0 +1,524 @@
+"""Sharded training checkpoints on torch.distributed.checkpoint (DCP): save, resume, reshard.
+
+Notable choices
+- **Layout-independent keys: a tensor piece is named by what it covers, not by who held it.** Every
+  piece is a box of a *global* tensor: `model/<hf name>` when it is the whole tensor, else
+  `model/<hf name>[r0:r1,c0:c1]` (a tp slice; a ZeRO-1 range decomposes into ≤ 2·ndim-1 boxes).
+  Replicated pieces (dp replicas, tp-replicated norms, expert copies over edp, the last stage's
+  embedding copy) get the same key on every holder, and DCP's planner writes each key once.
+  Loading under any layout intersects the boxes a rank needs with the boxes on disk (DCP's
+  metadata lists them) and reads only the overlapping ones. Why not DTensor + DCP's own resharding:
+  a ZeRO-1 shard of a flattened tp slice is not one rectangle, which DTensor cannot describe, and a
+  4-D DeviceMesh would claim pipeline replication that does not exist; plain tensors also keep
+  `dcp.async_save` staging and dedup on their well-trodden path.
+- **Atomic commits.** Everything is written to `step_000123.tmp/`; after every rank has finished
+  (DCP's coordinator gathers every rank's write results before writing `.metadata`; then a
+  barrier), rank 0 writes `COMPLETE`, renames the directory to `step_000123/`, updates the `latest`
+  text file with `os.replace` and drops all but the newest `keep_last`. Loaders only consider
+  directories with `COMPLETE`; the newest of those wins, so `latest` is a hint for people and tools
+  and a crash between the rename and its update costs nothing. A kill -9 mid-save leaves a `.tmp`
+  directory that is ignored (and removed by the next save of that step).
+- **Async save** (`Checkpointer(async_save=True)`): DCP stages a CPU copy, then writes in a
+  background thread over a dedicated gloo group (so its collectives never interleave with the
+  training ones on the default group); rank 0 commits when its write future resolves. Works with
+  gloo on CPU (tests/parallel/test_checkpoint.py). The next `save`/`wait`/`load` joins the previous
+  one and commits it; call `wait()` before the process exits, or the last save stays a `.tmp`.
+- Every rank must see the same `save_dir` (a shared filesystem), as DCP itself assumes.
+- **Small state is plain files** in the same directory: `trainer_state.pt` (step, scheduler, the
+  trainer's opaque `extra`: data-loader position…; rank 0), `rng/rank_00003.pt` (torch, CUDA, python
+  `random`, numpy generators of every rank), `config.yaml` (the resolved run config) and `meta.json`
+  (step, layout, format). RNG states are restored only when the world size matches: under a new
+  layout a rank's old stream has no meaning, and that is logged, not an error.
+- Problems are one `CheckpointError` line naming the directory and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron_r1.ckpt.hf import CheckpointError, model_state
+
+log = logging.getLogger(__name__)
+
+FORMAT = "megatron_r1/dcp-boxes/1"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_BOX_KEY = re.compile(r"^(.*)\[(\d+:\d+(?:,\d+:\d+)*)\]$")
+
+
+# ------------------------------------------------------------------------------------------ pieces
+@dataclass
+class Piece:
+    """A local tensor that is the box `offsets + tensor.shape` of a global tensor `global_shape`."""
+    name: str
+    tensor: torch.Tensor
+    offsets: tuple
+    global_shape: tuple
+
+    @property
+    def key(self) -> str:
+        return box_key(self.name, self.offsets, tuple(self.tensor.shape), self.global_shape)
+
+
+def box_key(name: str, offsets, sizes, global_shape) -> str:
+    """`name` for a whole tensor, `name[a:b,c:d]` for a box of it (every dim written out)."""
+    if tuple(sizes) == tuple(global_shape) and not any(offsets):
+        return name
+    return f"{name}[{','.join(f'{o}:{o + s}' for o, s in zip(offsets, sizes))}]"
+
+
+def parse_box_key(key: str, stored_size) -> tuple[str, tuple, tuple]:
+    """(name, offsets, sizes) of a saved key; the sizes come from DCP's metadata."""
+    m = _BOX_KEY.match(key)
+    if not m:
+        return key, (0,) * len(stored_size), tuple(stored_size)
+    offs = tuple(int(p.split(":")[0]) for p in m.group(2).split(","))
+    return m.group(1), offs, tuple(stored_size)
+
+
+def _full_shape(p: torch.Tensor, mesh) -> tuple:
+    shape = list(p.shape)
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is not None and mesh.tp > 1:
+        shape[dim] *= mesh.tp
+    return tuple(shape)
+
+
+def param_box(p: torch.Tensor, mesh) -> tuple[tuple, tuple]:
+    """(offsets, global shape) of this rank's piece of parameter `p` (a tp slice or the whole tensor)."""
+    offsets = [0] * p.dim()
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is not None and mesh.tp > 1:
+        offsets[dim] = mesh.tp_rank * p.shape[dim]
+    return tuple(offsets), _full_shape(p, mesh)
+
+
+def model_pieces(chunks, mesh) -> list[Piece]:
+    """Every parameter and persistent buffer of this rank's model chunks, as pieces of global tensors."""
+    out = []
+    for chunk in _as_list(chunks):
+        for name, t in model_state(chunk).items():
+            off, shape = param_box(t, mesh)
+            out.append(Piece(name, t.detach(), off, shape))
+    return out
+
+
+def flat_range_boxes(shape: tuple, start: int, end: int) -> list[tuple[tuple, tuple, int, int]]:
+    """Split the flat range [start, end) of a row-major tensor of `shape` into boxes.
+
+    Returns [(offsets, sizes, flat_start, flat_end)]; each box is contiguous in flat order, so
+    `flat[flat_start:flat_end].view(sizes)` is its data. A ZeRO-1 shard of a parameter's flattened
+    (tp-local) state is such a range; its boxes are then shifted by the tp offset (`shift_box`)."""
+    if start >= end:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (end - start,), start, end)] if shape else [((), (), start, end)]
+    inner = 1
+    for s in shape[1:]:
+        inner *= s
+    out = []
+    r0, r1 = start // inner, (end - 1) // inner
+    if start % inner or r0 == r1:  # partial leading row: recurse into it
+        stop = min(end, (r0 + 1) * inner)
+        for off, sz, a, b in flat_range_boxes(shape[1:], start - r0 * inner, stop - r0 * inner):
+            out.append(((r0,) + off, (1,) + sz, a + r0 * inner, b + r0 * inner))
+        if stop == end:
+            return out
+        r0, start = r0 + 1, stop
+    full_end = (end // inner) * inner
+    if full_end > start:  # whole rows
+        rows = (full_end - start) // inner
+        out.append(((r0,) + (0,) * (len(shape) - 1), (rows,) + tuple(shape[1:]), start, full_end))
+    if end > full_end:  # partial trailing row
+        r = end // inner
+        for off, sz, a, b in flat_range_boxes(shape[1:], 0, end - full_end):
+            out.append(((r,) + off, (1,) + sz, a + full_end, b + full_end))
+    return out
+
+
+def flat_pieces(name: str, flat: torch.Tensor, start: int, param: torch.Tensor, mesh) -> list[Piece]:
+    """Pieces for `flat` = elements [start, start+len) of the flattened tp-local `param` (ZeRO-1 state)."""
+    poff, gshape = param_box(param, mesh)
+    out = []
+    for off, sz, a, b in flat_range_boxes(tuple(param.shape), start, start + flat.numel()):
+        view = flat[a - start:b - start].view(sz)
+        out.append(Piece(name, view, tuple(o + p for o, p in zip(off, poff)), gshape))
+    return out
+
+
+# ------------------------------------------------------------------------------------ directories
+def step_dir(save_dir: str, step: int) -> str:
+    return os.path.join(save_dir, f"step_{step:06d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `save_dir`, oldest first. `.tmp` and unmarked directories are ignored."""
+    if not os.path.isdir(save_dir):
+        return []
+    out = []
+    for d in os.listdir(save_dir):
+        m = _STEP_DIR.match(d)
+        if m and is_complete(os.path.join(save_dir, d)):
+            out.append((int(m.group(1)), os.path.join(save_dir, d)))
+    return sorted(out)
+
+
+def latest_checkpoint(save_dir: str) -> str | None:
+    """The newest complete checkpoint (scanning; the `latest` file is only a hint, see the docstring)."""
+    found = list_checkpoints(save_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a save dir whose newest complete checkpoint is wanted."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if is_complete(path):
+        return path
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)")
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (step_*/ with a {COMPLETE} marker) in it")
+    return found
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp_dir: str, final_dir: str, keep_last: int | None = None) -> None:
+    """Rank 0, after every rank has written: mark, rename, point `latest`, rotate."""
+    marker = os.path.join(tmp_dir, COMPLETE)
+    with open(marker, "w") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp_dir)
+    if os.path.exists(final_dir):  # re-saving a step (after a resume): the old copy goes last
+        old = final_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final_dir, old)
+        os.rename(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp_dir, final_dir)
+    save_dir = os.path.dirname(os.path.abspath(final_dir))
+    _fsync_dir(save_dir)
+    _write_text_atomic(os.path.join(save_dir, LATEST), os.path.basename(final_dir) + "\n")
+    if keep_last:
+        for _, old in list_checkpoints(save_dir)[:-keep_last]:
+            if os.path.abspath(old) != os.path.abspath(final_dir):
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    out = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ state dicts
+def _as_list(chunks) -> list:
+    return list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
+
+
+def _optimizer_pieces(optimizer) -> list[Piece]:
+    """The optimizer's saved tensors as pieces (parallel/data.py `DistributedAdamW` contract).
+
+    Each tensor is elements [offset, offset + n) of its parameter flattened in the layout-independent
+    *canonical* order, i.e. a 1-D box of a vector of `global_numel` elements; 0-d tensors (the step)
+    are whole. Only primary pieces: every element is saved by exactly one rank."""
+    meta = optimizer.piece_meta()
+    out = []
+    for k, v in optimizer.sharded_state_dict().items():
+        off, numel = meta.get(k, (0, v.numel()))
+        out.append(Piece(k, v.detach(), (off,) if v.dim() else (), (numel,) if v.dim() else ()))
+    return out
+
+
+def _optimizer_targets(optimizer) -> list[Piece]:
+    """Every piece this rank's optimizer holds, replicas included (they load from the same keys)."""
+    if hasattr(optimizer, "load_piece_meta"):
+        meta = optimizer.load_piece_meta()  # {key: (global_offset, n, global_numel)}
+        out = [Piece(k, torch.empty(n, dtype=torch.float32), (off,), (g,)) for k, (off, n, g) in meta.items()]
+    else:  # DistributedAdamW today: its pieces, replicas included
+        out = [Piece(f"optim.{k}.{pc.name}", torch.empty(pc.hi - pc.lo, dtype=torch.float32),
+                     (pc.global_offset,), (pc.global_numel,))
+               for pc, _ in optimizer._pieces(primary_only=False) for k in optimizer.STATES]
+    step = optimizer.sharded_state_dict().get("optim.step")
+    if step is not None:
+        out.append(Piece("optim.step", torch.empty_like(step), (), ()))
+    return out
+
+
+def _save_dict(pieces: Iterable[Piece], prefix: str, out: dict) -> None:
+    for p in pieces:
+        key = f"{prefix}/{p.key}"
+        if key in out and out[key] is not p.tensor:
+            # the same box twice on one rank (e.g. a tied weight listed twice): keep one
+            continue
+        out[key] = p.tensor
+
+
+class Checkpointer:
+    """Saves and loads sharded checkpoints under `save_dir` for one process mesh.
+
+    Collective: every rank calls `save` and `load` with its own chunks/optimizer."""
+
+    def __init__(self, save_dir: str, mesh, keep_last: int | None = 3, async_save: bool = False):
+        self.save_dir, self.mesh, self.keep_last, self.async_save = save_dir, mesh, keep_last, async_save
+        self._pending = None  # (future, tmp, final) of an async save in flight
+        self._group = None
+        if async_save and dist.is_initialized():
+            # background collectives on their own group, never interleaved with the training ones
+            self._group = dist.new_group(backend="gloo")
+
+    # ------------------------------------------------------------------------------- save
+    def save(self, step: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
+             config=None) -> str:
+        """Write checkpoint `step`; returns its final directory (committed later when async)."""
+        self.wait()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        final = step_dir(self.save_dir, step)
+        tmp = final + ".tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt at this step that died
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        _barrier()
+        state: dict[str, Any] = {}
+        _save_dict(model_pieces(chunks, self.mesh), "model", state)
+        if optimizer is not None:
+            _save_dict(_optimizer_pieces(optimizer), "optim", state)
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        if rank == 0:
+            torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
+            if config is not None:
+                config.save(os.path.join(tmp, "config.yaml"))
+            json.dump({"format": FORMAT, "step": step, "layout": _layout(self.mesh),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, open(os.path.join(tmp, "meta.json"), "w"),
+                      indent=2)
+        writer = dcp.FileSystemWriter(tmp)
+        if self.async_save and dist.is_initialized():
+            fut = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            self._pending = (fut, tmp, final)
+        else:
+            with warnings.catch_warnings():  # one process without torch.distributed: intended
+                warnings.filterwarnings("ignore", message=".*single process.*")
+                dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            self._commit(tmp, final)
+        return final
+
+    def _commit(self, tmp: str, final: str) -> None:
+        _barrier(self._group)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            commit(tmp, final, self.keep_last)
+        _barrier(self._group)
+
+    def wait(self) -> None:
+        """Join an async save in flight and commit it (collective)."""
+        if self._pending is None:
+            return
+        fut, tmp, final = self._pending
+        self._pending = None
+        fut.result()
+        self._commit(tmp, final)
+
+    # ------------------------------------------------------------------------------- load
+    def load(self, chunks, optimizer=None, scheduler=None, path: str | None = None, strict: bool = True) -> dict:
+        """Fill `chunks` (and the optimizer, scheduler, RNG) from `path` or the newest checkpoint of
+        `save_dir`, under this mesh's layout whatever the saved one was. Returns the trainer state
+        {"step", "extra", "path", "layout"}."""
+        self.wait()
+        return load_checkpoint(path or self.save_dir, chunks, self.mesh, optimizer, scheduler, strict=strict)
+
+
+def _layout(mesh) -> dict:
+    return {k: getattr(mesh, k) for k in ("tp", "cp", "dp", "pp", "ep", "vpp", "world_size")}
+
+
+def _barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def save_checkpoint(save_dir: str, step: int, chunks, mesh, optimizer=None, scheduler=None,
+                    extra: dict | None = None, config=None, keep_last: int | None = 3) -> str:
+    """Synchronous save of `step` under `save_dir` (collective); returns the committed directory."""
+    return Checkpointer(save_dir, mesh, keep_last).save(step, chunks, optimizer, scheduler, extra, config)
+
+
+# -------------------------------------------------------------------------------------- loading
+class SavedIndex:
+    """What a checkpoint directory holds: {prefix/name: [(key, offsets, sizes, dtype)]}."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            md = dcp.FileSystemReader(path).read_metadata()
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user problem
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
+        self.boxes: dict[str, list[tuple[str, tuple, tuple, torch.dtype]]] = {}
+        for key, m in md.state_dict_metadata.items():
+            if not isinstance(m, TensorStorageMetadata):
+                continue
+            name, off, size = parse_box_key(key, m.size)
+            self.boxes.setdefault(name, []).append((key, off, size, m.properties.dtype))
+
+    def names(self, prefix: str) -> list[str]:
+        p = prefix + "/"
+        return [n[len(p):] for n in self.boxes if n.startswith(p)]
+
+    def global_shape(self, name: str) -> tuple:
+        boxes = self.boxes[name]
+        return tuple(max(o[d] + s[d] for _, o, s, _ in boxes) for d in range(len(boxes[0][1])))
+
+
+def _overlap(a_off, a_size, b_off, b_size):
+    """Intersection of two boxes, or None."""
+    lo = [max(x, y) for x, y in zip(a_off, b_off)]
+    hi = [min(x + s, y + t) for x, s, y, t in zip(a_off, a_size, b_off, b_size)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    return lo, hi
+
+
+def read_pieces(path: str, prefix: str, targets: list[Piece], index: SavedIndex | None = None,
+                budget_bytes: int = 1 << 30, strict: bool = True) -> list[Piece]:
+    """Fill each target piece from the saved boxes that overlap it (any layout to any layout).
+
+    Reads in batches of about `budget_bytes` of saved boxes, each rank on its own (no collective).
+    Returns the targets that were not found (empty when strict, which raises instead)."""
+    index = index or SavedIndex(path)
+    plan = []  # (target, [(key, lo, hi, saved_off)])
+    missing = []
+    for t in targets:
+        full = f"{prefix}/{t.name}"
+        if full not in index.boxes:
+            if strict:
+                raise CheckpointError(f"{path}: missing tensor '{full}'")
+            missing.append(t)
+            continue
+        shape = index.global_shape(full)
+        if shape != tuple(t.global_shape):
+            raise CheckpointError(f"{path}: tensor '{full}' has shape {shape}, expected {tuple(t.global_shape)}")
+        parts, covered = [], 0
+        for key, off, size, dtype in index.boxes[full]:
+            ov = _overlap(t.offsets, t.tensor.shape, off, size)
+            if ov is not None:
+                parts.append((key, ov[0], ov[1], off, size, dtype))
+                covered += int(np.prod([h - l for l, h in zip(*ov)]))
+        if covered < t.tensor.numel():
+            raise CheckpointError(f"{path}: tensor '{full}' is not fully covered by the saved pieces "
+                                  f"(checkpoint written incompletely?)")
+        plan.append((t, parts))
+    for batch, keys in _batches(plan, budget_bytes):
+        bufs = {k: torch.empty(s, dtype=d) for k, (s, d) in keys.items()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(bufs, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        with torch.no_grad():
+            for t, parts in batch:
+                for key, lo, hi, off, _, _ in parts:
+                    src = bufs[key][tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, off))]
+                    t.tensor[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, t.offsets))].copy_(src)
+    return missing
+
+
+def _batches(plan, budget: int):
+    """Group the plan so the saved boxes read at once stay near `budget` bytes (one box may exceed it)."""
+    def nbytes(parts):
+        return sum(int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in parts.values())
+
+    batch, keys, total = [], {}, 0
+    for t, parts in plan:
+        new = {k: (s, d) for k, _, _, _, s, d in parts if k not in keys}
+        if batch and total + nbytes(new) > budget:
+            yield batch, keys
+            batch, keys, total = [], {}, 0
+            new = {k: (s, d) for k, _, _, _, s, d in parts}
+        batch.append((t, parts))
+        keys.update(new)
+        total += nbytes(new)
+    if batch:
+        yield batch, keys
+
+
+def load_checkpoint(path: str, chunks, mesh, optimizer=None, scheduler=None, strict: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load a checkpoint (a `step_*` dir, or a save dir: its newest complete one) into this rank's
+    chunks under `mesh`, resharding as needed; optimizer/scheduler/RNG when given and present.
+
+    Returns {"step", "extra", "path", "layout", "config_path"}."""
+    path = resolve_checkpoint(path)
+    index = SavedIndex(path)
+    read_pieces(path, "model", model_pieces(chunks, mesh), index, strict=strict)
+    meta = json.load(open(os.path.join(path, "meta.json"))) if os.path.exists(os.path.join(path, "meta.json")) else {}
+    ts_path = os.path.join(path, "trainer_state.pt")
+    ts = torch.load(ts_path, weights_only=False) if os.path.exists(ts_path) else {}
+    if optimizer is not None:
+        if not index.names("optim"):
+            raise CheckpointError(f"{path}: no optimizer state in this checkpoint (a converted model?)")
+        pieces = _optimizer_targets(optimizer)  # the pieces this layout needs, wherever they were saved
+        read_pieces(path, "optim", pieces, index, strict=strict)
+        optimizer.load_sharded_state_dict({p.name: p.tensor for p in pieces})
+    if scheduler is not None and ts.get("scheduler") is not None:
+        scheduler.load_state_dict(ts["scheduler"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+    if load_rng:
+        if meta.get("layout", {}).get("world_size") == world and os.path.exists(rng):
+            set_rng_state(torch.load(rng, weights_only=False))
+        elif os.path.isdir(os.path.join(path, "rng")):
+            log.info("%s: saved with world size %s, running %s: RNG states not restored", path,
+                     meta.get("layout", {}).get("world_size"), world)
+    cfg_path = os.path.join(path, "config.yaml")
+    return {"step": ts.get("step", meta.get("step", 0)), "extra": ts.get("extra", {}), "path": path,
+            "layout": meta.get("layout"), "config_path": cfg_path if os.path.exists(cfg_path) else None}
