@@ -1,0 +1,71 @@
+"""Evaluation as in the R1 paper: pass@1 averaged over k samples, and cons@k (majority vote).
+
+    megatron-r1 eval --model HF_DIR --data eval.jsonl [--samples 8 --temperature 0.6] [--greedy]
+
+Notable choices
+- pass@1 = mean over problems of (correct samples / k); with `--greedy` k = 1 at temperature 0.
+- cons@k: the most frequent extracted answer among the k samples (ties: the earliest), then checked.
+- Answers are scored with the same accuracy reward the RL loop uses, so "accuracy" means one thing.
+- Generation goes through the same `RolloutEngine` as GRPO (one vLLM code path).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from megatron_r1.data.templates import render_prompt
+from megatron_r1.rl.rewards import accuracy_reward_batch, format_reward
+from megatron_r1.rl.rewards.accuracy import extract_answer
+
+
+def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: int = 1, temperature: float = 0.0,
+             max_tokens: int = 256, seed: int = 1234) -> dict:
+    """examples: objects with .prompt and .answer. Returns pass@1, cons@k, format rate, mean length."""
+    prompts = [tokenizer.encode(render_prompt(template, e.prompt), bos=True) for e in examples]
+    k = 1 if temperature == 0 else samples
+    outs = engine.generate(prompts, n=k, temperature=temperature if k > 1 or temperature else 0.0,
+                           max_tokens=max_tokens, seed=seed)
+    texts = [s.text for group in outs for s in group]
+    refs = [e.answer for e in examples for _ in range(k)]
+    correct = accuracy_reward_batch(texts, refs)
+    fmt = [format_reward(t) for t in texts]
+    per_problem = [sum(correct[i * k:(i + 1) * k]) / k for i in range(len(examples))]
+    cons = []
+    for i, e in enumerate(examples):
+        answers = [extract_answer(t) for t in texts[i * k:(i + 1) * k]]
+        votes = Counter(a for a in answers if a is not None)
+        if not votes:
+            cons.append(0.0)
+            continue
+        best = max(votes.values())
+        winner = next(a for a in answers if a is not None and votes[a] == best)
+        cons.append(accuracy_reward_batch([f"<answer> {winner} </answer>"], [e.answer])[0])
+    n = max(len(examples), 1)
+    return {"pass@1": sum(per_problem) / n, f"cons@{k}": sum(cons) / n, "format": sum(fmt) / max(len(fmt), 1),
+            "response_length": sum(len(s.token_ids) for g in outs for s in g) / max(len(texts), 1),
+            "samples": k, "temperature": temperature, "problems": len(examples)}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 eval", description="pass@1 / cons@k on a prompt set")
+    ap.add_argument("--model", required=True, help="HF directory (config, weights, tokenizer)")
+    ap.add_argument("--data", required=True, help="JSONL/Parquet with prompt and answer fields")
+    ap.add_argument("--template", default="r1_zero")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=0)
+    a = ap.parse_args(argv)
+    from megatron_r1.data.prompts import load_prompts
+    from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.rollout.engine import RolloutEngine
+    data = list(load_prompts(a.data))
+    if a.limit:
+        data = data[:a.limit]
+    engine = RolloutEngine(a.model, dtype="float32", max_model_len=2048)
+    res = evaluate(engine, load_tokenizer(a.model), data, a.template, a.samples, 0.0 if a.greedy else a.temperature,
+                   a.max_tokens)
+    print(json.dumps(res, indent=2))
+    return 0

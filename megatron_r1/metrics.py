@@ -1,0 +1,93 @@
+"""Step metrics: a JSONL log, TensorBoard event files, a progress bar, and PNG plots at the end.
+
+Notable choices
+- Only the logging rank (global rank 0) writes; metrics arrive already reduced over ranks.
+- JSONL is the source of truth (one object per step, appended and flushed, so a killed run keeps its
+  log and a resumed run continues it); TensorBoard and the plot are views of the same numbers.
+- Plots are drawn from the JSONL with matplotlib's Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool = True, total_steps: int | None = None, desc: str = "train",
+                 start_step: int = 0):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # tensorboard is a declared dependency; keep logging to JSONL regardless
+            self._tb = None
+        from tqdm import tqdm
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+        self._f = open(self.path, "a")
+
+    def log(self, step: int, metrics: dict, show: tuple[str, ...] = ()) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time()}
+        row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
+
+    def write(self, text: str) -> None:
+        """A line above the progress bar."""
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            if self._bar is not None:
+                self._bar.close()
+            if self._tb is not None:
+                self._tb.close()
+            self._f.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(jsonl: str, out_png: str, panels: list[tuple[str, list[str]]], title: str = "") -> str:
+    """One subplot per (title, [metric keys]); x axis = step. Returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(jsonl)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=k)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,73 @@
+"""The main job in miniature: everything `examples/r1_zero_tiny.sh` needs that is not a trainer.
+
+    megatron-r1 prepare-tiny --run-dir runs/r1_zero_tiny     # task data, tokenizer, tokenised corpus
+    megatron-r1 report-tiny  --run-dir runs/r1_zero_tiny     # before/after table + where things are
+
+Notable choices
+- No downloads: the arithmetic task, the pretraining corpus (with deliberate noise: slips, broken
+  format, bare answers) and the sentencepiece tokenizer are all made here (megatron_r1/data/arith.py,
+  data/tokenizer.py), then tokenised into Megatron's .bin/.idx format.
+- The held-out eval problems never appear in the corpus nor in the RL prompts.
+- The model's vocabulary is fixed at 512 rows (tiny-moe); the tokenizer is trained to at most that.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from megatron_r1.data.arith import DIFFICULTY, read_jsonl, write_task
+from megatron_r1.data.templates import R1_ZERO_TEMPLATE
+
+VOCAB = 512
+
+
+def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0) -> dict:
+    from megatron_r1.data.indexed import build_indexed_dataset
+    from megatron_r1.data.tokenizer import load_tokenizer, train_sentencepiece
+    paths = write_task(run_dir, R1_ZERO_TEMPLATE, seed=seed, cfg=DIFFICULTY[difficulty], n_docs=docs,
+                       n_train=4000, n_eval=200)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    texts = [r["text"] for r in read_jsonl(paths["corpus"])[:8000]]
+    train_sentencepiece(texts, tok_dir, vocab_size=VOCAB)
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size > VOCAB:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, more than the model's {VOCAB}")
+    prefix = build_indexed_dataset(str(paths["corpus"]), os.path.join(run_dir, "data", "corpus"), tok)
+    info = {"tokenizer": tok_dir, "corpus_prefix": prefix, "train": str(paths["train"]), "eval": str(paths["eval"]),
+            "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id}
+    json.dump(info, open(os.path.join(run_dir, "data", "info.json"), "w"), indent=2)
+    return info
+
+
+def prepare_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 prepare-tiny")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--docs", type=int, default=60000)
+    ap.add_argument("--difficulty", type=int, default=1, choices=sorted(DIFFICULTY))
+    a = ap.parse_args(argv)
+    info = prepare(a.run_dir, a.docs, a.difficulty)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 report-tiny")
+    ap.add_argument("--run-dir", required=True)
+    a = ap.parse_args(argv)
+    base = json.load(open(os.path.join(a.run_dir, "eval_base.json")))
+    final = json.load(open(os.path.join(a.run_dir, "eval_final.json")))
+    rows = [("pass@1 (greedy)", "pass@1"), ("format rate", "format"), ("response length", "response_length")]
+    print(f"\nheld-out set: {base['problems']} problems never seen in pretraining or RL; greedy decoding")
+    print(f"{'':22s}{'base':>10s}{'after GRPO':>12s}")
+    for label, key in rows:
+        b, f = base[key], final[key]
+        fmt = (lambda v: f"{100 * v:9.1f}%") if key != "response_length" else (lambda v: f"{v:10.1f}")
+        print(f"{label:22s}{fmt(b)}{fmt(f):>12s}")
+    delta = 100 * (final["pass@1"] - base["pass@1"])
+    print(f"\npass@1 change: {delta:+.1f} points")
+    for what, p in [("metrics (JSONL)", "grpo/metrics.jsonl"), ("TensorBoard", "grpo/tensorboard"),
+                    ("plot", "grpo/grpo.png"), ("final HF checkpoint", "grpo/hf"), ("base model (HF)", "pretrain/hf")]:
+        print(f"{what:22s}{os.path.join(a.run_dir, p)}")
+    return 0

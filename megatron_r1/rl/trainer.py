@@ -1,0 +1,364 @@
+"""The GRPO loop: prompts → co-located vLLM rollout → rewards → old/ref logprobs → policy update → weight sync.
+
+    megatron-r1 grpo --config cfg.yaml --init-hf BASE_HF_DIR [overrides]
+
+Notable choices
+- Rollout: every rank holds a vLLM engine (in-process; TP over `rollout.tp` consecutive ranks with
+  vLLM's external launcher). The world is `world / rollout.tp` rollout replicas; each generates for a
+  contiguous share of the step's prompts, and the samples are all-gathered, so every rank sees the
+  whole batch in the same order and takes its dp slice for training.
+- Old-policy logprobs come from the trainer (a forward pass before the update), not from vLLM, as in
+  the paper's formulation; vLLM's own logprobs of the sampled tokens are compared to them every step
+  (`mismatch/*`: mean and max |Δ logprob|, importance-ratio statistics), because a silent mismatch
+  between the engines ruins RL. Logprobs are taken at the sampling temperature (logits / T), as vLLM
+  reports them, and as verl does.
+- The reference policy is a frozen copy of the initial weights, sharded like the policy; β = 0 skips it.
+- Loss normalisation uses the global count (tokens or sequences per `rl.loss_agg`) of each mini-batch,
+  so micro-batches, dp and cp ranks add up to one big batch (see rl/grpo.py).
+- Rewards are scored by each rollout replica for its own samples (the symbolic checker runs in
+  killable worker processes), then gathered with the samples.
+- After the update the full weights stream into vLLM in buckets (`rollout.bucket_mb`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.config import Config, ConfigError, load_config
+from megatron_r1.data.prompts import PromptLoader, load_prompts
+from megatron_r1.data.templates import render_prompt
+from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.parallel.runtime import forward_only, train_step
+from megatron_r1.parallel.tensor import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_r1.rl import grpo
+from megatron_r1.rl.rewards import RewardCombiner
+from megatron_r1.training import TrainSession
+
+
+@dataclass
+class Rollout:
+    """One step's samples, in global order (prompt-major, G samples each), identical on every rank."""
+    prompt_ids: list[list[int]]  # [P·G]
+    response_ids: list[list[int]]  # [P·G]
+    vllm_logprobs: list[list[float]]  # [P·G], per response token
+    truncated: list[bool]  # finish_reason == "length"
+    texts: list[str]
+    rewards: list[float]
+    components: dict[str, list[float]]
+
+
+def _all_gather_objects(obj, enabled: bool):
+    if not enabled:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def pad_multiple(mesh) -> int:
+    """Sequences are padded to a multiple of 2·cp·tp (CP chunks and the MoE token split)."""
+    return 2 * mesh.cp * mesh.tp if mesh.cp > 1 else mesh.tp
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config, init_hf: str, train_path: str | None = None, eval_set=None):
+        self.cfg = cfg
+        rl = cfg.rl
+        if rl.prompts_per_step * rl.group_size == 0:
+            raise ConfigError("rl.prompts_per_step and rl.group_size must be > 0")
+        self.session = TrainSession(cfg, init_hf=init_hf, desc="grpo")
+        s, mesh = self.session, self.session.mesh
+        self.mesh = mesh
+        self.tok = load_tokenizer(cfg.data.tokenizer or init_hf)
+        # the frozen reference policy: a second copy of the initial weights, sharded like the policy
+        self.ref_chunks = None
+        if rl.beta > 0:
+            from megatron_r1.ckpt.hf import load_hf_weights
+            from megatron_r1.parallel.runtime import DTYPES, build_parallel_model
+            self.ref_chunks = build_parallel_model(cfg, mesh)
+            for c in self.ref_chunks:
+                load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
+                c.requires_grad_(False)
+        from megatron_r1.rollout.engine import RolloutEngine
+        self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
+                                    max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
+                                    tensor_parallel_size=cfg.rollout.tp,
+                                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        path = train_path or cfg.data.train_path
+        if not path:
+            raise ConfigError("grpo needs prompts: data.train_path")
+        self.dataset = load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error)
+        if s.is_main and self.dataset.skipped:
+            s.logger.write(f"data: skipped {self.dataset.skipped} malformed rows of {path}")
+        self.loader = PromptLoader(self.dataset, rl.prompts_per_step, seed=cfg.train.seed)
+        self.rewards = RewardCombiner(rl.rewards)
+        self.eval_set = eval_set
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.replicas = self.world // cfg.rollout.tp
+        self.replica = s.env.rank // cfg.rollout.tp
+
+    # ------------------------------------------------------------------------------------- rollout
+    def rollout(self, step: int) -> Rollout:
+        rl = self.cfg.rl
+        examples = next(self.loader)
+        prompts = [self.tok.encode(render_prompt(rl.template, e.prompt), bos=True) for e in examples]
+        if len(prompts) % self.replicas:
+            raise ConfigError(f"rl.prompts_per_step={len(prompts)} is not divisible by the {self.replicas} "
+                              f"rollout replicas (world {self.world} / rollout.tp {self.cfg.rollout.tp})")
+        per = len(prompts) // self.replicas
+        lo, hi = self.replica * per, (self.replica + 1) * per
+        max_new = min(rl.max_response_len, self.cfg.rollout.max_model_len - max(map(len, prompts)))
+        groups = self.engine.generate(prompts[lo:hi], n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
+                                      max_tokens=max_new, seed=self.cfg.train.seed + 7919 * step + lo * rl.group_size)
+        samples = [smp for g in groups for smp in g]
+        refs = [e.answer for e in examples[lo:hi] for _ in range(rl.group_size)]
+        t0 = time.time()
+        scored = self.rewards([smp.text for smp in samples], refs)
+        local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", smp.text) for smp in samples],
+                     total=scored.total, components=scored.components, reward_time=time.time() - t0)
+        # every rank of a TP group generated the same samples: take one per replica
+        parts = _all_gather_objects(local, self.world > 1)[::self.cfg.rollout.tp]
+        rows = [x for p in parts for x in p["samples"]]
+        self._reward_time = max(p["reward_time"] for p in parts)
+        comps = {k: [v for p in parts for v in p["components"][k]] for k in parts[0]["components"]}
+        return Rollout(prompt_ids=[p for p in prompts for _ in range(rl.group_size)],
+                       response_ids=[r[0] for r in rows], vllm_logprobs=[r[1] for r in rows],
+                       truncated=[r[2] for r in rows], texts=[r[3] for r in rows],
+                       rewards=[v for p in parts for v in p["total"]], components=comps)
+
+    # --------------------------------------------------------------------------------------- batch
+    def build_batch(self, ro: Rollout) -> dict:
+        """Global tensors [N, S]: ids, response mask (targets), advantages, vLLM logprobs at target positions."""
+        rl, n = self.cfg.rl, len(ro.response_ids)
+        lengths = [len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)]
+        mult = pad_multiple(self.mesh)
+        s = -(-max(lengths) // mult) * mult
+        ids = torch.full((n, s), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, s))
+        vllm_lp = torch.zeros((n, s))
+        for i, (p, r) in enumerate(zip(ro.prompt_ids, ro.response_ids)):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[i, len(p):len(p) + len(r)] = 1.0  # token t is a target (predicted from position t-1)
+            vllm_lp[i, len(p):len(p) + len(r)] = torch.tensor(ro.vllm_logprobs[i][:len(r)])
+        rewards = torch.tensor(ro.rewards, dtype=torch.float32)
+        resp_len = torch.tensor([len(r) for r in ro.response_ids], dtype=torch.float32)
+        if rl.overlong == "penalty":
+            rewards = rewards + grpo.overlong_penalty(resp_len, rl.max_response_len, rl.overlong_buffer)
+        adv = grpo.group_advantages(rewards, rl.group_size, normalize_std=rl.adv_std_norm)
+        keep = torch.ones(n, dtype=torch.bool)
+        if rl.dynamic_sampling:
+            keep = grpo.dynamic_sampling_mask(rewards, rl.group_size).repeat_interleave(rl.group_size)
+        if rl.overlong == "filter":
+            mask = grpo.overlong_filter(mask, torch.tensor(ro.truncated))
+        mask = mask * keep.unsqueeze(1).float()
+        return {"input_ids": ids, "mask": mask, "advantages": adv, "vllm_logprobs": vllm_lp, "rewards": rewards,
+                "keep": keep, "resp_len": resp_len}
+
+    def _micro_batches(self, batch: dict, rows: slice) -> list[dict]:
+        mbs = self.cfg.train.micro_batch_size
+        sub = {k: v[rows] for k, v in batch.items()}
+        sub = {k: self.session.dp_slice(v) for k, v in sub.items()}
+        n = len(sub["input_ids"])
+        return [{k: v[i:i + mbs] for k, v in sub.items()} for i in range(0, n, mbs)]
+
+    # ------------------------------------------------------------------------------------ logprobs
+    def _target_logprobs(self, out, mb):
+        """Per-target logprob [B, S] (zeros off this rank's positions) at the sampling temperature."""
+        s = mb["input_ids"].shape[1]
+        tgt = (out.positions + 1).clamp(max=s - 1)
+        lp = vocab_parallel_logprobs(out.logits.float() / self.cfg.rl.temperature, mb["input_ids"][:, tgt], self.mesh)
+        valid = (out.positions + 1 < s).float()
+        return lp * valid, tgt, valid
+
+    def logprobs(self, chunks, mbs: list[dict], with_stats: bool) -> list:
+        def fn(out, mb):
+            lp, tgt, valid = self._target_logprobs(out, mb)
+            full = torch.zeros_like(mb["mask"])
+            full[:, tgt] = lp * valid
+            res = {"logp": full}
+            if with_stats:
+                m = mb["mask"][:, tgt] * valid
+                ent = vocab_parallel_entropy(out.logits.float() / self.cfg.rl.temperature, self.mesh)
+                res["entropy_sum"] = float((ent * m).sum())
+                res["tokens"] = float(m.sum())
+            return res
+        return forward_only(chunks, mbs, fn, self.mesh)
+
+    # -------------------------------------------------------------------------------------- update
+    def loss_fn(self, out, mb):
+        rl = self.cfg.rl
+        lp, tgt, valid = self._target_logprobs(out, mb)
+        m = mb["mask"][:, tgt] * valid
+        old = mb["old_logp"][:, tgt]
+        ref = mb["ref_logp"][:, tgt] if "ref_logp" in mb else None
+        loss, met = grpo.grpo_loss(lp, old, mb["advantages"], m, ref_logp=ref, eps_low=rl.eps_low, eps_high=rl.eps_high,
+                                   beta=rl.beta, loss_agg=rl.loss_agg, normalizer=mb["normalizer"],
+                                   max_length=rl.max_response_len)
+        # sums, so the runtime's sum over micro-batches and ranks gives the global value
+        metrics = {"tok": m.sum().detach()}
+        for k, v in met.items():
+            if torch.is_tensor(v) and v.numel() == 1 and k in ("clip_frac", "kl", "ratio_mean"):
+                metrics[k + "_sum"] = v.detach() * m.sum().detach()
+        return loss, metrics
+
+    def _normalizer(self, mask: torch.Tensor) -> float:
+        return float(grpo.loss_normalizer(mask, self.cfg.rl.loss_agg))
+
+    # ---------------------------------------------------------------------------------------- step
+    def train_step(self, step: int) -> dict:
+        rl, s = self.cfg.rl, self.session
+        t = {"t0": time.time()}
+        ro = self.rollout(step)
+        t["rollout"] = time.time()
+        batch = self.build_batch(ro)
+        n = len(ro.response_ids)
+        all_rows = slice(0, n)
+        mbs = self._micro_batches(batch, all_rows)
+        old = self.logprobs(s.chunks, mbs, with_stats=True)
+        ref = self.logprobs(self.ref_chunks, mbs, with_stats=False) if self.ref_chunks is not None else None
+        t["logprob"] = time.time()
+        metrics: dict = {}
+        if old:  # last pipeline stage: attach and compare with vLLM
+            for i, mb in enumerate(mbs):
+                mb["old_logp"] = old[i]["logp"]
+                if ref is not None:
+                    mb["ref_logp"] = ref[i]["logp"]
+            metrics.update(self._mismatch(mbs, old))
+        metrics = self._reduce_last_stage(metrics)
+        # policy update: `updates_per_batch` optimizer steps on consecutive mini-batches
+        k = rl.updates_per_batch
+        if n % k or (n // k) % self.mesh.dp:
+            raise ConfigError(f"{n} samples do not split into rl.updates_per_batch={k} mini-batches of a multiple of dp={self.mesh.dp}")
+        train_metrics: dict = {}
+        for u in range(k):
+            rows = slice(u * n // k, (u + 1) * n // k)
+            norm = self._normalizer(batch["mask"][rows])
+            mini = self._micro_batches(batch, rows)
+            if old:
+                off = u * len(mini)
+                for j, mb in enumerate(mini):
+                    mb["old_logp"] = mbs[off + j]["old_logp"]
+                    if "ref_logp" in mbs[off + j]:
+                        mb["ref_logp"] = mbs[off + j]["ref_logp"]
+            for mb in mini:
+                mb["normalizer"] = max(norm, 1.0)
+            s.set_lr(step)
+            r = train_step(s.chunks, s.optimizer, mini, self.loss_fn, self.mesh)
+            for key, v in r.items():
+                train_metrics[key] = train_metrics.get(key, 0.0) + v / k
+        t["train"] = time.time()
+        sync = self.engine.update_weights(s.full_state(), bucket_bytes=int(self.cfg.rollout.bucket_mb * (1 << 20)))
+        t["sync"] = time.time()
+        tok = max(train_metrics.get("tok", 0.0), 1.0)
+        resp = batch["resp_len"]
+        comps = {f"reward/{k}": sum(v) / len(v) for k, v in ro.components.items()}
+        metrics.update(comps)
+        metrics.update({
+            "reward/total": float(batch["rewards"].mean()),
+            "accuracy": comps.get("reward/accuracy", float("nan")),
+            "format_rate": comps.get("reward/format", float("nan")),
+            "response_length/mean": float(resp.mean()), "response_length/max": float(resp.max()),
+            "response_length/clip_ratio": sum(ro.truncated) / n,
+            "kept_groups": float(batch["keep"].float().mean()),
+            "loss": train_metrics.get("loss", 0.0), "grad_norm": train_metrics.get("grad_norm", 0.0),
+            "clip_fraction": train_metrics.get("clip_frac_sum", 0.0) / tok,
+            "kl": train_metrics.get("kl_sum", 0.0) / tok,
+            "lr": s.optimizer.lr,
+            "time/rollout": t["rollout"] - t["t0"], "time/reward": self._reward_time,
+            "time/logprob": t["logprob"] - t["rollout"], "time/train": t["train"] - t["logprob"],
+            "time/sync": t["sync"] - t["train"], "time/step": t["sync"] - t["t0"],
+            "sync/GBps": sync.bytes_per_s / 1e9, "sync/buckets": sync.num_buckets,
+            "tokens_per_s": float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids))) /
+                            max(t["sync"] - t["t0"], 1e-9),
+        })
+        self.last_rollout = ro
+        return metrics
+
+    def _mismatch(self, mbs: list[dict], old: list[dict]) -> dict:
+        """Trainer vs vLLM logprobs of the sampled tokens (the same weights produced both)."""
+        d_sum = d_max = ratio_sum = ratio_sq = tokens = ent = 0.0
+        for mb, o in zip(mbs, old):
+            m = mb["mask"] > 0
+            if not m.any():
+                continue
+            d = (o["logp"] - mb["vllm_logprobs"])[m]
+            d_sum += float(d.abs().sum())
+            d_max = max(d_max, float(d.abs().max()))
+            ratio = torch.exp(o["logp"][m] - mb["vllm_logprobs"][m])
+            ratio_sum += float(ratio.sum())
+            ratio_sq += float((ratio - 1).pow(2).sum())
+            tokens += float(m.sum())
+            ent += o["entropy_sum"]
+        return {"_d_sum": d_sum, "_d_max": d_max, "_ratio_sum": ratio_sum, "_ratio_sq": ratio_sq, "_tokens": tokens,
+                "_ent": ent}
+
+    def _reduce_last_stage(self, m: dict) -> dict:
+        """Sum the mismatch statistics over the last stage's dp ranks (one tp/cp rank each), share with all."""
+        keys = ["_d_sum", "_ratio_sum", "_ratio_sq", "_tokens", "_ent"]
+        mesh = self.mesh
+        counts = mesh.tp_rank == 0 and mesh.cp_rank == 0 and mesh.is_last_stage
+        vals = torch.tensor([m.get(k, 0.0) if counts else 0.0 for k in keys] + [m.get("_d_max", 0.0)], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            mx = vals[-1:].clone()
+            dist.all_reduce(vals)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            vals[-1] = mx[0]
+        d_sum, ratio_sum, ratio_sq, tokens, ent, d_max = vals.tolist()
+        tokens = max(tokens, 1.0)
+        return {"mismatch/mean_abs_logprob": d_sum / tokens, "mismatch/max_abs_logprob": d_max,
+                "mismatch/ratio_mean": ratio_sum / tokens, "mismatch/ratio_std": (ratio_sq / tokens) ** 0.5,
+                "entropy": ent / tokens}
+
+    # ------------------------------------------------------------------------------------ the loop
+    def evaluate(self, examples, greedy: bool = True) -> dict:
+        from megatron_r1.eval.runner import evaluate
+        return evaluate(self.engine, self.tok, examples, self.cfg.rl.template, samples=4,
+                        temperature=0.0 if greedy else self.cfg.rl.temperature, max_tokens=self.cfg.rl.max_response_len)
+
+    def fit(self, steps: int | None = None, eval_every: int = 0) -> list[dict]:
+        s = self.session
+        steps = steps or self.cfg.train.train_steps
+        history = []
+        for step in range(s.step, steps):
+            m = self.train_step(step)
+            s.step = step + 1
+            if eval_every and self.eval_set is not None and (s.step % eval_every == 0 or s.step == steps):
+                m.update({f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)})
+            s.logger.log(s.step, m, show=("reward/total", "accuracy", "response_length/mean", "kl"))
+            history.append(m)
+        return history
+
+    def plot(self) -> str | None:
+        if not self.session.is_main:
+            return None
+        from megatron_r1.metrics import plot_metrics
+        return plot_metrics(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "grpo.png"),
+                            [("reward", ["reward/total", "reward/accuracy", "reward/format"]),
+                             ("held-out pass@1 (greedy)", ["eval/pass@1"]),
+                             ("response length (tokens)", ["response_length/mean"])],
+                            title="R1-Zero GRPO")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 grpo", description="R1-Zero / R1 GRPO")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--init-hf", required=True, help="the base policy (HF dir with tokenizer)")
+    ap.add_argument("--eval", default=None, help="held-out prompts evaluated every --eval-every steps")
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--export-hf", default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    eval_set = list(load_prompts(a.eval)) if a.eval else None
+    trainer = GRPOTrainer(cfg, a.init_hf, eval_set=eval_set)
+    trainer.fit(eval_every=a.eval_every)
+    trainer.session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), cfg.data.tokenizer or a.init_hf,
+                              dtype=torch.float32)
+    trainer.plot()
+    trainer.session.close()
+    return 0

@@ -1,0 +1,164 @@
+"""Language-model training on the 5D runtime: pretraining on packed corpora, and SFT.
+
+    megatron-r1 pretrain --config cfg.yaml --data PREFIX [overrides]   # Megatron .bin/.idx corpus
+    megatron-r1 sft --config cfg.yaml --data rows.jsonl [--init-hf DIR] # {"prompt", "response"} rows
+
+Notable choices
+- One loop for both: a global batch is drawn from a seeded stream (same on every rank), sliced per dp
+  rank, cut into micro-batches and handed to `train_step` with the LM loss; the normaliser is the
+  global number of target tokens, so gradients are layout-independent sums.
+- SFT (cold start, distillation of dense students) masks the prompt: only response tokens are
+  targets. Rows longer than `train.seq_length` are truncated and counted in the metrics.
+- The MTP loss (λ·CE of the D extra heads) is on whenever the model has MTP modules.
+- At the end the policy is exported as a Hugging Face directory (`<run_dir>/hf`) with the tokenizer,
+  ready for vLLM, GRPO, evaluation or `tools/convert_checkpoint.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.config import ConfigError, load_config
+from megatron_r1.model.gpt import lm_loss
+from megatron_r1.parallel.runtime import train_step
+from megatron_r1.training import TrainSession
+
+
+def _normalizer(masks: torch.Tensor, session: TrainSession) -> float:
+    """Global number of target tokens (token t>0 with mask 1) over every dp rank's rows."""
+    n = masks[:, 1:].sum().to(torch.float64)
+    if session.mesh.dp_group is not None:
+        dist.all_reduce(n, group=session.mesh.dp_group)
+    return float(n)
+
+
+def micro_batches(ids: torch.Tensor, mask: torch.Tensor, mbs: int, normalizer: float) -> list[dict]:
+    return [{"input_ids": ids[i:i + mbs], "loss_mask": mask[i:i + mbs], "normalizer": normalizer}
+            for i in range(0, len(ids), mbs)]
+
+
+def run_lm_training(session: TrainSession, next_global_batch, steps: int, show=("loss", "lr")) -> dict:
+    """The loop: `next_global_batch() -> (ids [G, S], loss_mask [G, S])`, identical on every rank."""
+    cfg, mesh = session.cfg, session.mesh
+    model_cfg = cfg.model
+
+    def loss_fn(out, mb):
+        return lm_loss(out, mb["input_ids"], mb["loss_mask"], model_cfg, mesh, mb["normalizer"])
+
+    last = {}
+    for step in range(session.step, steps):
+        t0 = time.time()
+        lr = session.set_lr(step)
+        ids, mask = next_global_batch()
+        ids, mask = session.dp_slice(ids), session.dp_slice(mask)
+        norm = _normalizer(mask, session)
+        metrics = train_step(session.chunks, session.optimizer, micro_batches(ids, mask, cfg.train.micro_batch_size, norm),
+                             loss_fn, mesh)
+        dt = time.time() - t0
+        tokens = float(norm)
+        last = {"loss": metrics["lm_loss_sum"] / max(tokens, 1.0), "total_loss": metrics["loss"], "lr": lr,
+                "grad_norm": metrics.get("grad_norm", 0.0), "tokens_per_s": tokens / dt, "step_time": dt,
+                "moe_max_violation": metrics.get("moe_max_violation", 0.0)}
+        for k, v in metrics.items():
+            if k.startswith("mtp") and k.endswith("_loss_sum"):
+                last[k.replace("_sum", "")] = v / max(tokens, 1.0)
+        session.step = step + 1
+        session.logger.log(session.step, last, show=show)
+    return last
+
+
+def _sft_rows(path: str, tokenizer, seq_length: int, prompt_key: str, response_key: str):
+    """Tokenised SFT rows: (ids, mask) with mask 1 on response tokens (and the final eos)."""
+    rows, truncated = [], 0
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                p, resp = r[prompt_key], r[response_key]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path}:{n}: expected an object with '{prompt_key}' and '{response_key}' ({e})") from None
+            pi = tokenizer.encode(p, bos=True)
+            ri = tokenizer.encode(resp, eos=True)
+            ids, mask = pi + ri, [0] * len(pi) + [1] * len(ri)
+            if len(ids) > seq_length:
+                truncated += 1
+                ids, mask = ids[:seq_length], mask[:seq_length]
+            rows.append((ids, mask))
+    return rows, truncated
+
+
+def _common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True, help="YAML config or model preset")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--init-hf", default=None, help="start from this Hugging Face directory")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer (HF dir or .model); default data.tokenizer")
+    ap.add_argument("--export-hf", default=None, help="where to write the final HF dir (default <run_dir>/hf)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+
+
+def pretrain_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 pretrain", description="pretraining on a packed Megatron corpus")
+    _common_args(ap)
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    from megatron_r1.data.indexed import PackedDataset
+    data = PackedDataset(a.data, cfg.train.seq_length, seed=cfg.train.seed)
+    session = TrainSession(cfg, init_hf=a.init_hf, desc="pretrain")
+    g = cfg.train.global_batch_size
+
+    def next_batch():
+        ids = data.next_batch(g)
+        return ids, torch.ones_like(ids)
+
+    last = run_lm_training(session, next_batch, cfg.train.train_steps)
+    out = session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), a.tokenizer or cfg.data.tokenizer,
+                            dtype=torch.float32)
+    if session.is_main:
+        session.logger.write(f"pretrain done: loss {last.get('loss', float('nan')):.4f}; HF model in {out}")
+    session.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 sft", description="supervised fine-tuning on prompt/response rows")
+    _common_args(ap)
+    ap.add_argument("--prompt-key", default="prompt")
+    ap.add_argument("--response-key", default="response")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    from megatron_r1.data.tokenizer import load_tokenizer
+    tok_path = a.tokenizer or cfg.data.tokenizer or a.init_hf
+    if not tok_path:
+        raise ConfigError("sft needs a tokenizer: --tokenizer, data.tokenizer or --init-hf")
+    tok = load_tokenizer(tok_path)
+    rows, truncated = _sft_rows(a.data, tok, cfg.train.seq_length, a.prompt_key, a.response_key)
+    session = TrainSession(cfg, init_hf=a.init_hf, desc="sft")
+    g, s = cfg.train.global_batch_size, cfg.train.seq_length
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    order: list[int] = []
+
+    def next_batch():
+        nonlocal order
+        ids = torch.full((g, s), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((g, s), dtype=torch.long)
+        for i in range(g):
+            if not order:
+                order = torch.randperm(len(rows), generator=gen).tolist()
+            r_ids, r_mask = rows[order.pop()]
+            ids[i, :len(r_ids)] = torch.tensor(r_ids)
+            mask[i, :len(r_mask)] = torch.tensor(r_mask)
+        return ids, mask
+
+    if session.is_main and truncated:
+        session.logger.write(f"sft: {truncated} of {len(rows)} rows truncated to {s} tokens")
+    run_lm_training(session, next_batch, cfg.train.train_steps)
+    session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
+    session.close()
+    return 0

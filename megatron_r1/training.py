@@ -1,0 +1,110 @@
+"""What every trainer (pretraining, SFT, GRPO) shares: one `TrainSession` per rank.
+
+Notable choices
+- Order matters: the model is filled (HF weights or a checkpoint) BEFORE the optimizer is built,
+  because the ZeRO-1 optimizer copies the parameters into its fp32 master shards at construction.
+- The learning-rate schedule is a pure function of the step (warmup, then constant / linear / cosine
+  to `min_lr`), so resuming needs only the step.
+- `dp_slice` gives a dp rank its contiguous share of a global batch; every rank draws the same global
+  batch from the same seeded stream, so the data order does not depend on the layout.
+- Export to Hugging Face streams the full tensors (`iter_full_state`) and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.ckpt.hf import hf_names, load_hf_weights, save_hf
+from megatron_r1.config import Config, ConfigError
+from megatron_r1.metrics import MetricsLogger
+from megatron_r1.parallel.launch import init_distributed
+from megatron_r1.parallel.mesh import ParallelMesh
+from megatron_r1.parallel.runtime import DTYPES, build_optimizer, build_parallel_model, iter_full_state
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    t = cfg.train
+    if t.lr_warmup_steps and step < t.lr_warmup_steps:
+        return t.lr * (step + 1) / t.lr_warmup_steps
+    if t.lr_decay_style == "constant":
+        return t.lr
+    span = max(1, t.train_steps - t.lr_warmup_steps)
+    frac = min(1.0, (step - t.lr_warmup_steps) / span)
+    if t.lr_decay_style == "linear":
+        return t.min_lr + (t.lr - t.min_lr) * (1 - frac)
+    if t.lr_decay_style == "cosine":
+        return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ConfigError(f"train.lr_decay_style={t.lr_decay_style!r}: expected constant, linear or cosine")
+
+
+class TrainSession:
+    def __init__(self, cfg: Config, init_hf: str | None = None, desc: str = "train", logger: bool = True):
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.env = init_distributed()
+        self.mesh = ParallelMesh.build(cfg.parallel, cfg.model)
+        self.chunks = build_parallel_model(cfg, self.mesh)
+        if init_hf:
+            dtype = DTYPES[cfg.train.params_dtype]
+            for chunk in self.chunks:
+                load_hf_weights(chunk, init_hf, cfg.model, self.mesh, dtype=dtype, progress=self.is_main)
+        self.optimizer = build_optimizer(self.chunks, cfg, self.mesh)
+        self.step = 0
+        self.logger = MetricsLogger(cfg.run_dir, enabled=self.is_main and logger, total_steps=cfg.train.train_steps,
+                                    desc=desc)
+        if self.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    def set_lr(self, step: int) -> float:
+        self.optimizer.lr = lr_at(step, self.cfg)
+        return self.optimizer.lr
+
+    def dp_slice(self, rows):
+        """This dp rank's contiguous share of a global batch (tensor rows or a list)."""
+        n, dp, r = len(rows), self.mesh.dp, self.mesh.dp_rank
+        if n % dp:
+            raise ConfigError(f"global batch of {n} is not divisible by dp={dp}")
+        per = n // dp
+        return rows[r * per:(r + 1) * per]
+
+    def full_state(self):
+        """(HF name, full tensor) of every parameter, streamed; collective over all ranks."""
+        for name, t in iter_full_state(self.chunks, self.mesh):
+            for hf in hf_names(name, self.cfg.model):
+                yield hf, t
+
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None = None, dtype=torch.bfloat16) -> str | None:
+        """Write a HF directory (config, safetensors, tokenizer). Collective; rank 0 writes."""
+        tensors = self.full_state()
+        if self.is_main:
+            save_hf(tensors, self.cfg.model, out_dir, dtype=dtype)
+            if tokenizer_dir:
+                copy_tokenizer(tokenizer_dir, out_dir)
+        else:
+            for _ in tensors:  # take part in the collectives
+                pass
+        if dist.is_initialized():
+            dist.barrier()
+        return out_dir if self.is_main else None
+
+    def close(self):
+        self.logger.close()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+    src = src if os.path.isdir(src) else os.path.dirname(src)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
