@@ -54,6 +54,9 @@ class TrainSession:
                 load_hf_weights(chunk, init_hf, cfg.model, self.mesh, dtype=dtype, progress=self.is_main)
         self.optimizer = build_optimizer(self.chunks, cfg, self.mesh)
         self.step = 0
+        from megatron_r1.ckpt.checkpoint import Checkpointer
+        self.ckpt_dir = cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt")
+        self.checkpointer = Checkpointer(self.ckpt_dir, self.mesh, keep_last=cfg.train.keep_last)
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.is_main and logger, total_steps=cfg.train.train_steps,
                                     desc=desc)
         if self.is_main:
@@ -96,7 +99,28 @@ class TrainSession:
             dist.barrier()
         return out_dir if self.is_main else None
 
+    def resume(self) -> dict | None:
+        """Load the newest complete checkpoint of this run, if any; returns its `extra` (data position...)."""
+        from megatron_r1.ckpt.checkpoint import latest_checkpoint
+        if not latest_checkpoint(self.ckpt_dir):
+            return None
+        info = self.checkpointer.load(self.chunks, self.optimizer)
+        self.step = int(info["step"])
+        if self.is_main:
+            self.logger.write(f"resumed from {info['path']} at step {self.step}")
+            if self.logger._bar is not None:
+                self.logger._bar.update(self.step - self.logger._bar.n)
+        return info.get("extra") or {}
+
+    def maybe_save(self, extra: dict, force: bool = False) -> str | None:
+        """Save every `train.save_interval` steps (and when forced, e.g. at the end)."""
+        every = self.cfg.train.save_interval
+        if not force and not (every and self.step % every == 0):
+            return None
+        return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+
     def close(self):
+        self.checkpointer.wait()
         self.logger.close()
 
 

@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the result as JSON here")
     a = ap.parse_args(argv)
     from megatron_r1.data.prompts import load_prompts
     from megatron_r1.data.tokenizer import load_tokenizer
@@ -68,4 +69,7 @@ def main(argv: list[str]) -> int:
     res = evaluate(engine, load_tokenizer(a.model), data, a.template, a.samples, 0.0 if a.greedy else a.temperature,
                    a.max_tokens)
     print(json.dumps(res, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
     return 0

@@ -179,7 +179,8 @@ class GRPOTrainer:
         def fn(out, mb):
             lp, tgt, valid = self._target_logprobs(out, mb)
             full = torch.zeros_like(mb["mask"])
-            full[:, tgt] = lp * valid
+            keep = valid > 0  # the last position has no target; its clamped index must not overwrite one
+            full[:, tgt[keep]] = lp[:, keep]
             res = {"logp": full}
             if with_stats:
                 m = mb["mask"][:, tgt] * valid
@@ -320,6 +321,15 @@ class GRPOTrainer:
         return evaluate(self.engine, self.tok, examples, self.cfg.rl.template, samples=4,
                         temperature=0.0 if greedy else self.cfg.rl.temperature, max_tokens=self.cfg.rl.max_response_len)
 
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint: weights, optimizer, data position, then vLLM."""
+        extra = self.session.resume()
+        if extra is None:
+            return
+        if extra.get("prompts"):
+            self.loader.load_state_dict(extra["prompts"])
+        self.engine.update_weights(self.session.full_state(), bucket_bytes=int(self.cfg.rollout.bucket_mb * (1 << 20)))
+
     def fit(self, steps: int | None = None, eval_every: int = 0) -> list[dict]:
         s = self.session
         steps = steps or self.cfg.train.train_steps
@@ -330,7 +340,9 @@ class GRPOTrainer:
             if eval_every and self.eval_set is not None and (s.step % eval_every == 0 or s.step == steps):
                 m.update({f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)})
             s.logger.log(s.step, m, show=("reward/total", "accuracy", "response_length/mean", "kl"))
+            s.maybe_save({"prompts": self.loader.state_dict()})
             history.append(m)
+        s.maybe_save({"prompts": self.loader.state_dict()}, force=True)
         return history
 
     def plot(self) -> str | None:
@@ -356,6 +368,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(a.config, a.overrides)
     eval_set = list(load_prompts(a.eval)) if a.eval else None
     trainer = GRPOTrainer(cfg, a.init_hf, eval_set=eval_set)
+    trainer.resume()
     trainer.fit(eval_every=a.eval_every)
     trainer.session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), cfg.data.tokenizer or a.init_hf,
                               dtype=torch.float32)

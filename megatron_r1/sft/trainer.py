@@ -42,8 +42,11 @@ def micro_batches(ids: torch.Tensor, mask: torch.Tensor, mbs: int, normalizer: f
             for i in range(0, len(ids), mbs)]
 
 
-def run_lm_training(session: TrainSession, next_global_batch, steps: int, show=("loss", "lr")) -> dict:
-    """The loop: `next_global_batch() -> (ids [G, S], loss_mask [G, S])`, identical on every rank."""
+def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_state=None,
+                    show=("loss", "lr")) -> dict:
+    """The loop: `next_global_batch() -> (ids [G, S], loss_mask [G, S])`, identical on every rank.
+
+    `data_state()` returns the data position saved in checkpoints (every `train.save_interval` steps)."""
     cfg, mesh = session.cfg, session.mesh
     model_cfg = cfg.model
 
@@ -69,6 +72,8 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, show=(
                 last[k.replace("_sum", "")] = v / max(tokens, 1.0)
         session.step = step + 1
         session.logger.log(session.step, last, show=show)
+        session.maybe_save({"data": data_state() if data_state else None})
+    session.maybe_save({"data": data_state() if data_state else None}, force=True)
     return last
 
 
@@ -111,13 +116,16 @@ def pretrain_main(argv: list[str]) -> int:
     from megatron_r1.data.indexed import PackedDataset
     data = PackedDataset(a.data, cfg.train.seq_length, seed=cfg.train.seed)
     session = TrainSession(cfg, init_hf=a.init_hf, desc="pretrain")
+    extra = session.resume()
+    if extra and extra.get("data"):
+        data.load_state_dict(extra["data"])
     g = cfg.train.global_batch_size
 
     def next_batch():
         ids = data.next_batch(g)
         return ids, torch.ones_like(ids)
 
-    last = run_lm_training(session, next_batch, cfg.train.train_steps)
+    last = run_lm_training(session, next_batch, cfg.train.train_steps, data_state=data.state_dict)
     out = session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), a.tokenizer or cfg.data.tokenizer,
                             dtype=torch.float32)
     if session.is_main:
@@ -158,7 +166,12 @@ def main(argv: list[str]) -> int:
 
     if session.is_main and truncated:
         session.logger.write(f"sft: {truncated} of {len(rows)} rows truncated to {s} tokens")
-    run_lm_training(session, next_batch, cfg.train.train_steps)
+    extra = session.resume()
+    if extra and extra.get("data"):
+        order = list(extra["data"]["order"])
+        gen.set_state(extra["data"]["gen"])
+    run_lm_training(session, next_batch, cfg.train.train_steps,
+                    data_state=lambda: {"order": list(order), "gen": gen.get_state()})
     session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
     session.close()
     return 0
