@@ -26,6 +26,16 @@ from megatron_r1.parallel.mesh import ParallelMesh
 from megatron_r1.parallel.runtime import DTYPES, build_optimizer, build_parallel_model, iter_full_state
 
 
+def current_dist_env():
+    """The environment of a process group someone else initialised (tests, notebooks), else None."""
+    if not dist.is_initialized():
+        return None
+    from megatron_r1.parallel.launch import DistEnv
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, master_addr="",
+                   master_port=0, backend=dist.get_backend(), launcher="existing")
+
+
 def lr_at(step: int, cfg: Config) -> float:
     t = cfg.train
     if t.lr_warmup_steps and step < t.lr_warmup_steps:
@@ -45,7 +55,7 @@ class TrainSession:
     def __init__(self, cfg: Config, init_hf: str | None = None, desc: str = "train", logger: bool = True):
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
-        self.env = init_distributed()
+        self.env = current_dist_env() or init_distributed()
         self.mesh = ParallelMesh.build(cfg.parallel, cfg.model)
         self.chunks = build_parallel_model(cfg, self.mesh)
         if init_hf:

@@ -259,10 +259,11 @@ class GRPOTrainer:
         resp = batch["resp_len"]
         comps = {f"reward/{k}": sum(v) / len(v) for k, v in ro.components.items()}
         metrics.update(comps)
+        for short, key in (("accuracy", "reward/accuracy"), ("format_rate", "reward/format")):
+            if key in comps:
+                metrics[short] = comps[key]
         metrics.update({
             "reward/total": float(batch["rewards"].mean()),
-            "accuracy": comps.get("reward/accuracy", float("nan")),
-            "format_rate": comps.get("reward/format", float("nan")),
             "response_length/mean": float(resp.mean()), "response_length/max": float(resp.max()),
             "response_length/clip_ratio": sum(ro.truncated) / n,
             "kept_groups": float(batch["keep"].float().mean()),
