@@ -56,5 +56,8 @@ def experts_loop(x, counts, experts):
         if n:
             outs.append(experts[e](x[start:start + n]))
         start += n
-    return torch.cat(outs, 0) if outs else x.new_zeros((0, x.shape[-1])) + 0 * sum(
-        p.sum() for m in experts for p in m.parameters())
+    if outs:
+        return torch.cat(outs, 0)
+    # no rows at all: the empty result must still depend on x, or autograd would skip the backward of
+    # the all-to-all that produced x on this rank while its expert-parallel peers wait in it
+    return x[:0] * 0 + 0 * sum(p.sum() for m in experts for p in m.parameters())

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit
+from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit, untag
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +104,8 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh)
         self.up_proj = ColumnParallelLinear(hidden, inner, self.mesh)
         self.down_proj = RowParallelLinear(inner, hidden, self.mesh, std=out_std)
+        if not parallel:
+            untag(self)
 
     def forward(self, x):
         x = tp_enter(x, self.mesh)

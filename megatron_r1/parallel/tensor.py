@@ -185,11 +185,22 @@ def _init_(w: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.normal_(w, mean=0.0, std=std)
 
 
-def _tag(module: nn.Module, mesh, dim: int) -> None:
-    """`param.tp_shard_dim`: the dimension along which this parameter is a contiguous tp slice."""
-    if mesh.tp > 1:
-        for name, p in module.named_parameters(recurse=False):
-            p.tp_shard_dim = 0 if name == "bias" else dim
+def _tag(module: nn.Module, mesh, dim: int, std: float) -> None:
+    """`param.tp_shard_dim`: the dimension along which this parameter is a contiguous tp slice.
+
+    Set at tp=1 too: the dimension is part of the layer's definition, and the optimizer orders a
+    parameter's elements by it (parallel/data.py), so its state does not depend on the layout.
+    `param.init_std`: the normal init of the weight, for layout-independent initialisation."""
+    for name, p in module.named_parameters(recurse=False):
+        p.tp_shard_dim = 0 if name == "bias" else dim
+    module.weight.init_std = std
+
+
+def untag(module: nn.Module) -> None:
+    """For a layer used whole on each rank (routed/shared experts): no tp slicing."""
+    for p in module.parameters():
+        if hasattr(p, "tp_shard_dim"):
+            del p.tp_shard_dim
 
 
 class ColumnParallelLinear(nn.Module):
@@ -202,7 +213,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(_init_(torch.empty(out_features // mesh.tp, in_features), std))
         self.bias = nn.Parameter(torch.zeros(out_features // mesh.tp)) if bias else None
-        _tag(self, mesh, 0)
+        _tag(self, mesh, 0, std)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -219,7 +230,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(_init_(torch.empty(out_features, in_features // mesh.tp), std))
         # a bias would be added tp times by the reduction: none of our models has one here
         assert not bias
-        _tag(self, mesh, 1)
+        _tag(self, mesh, 1, std)
 
     def forward(self, x):
         return F.linear(x, self.weight)
@@ -233,7 +244,7 @@ class VocabParallelEmbedding(nn.Module):
         per = vocab // mesh.tp
         self.start = mesh.tp_rank * per
         self.weight = nn.Parameter(_init_(torch.empty(per, hidden), std))
-        _tag(self, mesh, 0)
+        _tag(self, mesh, 0, std)
 
     def forward(self, ids):  # ids: [B, S] (full sequence of this cp rank)
         if self.mesh.tp == 1:

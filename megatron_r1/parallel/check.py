@@ -1,0 +1,307 @@
+"""Is a parallel layout equal to one rank? Loss, every gradient, and the parameters after one AdamW step.
+
+    megatron-r1 check-parallel --preset tiny-moe --layout tp2,ep2,pp2,vpp2 [--nproc N] [model.x=y ...]
+    check_layout("tiny-moe", "tp2,sp,cp2")  # -> Report; .ok, .worst
+
+Notable choices
+- The reference is independent of the runtime under test: one process, the plain model (pp=1, tp=1),
+  `loss.backward()` per micro-batch, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW`, then the
+  router-bias update. Both sides start from the same weights (initialisation is layout-independent,
+  see runtime.py) and see the same global batch; the layout splits it over dp ranks.
+- Relative difference of a tensor: max|a − b| / max|b| (0 when both are 0); a quantity's figure is the
+  worst over its tensors. Quantities: `loss`, `grad` (reduced gradients, gathered to full tensors),
+  `param` (after the step), `bias` (the router's e_score_correction_bias after its update).
+- Float32 throughout; default tolerance 1e-5. The reference runs single-threaded like the ranks.
+- adam_eps=1e-3 in the check: on a first step Adam's update is lr·g/(|g|+eps), which for |g| ~ eps
+  amplifies float32 summation-order noise in g by ~1/eps (no layout is bit-exact); a larger eps keeps
+  the update proportional to g for small gradients, so a wrong gradient or clip factor still shows.
+- Several layouts with the same world size can share one spawn (`run_layouts`): new groups per layout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.config import Config, ConfigError, ParallelConfig, load_config
+
+TOL = 1e-5
+QUANTITIES = ("loss", "grad", "param", "bias")
+
+
+# ----------------------------------------------------------------------------------------- layouts
+def parse_layout(layout: str) -> tuple[ParallelConfig, int]:
+    """"tp2,ep2,pp2,vpp2,cp1,sp,dp2,nozero" -> (ParallelConfig, dp).
+
+    dp defaults to the smallest degree that lets ep fold into tp·cp·dp (so "ep2" alone means dp2)."""
+    par, dp = ParallelConfig(), None
+    for item in filter(None, (s.strip() for s in layout.replace("·", ",").split(","))):
+        if item == "sp":
+            par.sp = True
+        elif item == "nozero":
+            par.zero1 = False
+        else:
+            m = re.fullmatch(r"(tp|cp|ep|pp|vpp|dp)(\d+)", item)
+            if not m:
+                raise ConfigError(f"layout item {item!r}: expected tpN, cpN, epN, ppN, vppN, dpN, sp or nozero")
+            if m.group(1) == "dp":
+                dp = int(m.group(2))
+            else:
+                setattr(par, m.group(1), int(m.group(2)))
+    if dp is None:
+        dp = par.ep // math.gcd(par.ep, par.tp * par.cp)
+    return par, dp
+
+
+def world_size_of(layout: str) -> int:
+    par, dp = parse_layout(layout)
+    return par.tp * par.cp * par.pp * dp
+
+
+# ------------------------------------------------------------------------------------------ data
+def make_config(preset: str, overrides: list[str] = ()) -> Config:
+    base = ["train.params_dtype=float32", "train.lr=1e-3", "train.adam_eps=1e-3", "train.weight_decay=0.1",
+            "train.clip_grad=1.0", "model.bias_update_speed=0.01"]
+    return load_config(preset, base + list(overrides))
+
+
+def make_batch(cfg: Config, n_micro: int, micro_bs: int, seq: int, seed: int = 0) -> list[dict]:
+    """Global batch: n_micro micro-batches of [micro_bs, seq] random tokens with a random loss mask."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_micro):
+        ids = torch.randint(0, cfg.model.vocab_size, (micro_bs, seq), generator=g)
+        mask = (torch.rand(micro_bs, seq, generator=g) > 0.2).float()
+        out.append({"input_ids": ids, "loss_mask": mask})
+    return out
+
+
+def target_count(batch: list[dict]) -> float:
+    """Global normaliser of lm_loss: masked next-token targets (position 0 is never a target)."""
+    return float(sum(mb["loss_mask"][:, 1:].sum() for mb in batch))
+
+
+# ------------------------------------------------------------------------------------- reference
+def reference(cfg: Config, batch: list[dict]) -> dict:
+    """One rank, plain PyTorch training step. Returns full tensors by name."""
+    from megatron_r1.ckpt.hf import model_state
+    from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
+    from megatron_r1.model.gpt import CausalLM, lm_loss
+    from megatron_r1.parallel.mesh import ParallelMesh
+    from megatron_r1.parallel.runtime import init_parameters
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks: the same summation orders inside matmuls
+    try:
+        return _reference(cfg, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(cfg: Config, batch: list[dict]) -> dict:
+    from megatron_r1.ckpt.hf import model_state
+    from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
+    from megatron_r1.model.gpt import CausalLM, lm_loss
+    from megatron_r1.parallel.mesh import ParallelMesh
+    from megatron_r1.parallel.runtime import init_parameters
+
+    mesh = ParallelMesh.single()
+    model = CausalLM(cfg.model, mesh)
+    init_parameters([model], mesh, cfg.train.seed, cfg.model.initializer_range)
+    before = {k: v.detach().clone() for k, v in model_state(model).items()}
+    n = target_count(batch)
+    for mod in model.modules():
+        if isinstance(mod, MoE):
+            mod.aux_normalizer = float(sum(mb["input_ids"].shape[0] for mb in batch))
+    loss_total = 0.0
+    for mb in batch:
+        loss, _ = lm_loss(model(mb["input_ids"]), mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
+        loss.backward()
+        loss_total += loss.item()
+    params = dict(model.named_parameters())
+    for p in params.values():  # an expert that got no token has no grad: Megatron (and we) treat it as 0
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    t = cfg.train
+    if t.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), t.clip_grad)
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    opt.step()
+    update_expert_bias(model, mesh, cfg.model.bias_update_speed)
+    after = {k: v.detach().clone() for k, v in model_state(model).items()}
+    from megatron_r1.parallel.data import canonical_flat
+    states = {f"optim.{s}.{k}": canonical_flat(opt.state[p][s], p) for k, p in params.items()
+              for s in ("exp_avg", "exp_avg_sq")}
+    return {"loss": loss_total, "grads": grads, "before": before, "after": after, "optim": states}
+
+
+# ------------------------------------------------------------------------------------ comparison
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item() if b.numel() else 0.0
+    diff = (a - b).abs().max().item() if b.numel() else 0.0
+    return 0.0 if diff == 0 else diff / (scale if scale > 0 else 1e-30)
+
+
+@dataclass
+class Report:
+    preset: str
+    layout: str
+    worst: dict = field(default_factory=dict)  # quantity -> (rel diff, tensor name)
+    tol: float = TOL
+    mesh: str = ""  # the degrees the ranks actually ran with
+
+    @property
+    def ok(self) -> bool:
+        return all(v[0] <= self.tol for v in self.worst.values()) and set(self.worst) >= set(QUANTITIES)
+
+    def __str__(self) -> str:
+        lines = [f"{self.preset} [{self.layout}] {self.mesh}: {'OK' if self.ok else 'FAILED'} (tolerance "
+                 f"{self.tol:g}, rel = max|a-b| / max|b| per tensor)"]
+        for q in QUANTITIES:
+            if q in self.worst:
+                v, name = self.worst[q]
+                lines.append(f"  {q:<7} {v:9.2e}  {name}{'  <-- above tolerance' if v > self.tol else ''}")
+            else:
+                lines.append(f"  {q:<7} missing")
+        return "\n".join(lines)
+
+
+def compare(ref: dict, loss: float, grads: dict, before: dict, after: dict, preset: str, layout: str,
+            lr: float, tol: float = TOL) -> Report:
+    rep = Report(preset, layout, tol=tol)
+
+    def worst(q, pairs):
+        rep.worst[q] = max(((rel(a, b), name) for name, a, b in pairs), default=(0.0, "-"))
+
+    rep.worst["loss"] = (rel(torch.tensor(loss), torch.tensor(ref["loss"])), "loss")
+    missing = sorted(set(ref["grads"]) ^ set(grads))
+    if missing:
+        raise AssertionError(f"{layout}: parameter sets differ: {missing[:5]}")
+    worst("grad", [(k, grads[k], ref["grads"][k]) for k in ref["grads"]])
+    params = [k for k in ref["grads"]]
+    worst("param", [(k, after[k], ref["after"][k]) for k in params])
+    biases = [k for k in ref["after"] if k.endswith("e_score_correction_bias")]
+    worst("bias", [(k, after[k], ref["after"][k]) for k in biases] or [("(none)", torch.zeros(1), torch.zeros(1))])
+    init = max((rel(before[k], ref["before"][k]) for k in ref["before"]), default=0.0)
+    if init > 0:
+        rep.worst["init"] = (init, "initial weights differ")
+    return rep
+
+
+# ----------------------------------------------------------------------------------------- ranks
+def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | None) -> Report | None:
+    """Collective: every rank runs one training step of `layout`; rank 0 returns the comparison."""
+    from megatron_r1.model.gpt import lm_loss
+    from megatron_r1.parallel.mesh import ParallelMesh
+    from megatron_r1.parallel.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
+
+    par, dp = parse_layout(layout)
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel = par
+    world = dist.get_world_size()
+    if world != par.tp * par.cp * par.pp * dp:
+        raise ConfigError(f"layout {layout} needs {par.tp * par.cp * par.pp * dp} ranks, the world has {world}")
+    mesh = ParallelMesh.build(par, cfg.model)
+    chunks = build_parallel_model(cfg, mesh)
+    before = gather_full_state(chunks, mesh)
+    opt = build_optimizer(chunks, cfg, mesh)
+    m = len(batch) // mesh.dp
+    mine = batch[mesh.dp_rank * m:(mesh.dp_rank + 1) * m]
+    n = target_count(batch)
+
+    def loss_fn(out, mb):
+        return lm_loss(out, mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
+
+    metrics = train_step(chunks, opt, mine, loss_fn, mesh)
+    opt.grads.gather_reduced_grads()
+    grads = gather_full_state(chunks, mesh, grads=True)
+    after = gather_full_state(chunks, mesh)
+    if dist.get_rank() != 0 or ref is None:
+        return None
+    rep = compare(ref, metrics["loss"], grads, before, after, "", layout, cfg.train.lr)
+    rep.mesh = (f"(tp{mesh.tp} cp{mesh.cp} ep{mesh.ep} pp{mesh.pp} vpp{mesh.vpp} dp{mesh.dp} edp{mesh.edp}"
+                f"{' sp' if mesh.sp else ''}{' zero1' if par.zero1 else ''}, {len(mine)} micro-batches/rank)")
+    return rep
+
+
+def run_layouts(cfg: Config, layouts: list[str], batch: list[dict], ref: dict) -> list:
+    """Rank body for several layouts of the same world size, one after the other."""
+    return [run_layout_on_rank(cfg, lay, batch, ref) for lay in layouts]
+
+
+def default_batch(cfg: Config, layouts: list[str]) -> list[dict]:
+    """The global batch every layout is checked on: 8 micro-batches of [2, S], S = 16 (or the next
+    multiple of 2·cp·tp). Split over dp ranks that is still ≥ 2·pp micro-batches per rank for dp ≤ 2, so
+    gradient accumulation and the steady 1F1B phase are exercised, and a multiple of pp for interleaving."""
+    unit = 1
+    for lay in layouts:
+        par, _ = parse_layout(lay)
+        unit = math.lcm(unit, 2 * par.cp * par.tp)
+    return make_batch(cfg, 8, 2, -(-16 // unit) * unit)
+
+
+def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), tol: float = TOL,
+                  timeout: float = 300.0, verbose: bool = True) -> list[Report]:
+    """Every layout against one rank; layouts of the same world size share one spawn."""
+    from megatron_r1.parallel.spawn import run_ranks
+    cfg = make_config(preset, list(overrides))
+    batch = default_batch(cfg, layouts)
+    ref = reference(cfg, batch)
+    by_world: dict[int, list[str]] = {}
+    for lay in layouts:
+        by_world.setdefault(world_size_of(lay), []).append(lay)
+    reports = {}
+    for world, lays in by_world.items():
+        for lay, rep in zip(lays, run_ranks(run_layouts, world, cfg, lays, batch, ref, timeout=timeout)[0]):
+            rep.preset, rep.tol = preset, tol
+            reports[lay] = rep
+            if verbose:
+                print(rep, flush=True)
+    return [reports[lay] for lay in layouts]
+
+
+def check_layout(preset: str, layout: str, nproc: int | None = None, overrides: list[str] = (),
+                 tol: float = TOL, timeout: float = 300.0, verbose: bool = True) -> Report:
+    """Spawn the ranks of `layout` (nproc: extra ranks become dp), compare with one rank, print the report."""
+    if nproc is not None and nproc != world_size_of(layout):
+        par, _ = parse_layout(layout)
+        model_par = par.tp * par.cp * par.pp
+        if nproc % model_par or "dp" in layout:
+            raise ConfigError(f"--nproc {nproc} does not match layout {layout} (tp·cp·pp = {model_par}, "
+                              f"dp = nproc / {model_par})")
+        layout = f"{layout},dp{nproc // model_par}"
+    return check_layouts(preset, [layout], overrides, tol, timeout, verbose)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-r1 check-parallel",
+                                 description="Compare a parallel layout with a single-rank run (loss, grads, "
+                                             "params after one AdamW step).")
+    ap.add_argument("--preset", default="tiny-moe")
+    ap.add_argument("--layout", required=True, help="e.g. tp2,ep2,pp2,vpp2,cp1,sp,dp2")
+    ap.add_argument("--nproc", type=int, default=None, help="ranks (default: tp·cp·pp·dp of the layout)")
+    ap.add_argument("--tol", type=float, default=TOL)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_hidden_layers=8")
+    args = ap.parse_args(argv)
+    try:
+        rep = check_layout(args.preset, args.layout, args.nproc, args.overrides, tol=args.tol)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if rep.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The 5D-parallel training runtime: model chunks, the train step, forward-only passes, full-state helpers.
+
+    mesh = ParallelMesh.build(cfg.parallel, cfg.model)
+    chunks = build_parallel_model(cfg, mesh)               # this rank's pipeline chunks (CausalLM each)
+    opt = build_optimizer(chunks, cfg, mesh)                # ZeRO-1 AdamW + gradient buffers
+    metrics = train_step(chunks, opt, micro_batches, loss_fn, mesh)
+    outs = forward_only(chunks, micro_batches, fn, mesh)     # e.g. per-token logprobs for GRPO
+
+Notable choices
+- Every rank is given the same micro-batches of *its dp rank* (whole sequences; cp, sp and the MoE
+  token split happen inside the model). All pipeline stages get the input ids (positions, MTP targets).
+- Initialisation is layout-independent: every parameter is drawn from a generator seeded by
+  (seed, parameter name) at its FULL shape, then sliced (`tp_shard_dim`), so any layout starts from the
+  same weights as one rank. It materialises one full tensor at a time (fine up to the embedding of the
+  671B model; real runs load a checkpoint instead).
+- Pipeline chunks: global chunk j = v·pp + p holds layers [j·L/(pp·vpp), (j+1)·L/(pp·vpp)); chunk 0 has
+  the embedding, the last chunk the final norm, head and MTP. With MTP and pp > 1 the last chunk keeps a
+  copy of the embedding (`param.embed_copy`), initialised identically and with its gradient summed
+  with stage 0's (`param.embed_shared`) over the "embed" group.
+- `loss_fn(stage_output, micro_batch) -> (loss, metrics)` on the last stage: the loss must already be
+  divided by the global normaliser (e.g. the global target-token count), because all gradient
+  reductions are sums. Scalar metrics are summed over micro-batches and dp×cp ranks and returned on
+  every rank (broadcast from the last stage).
+- `forward_only` returns fn's per-micro-batch results on the ranks of the LAST pipeline stage and [] on
+  the others (pass `broadcast=True` to send them to every stage, pickled).
+- `gather_full_state` returns every tensor on EVERY rank (collective; meant for tests, layout checks,
+  export of small models); `iter_full_state` streams the same tensors one at a time.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megatron_r1.ckpt.hf import model_state, shard_of
+from megatron_r1.config import Config, ConfigError
+from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
+from megatron_r1.model.gpt import CausalLM
+from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
+from megatron_r1.parallel.pipeline import run_pipeline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------- building
+def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> list[list[int]]:
+    """Global layer ids of each chunk this pipeline rank holds (Megatron's interleaved assignment)."""
+    n = pp * vpp
+    if num_layers % n:
+        raise ConfigError(f"num_hidden_layers={num_layers} is not divisible by pp·vpp = {pp}·{vpp} = {n}")
+    per = num_layers // n
+    return [list(range((v * pp + pp_rank) * per, (v * pp + pp_rank + 1) * per)) for v in range(vpp)]
+
+
+def build_parallel_model(cfg: Config, mesh, seed: int | None = None) -> list[CausalLM]:
+    """This rank's model chunks, initialised layout-independently from `seed` (default cfg.train.seed)."""
+    m, pp, vpp = cfg.model, mesh.pp, mesh.vpp
+    chunks = []
+    for v, layers in enumerate(chunk_layers(m.num_hidden_layers, pp, vpp, mesh.pp_rank)):
+        j = v * pp + mesh.pp_rank
+        chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1)
+        emb = getattr(chunk.model, "embed_tokens", None)
+        if emb is not None and pp > 1 and m.num_nextn_predict_layers > 0:
+            emb.weight.embed_shared = True
+            if not chunk.pre_process:
+                emb.weight.embed_copy = True  # MTP's copy of stage 0's embedding
+        chunks.append(chunk)
+    init_parameters(chunks, mesh, cfg.train.seed if seed is None else seed, cfg.model.initializer_range)
+    dtype = DTYPES[cfg.train.params_dtype]
+    for c in chunks:  # parameters only: rope frequencies and the expert bias stay float32
+        for p in c.parameters():
+            p.data = p.data.to(dtype)
+    return chunks
+
+
+def _full_shape(p: torch.Tensor, mesh) -> list[int]:
+    shape = list(p.shape)
+    d = getattr(p, "tp_shard_dim", None)
+    if d is not None and mesh.tp > 1:
+        shape[d] *= mesh.tp
+    return shape
+
+
+@torch.no_grad()
+def init_parameters(chunks: list[nn.Module], mesh, seed: int, std: float) -> None:
+    """2-D weights ~ N(0, param.init_std or `std`) drawn at full shape from a (seed, name) generator."""
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if p.dim() < 2:
+                continue  # norms (ones) and biases (zeros) are deterministic already
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.randn(_full_shape(p, mesh), generator=g, dtype=torch.float32) * getattr(p, "init_std", std)
+            p.copy_(shard_of(full, p, mesh))
+
+
+def build_optimizer(chunks: list[nn.Module], cfg: Config, mesh) -> DistributedAdamW:
+    t = cfg.train
+    grads = GradBuffers(chunks, mesh, cfg.parallel.grad_bucket_mb, cfg.parallel.zero1)
+    return DistributedAdamW(grads, mesh, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                            weight_decay=t.weight_decay, clip_grad=t.clip_grad)
+
+
+# ----------------------------------------------------------------------------------- full states
+def _local_state(chunks, mesh) -> dict[str, torch.Tensor]:
+    out = {}
+    for c in chunks:
+        for k, t in model_state(c).items():
+            if getattr(t, "embed_copy", False):
+                continue
+            out[k] = t
+    return out
+
+
+@torch.no_grad()
+def shard_from_full(chunks: list[nn.Module], full_state: dict[str, torch.Tensor], mesh) -> None:
+    """Fill every parameter and persistent buffer of this rank's chunks from full tensors (by our name)."""
+    for c in chunks:
+        for k, t in model_state(c).items():
+            if k not in full_state:
+                raise KeyError(f"shard_from_full: '{k}' missing from the full state")
+            t.copy_(shard_of(full_state[k], t, mesh).to(t.dtype))
+
+
+def _tp_full(t: torch.Tensor, mesh) -> torch.Tensor:
+    d = getattr(t, "tp_shard_dim", None)
+    if d is None or mesh.tp == 1:
+        return t.detach().clone(memory_format=torch.contiguous_format)
+    parts = [torch.empty_like(t) for _ in range(mesh.tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=mesh.tp_group)
+    return torch.cat(parts, dim=d)
+
+
+@torch.no_grad()
+def iter_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter and persistent buffer of the model, on every rank.
+
+    Collective over the world: all ranks must iterate to the end. grads=True yields `main_grad`
+    (the reduced gradients; call `GradBuffers.gather_reduced_grads()` first under ZeRO-1) of parameters."""
+    local = _local_state(chunks, mesh)
+    if grads:
+        local = {k: t for k, t in local.items() if isinstance(t, nn.Parameter)}
+    meta = [(k, tuple(_full_shape(t, mesh)) if not getattr(t, "is_expert", False) else tuple(t.shape),
+             torch.float32 if grads else t.dtype) for k, t in local.items()]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tables = [meta]
+    if world > 1:
+        tables = [None] * world
+        dist.all_gather_object(tables, meta)
+    owner: dict[str, tuple] = {}
+    for r, tab in enumerate(tables):
+        for k, shape, dtype in tab:
+            owner.setdefault(k, (r, shape, dtype))
+    rank = dist.get_rank() if world > 1 else 0
+    for k in sorted(owner):
+        src_rank, shape, dtype = owner[k]
+        full = None
+        if k in local:
+            t = local[k]
+            src = t.main_grad if grads else t
+            if grads and hasattr(t, "tp_shard_dim"):
+                src = src.clone()
+                src.tp_shard_dim = t.tp_shard_dim
+            full = _tp_full(src, mesh) if not getattr(t, "is_expert", False) else src.detach().contiguous().clone()
+        if world > 1:
+            if rank != src_rank:
+                full = torch.empty(shape, dtype=dtype)
+            dist.broadcast(full, src=src_rank)
+        yield k, full
+
+
+def gather_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every full tensor of the model (tp shards, experts of every ep rank, every stage) on every rank."""
+    return dict(iter_full_state(chunks, mesh, grads))
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _set_aux_normalizer(chunks, micro_batches, mesh) -> None:
+    """MoE's sequence-balance loss is normalised by the global number of sequences in the step."""
+    n = torch.tensor(float(sum(mb["input_ids"].shape[0] for mb in micro_batches)))
+    if mesh.dp_group is not None:
+        dist.all_reduce(n, group=mesh.dp_group)
+    for c in chunks:
+        for mod in c.modules():
+            if isinstance(mod, MoE):
+                mod.aux_normalizer = float(n)
+
+
+def _reduce_metrics(results: list, mesh) -> dict:
+    """Sum loss and scalar metrics over micro-batches and dp×cp; broadcast from the last stage."""
+    keys: list[str] = []
+    vals: list[float] = []
+    if results:
+        agg: dict[str, float] = {"loss": 0.0}
+        for loss, metrics in results:
+            agg["loss"] += float(loss)
+            for k, v in metrics.items():
+                if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float)):
+                    agg[k] = agg.get(k, 0.0) + float(v)
+        keys, vals = sorted(agg), [agg[k] for k in sorted(agg)]
+    if mesh.pp > 1:
+        box = [keys]
+        dist.broadcast_object_list(box, src=mesh.pp_rank_of(mesh.pp - 1), group=mesh.pp_group)
+        keys = box[0]
+        if not results:
+            vals = [0.0] * len(keys)
+    t = torch.tensor(vals, dtype=torch.float64)
+    if mesh.dp_cp_group is not None:
+        dist.all_reduce(t, group=mesh.dp_cp_group)
+    if mesh.pp > 1:
+        dist.broadcast(t, src=mesh.pp_rank_of(mesh.pp - 1), group=mesh.pp_group)
+    return dict(zip(keys, t.tolist()))
+
+
+def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
+                     loss_fn: Callable, mesh) -> dict:
+    """Zero grads, run the schedule, reduce gradients (left in the buffers). Returns summed metrics."""
+    optimizer.zero_grad()
+    for c in chunks:
+        c.train()
+    _set_aux_normalizer(chunks, micro_batches, mesh)
+    results = run_pipeline(chunks, micro_batches, mesh, loss_fn, grads=optimizer.grads)
+    optimizer.grads.finish()
+    return _reduce_metrics(results, mesh)
+
+
+def train_step(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
+               loss_fn: Callable, mesh) -> dict:
+    """One optimizer step on `micro_batches` (this dp rank's share of the global batch).
+
+    Returns metrics on every rank: summed `loss` and loss_fn's scalar metrics, `grad_norm`, `clip_coef`,
+    `moe_max_violation`. The gradient buffers keep this step's reduced gradients until the next step."""
+    metrics = forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh)
+    metrics.update(optimizer.step())
+    viol = 0.0
+    for c in chunks:
+        viol = max(viol, update_expert_bias(c, mesh, c.cfg.bias_update_speed)["moe_max_violation"])
+    metrics["moe_max_violation"] = viol
+    return metrics
+
+
+@torch.no_grad()
+def forward_only(chunks: list[nn.Module], micro_batches: list[dict], fn: Callable, mesh,
+                 broadcast: bool = False) -> list:
+    """fn(stage_output, micro_batch) per micro-batch, no grad. Results on the last stage (see module doc)."""
+    was = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        results = run_pipeline(chunks, micro_batches, mesh, fn, forward_only=True)
+    finally:
+        for c, w in zip(chunks, was):
+            c.train(w)
+    if broadcast and mesh.pp > 1:
+        box = [results]
+        dist.broadcast_object_list(box, src=mesh.pp_rank_of(mesh.pp - 1), group=mesh.pp_group)
+        results = box[0]
+    return results
