@@ -71,6 +71,10 @@ class GRPOTrainer:
         rl = cfg.rl
         if rl.prompts_per_step * rl.group_size == 0:
             raise ConfigError("rl.prompts_per_step and rl.group_size must be > 0")
+        if cfg.parallel.cp > 1 and rl.loss_agg == "seq_mean_token_mean":
+            # each cp rank sees part of a sequence: a per-sequence token mean is not a sum over ranks
+            raise ConfigError("rl.loss_agg=seq_mean_token_mean is not layout-invariant with parallel.cp > 1; "
+                              "use token_mean or seq_mean_token_sum_norm")
         self.session = TrainSession(cfg, init_hf=init_hf, desc="grpo")
         s, mesh = self.session, self.session.mesh
         self.mesh = mesh
@@ -365,8 +369,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--export-hf", default=None)
     ap.add_argument("overrides", nargs="*")
+    from megatron_r1 import dryrun
+    dryrun.add_arguments(ap)
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    if a.dry_run:  # before anything allocates or joins a process group
+        return dryrun.grpo(a, cfg, argv)
     eval_set = list(load_prompts(a.eval)) if a.eval else None
     trainer = GRPOTrainer(cfg, a.init_hf, eval_set=eval_set)
     trainer.resume()
