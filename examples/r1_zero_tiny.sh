@@ -35,8 +35,8 @@ stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
     --tokenizer "$RUN/tokenizer" run_dir="$RUN/pretrain" train.train_steps="$PRETRAIN_STEPS" train.save_interval=100
 
 stage "3/5 held-out accuracy of the base model"
-[ -f "$RUN/eval_base.json" ] || $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --greedy \
-    --max-tokens 96 --out "$RUN/eval_base.json" > /dev/null
+[ -f "$RUN/eval_base.json" ] || $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --both \
+    --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json" > /dev/null
 
 stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
 [ -f "$RUN/grpo/hf/config.json" ] || $MR1 grpo --config "$CFG" --init-hf "$RUN/pretrain/hf" \
@@ -45,7 +45,7 @@ stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
     train.lr_decay_style=constant train.micro_batch_size=32 train.save_interval=20
 
 stage "5/5 held-out accuracy of the final policy"
-$MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --greedy --max-tokens 96 \
-    --out "$RUN/eval_final.json" > /dev/null
+$MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --both --samples 4 --temperature 1.0 \
+    --max-tokens 96 --out "$RUN/eval_final.json" > /dev/null
 $MR1 report-tiny --run-dir "$RUN"
 echo "total time: $(( $(date +%s) - start ))s"

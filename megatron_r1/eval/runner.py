@@ -24,7 +24,7 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     """examples: objects with .prompt and .answer. Returns pass@1, cons@k, format rate, mean length."""
     prompts = [tokenizer.encode(render_prompt(template, e.prompt), bos=True) for e in examples]
     k = 1 if temperature == 0 else samples
-    outs = engine.generate(prompts, n=k, temperature=temperature if k > 1 or temperature else 0.0,
+    outs = engine.generate(prompts, n=k, temperature=temperature,
                            max_tokens=max_tokens, seed=seed)
     texts = [s.text for group in outs for s in group]
     refs = [e.answer for e in examples for _ in range(k)]
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
+    ap.add_argument("--both", action="store_true", help="sampled (--samples, --temperature) and greedy, one engine")
     a = ap.parse_args(argv)
     from megatron_r1.data.prompts import load_prompts
     from megatron_r1.data.tokenizer import load_tokenizer
@@ -66,8 +67,12 @@ def main(argv: list[str]) -> int:
     if a.limit:
         data = data[:a.limit]
     engine = RolloutEngine(a.model, dtype="float32", max_model_len=2048)
-    res = evaluate(engine, load_tokenizer(a.model), data, a.template, a.samples, 0.0 if a.greedy else a.temperature,
-                   a.max_tokens)
+    tok = load_tokenizer(a.model)
+    if a.both:
+        res = {"sampled": evaluate(engine, tok, data, a.template, a.samples, a.temperature, a.max_tokens),
+               "greedy": evaluate(engine, tok, data, a.template, 1, 0.0, a.max_tokens)}
+    else:
+        res = evaluate(engine, tok, data, a.template, a.samples, 0.0 if a.greedy else a.temperature, a.max_tokens)
     print(json.dumps(res, indent=2))
     if a.out:
         with open(a.out, "w") as f:

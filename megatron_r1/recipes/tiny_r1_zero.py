@@ -58,15 +58,18 @@ def report_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     base = json.load(open(os.path.join(a.run_dir, "eval_base.json")))
     final = json.load(open(os.path.join(a.run_dir, "eval_final.json")))
-    rows = [("pass@1 (greedy)", "pass@1"), ("format rate", "format"), ("response length", "response_length")]
-    print(f"\nheld-out set: {base['problems']} problems never seen in pretraining or RL; greedy decoding")
-    print(f"{'':22s}{'base':>10s}{'after GRPO':>12s}")
-    for label, key in rows:
-        b, f = base[key], final[key]
-        fmt = (lambda v: f"{100 * v:9.1f}%") if key != "response_length" else (lambda v: f"{v:10.1f}")
-        print(f"{label:22s}{fmt(b)}{fmt(f):>12s}")
-    delta = 100 * (final["pass@1"] - base["pass@1"])
-    print(f"\npass@1 change: {delta:+.1f} points")
+    s = base["sampled"]
+    print(f"\nheld-out set: {s['problems']} problems never seen in pretraining or RL")
+    print(f"{'':40s}{'base':>10s}{'after GRPO':>12s}")
+    pct = lambda v: f"{100 * v:9.1f}%"  # noqa: E731
+    for mode, label in (("sampled", f"T={s['temperature']:g}, {s['samples']} samples/problem"), ("greedy", "greedy")):
+        b, f = base[mode], final[mode]
+        print(f"{'pass@1 (' + label + ')':40s}{pct(b['pass@1'])}{pct(f['pass@1']):>12s}")
+        print(f"{'format rate (' + label + ')':40s}{pct(b['format'])}{pct(f['format']):>12s}")
+    b, f = base["sampled"], final["sampled"]
+    print(f"{'response length, tokens (sampled)':40s}{b['response_length']:10.1f}{f['response_length']:12.1f}")
+    delta = 100 * (f["pass@1"] - b["pass@1"])
+    print(f"\npass@1 at the sampling temperature: {delta:+.1f} points")
     for what, p in [("metrics (JSONL)", "grpo/metrics.jsonl"), ("TensorBoard", "grpo/tensorboard"),
                     ("plot", "grpo/grpo.png"), ("final HF checkpoint", "grpo/hf"), ("base model (HF)", "pretrain/hf")]:
         print(f"{what:22s}{os.path.join(a.run_dir, p)}")

@@ -321,10 +321,12 @@ class GRPOTrainer:
                 "entropy": ent / tokens}
 
     # ------------------------------------------------------------------------------------ the loop
-    def evaluate(self, examples, greedy: bool = True) -> dict:
+    def evaluate(self, examples, samples: int = 2) -> dict:
+        """Held-out pass@1 at the sampling temperature (`samples` per problem), as the demo reports it."""
         from megatron_r1.eval.runner import evaluate
-        return evaluate(self.engine, self.tok, examples, self.cfg.rl.template, samples=4,
-                        temperature=0.0 if greedy else self.cfg.rl.temperature, max_tokens=self.cfg.rl.max_response_len)
+        return evaluate(self.engine, self.tok, examples, self.cfg.rl.template, samples=samples,
+                        temperature=self.cfg.rl.temperature, max_tokens=self.cfg.rl.max_response_len,
+                        seed=10_000_019 * (self.session.step + 1))
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint: weights, optimizer, data position, then vLLM."""
@@ -356,7 +358,7 @@ class GRPOTrainer:
         from megatron_r1.metrics import plot_metrics
         return plot_metrics(os.path.join(self.cfg.run_dir, "metrics.jsonl"), os.path.join(self.cfg.run_dir, "grpo.png"),
                             [("reward", ["reward/total", "reward/accuracy", "reward/format"]),
-                             ("held-out pass@1 (greedy)", ["eval/pass@1"]),
+                             ("held-out pass@1 (T=1)", ["eval/pass@1"]),
                              ("response length (tokens)", ["response_length/mean"])],
                             title="R1-Zero GRPO")
 
