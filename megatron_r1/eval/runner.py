@@ -26,7 +26,7 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     k = 1 if temperature == 0 else samples
     outs = engine.generate(prompts, n=k, temperature=temperature,
                            max_tokens=max_tokens, seed=seed)
-    texts = [s.text for group in outs for s in group]
+    texts = [tokenizer.decode(s.token_ids) for group in outs for s in group]  # as the RL rewards read them
     refs = [e.answer for e in examples for _ in range(k)]
     correct = accuracy_reward_batch(texts, refs)
     fmt = [format_reward(t) for t in texts]

@@ -122,8 +122,12 @@ class GRPOTrainer:
         samples = [smp for g in groups for smp in g]
         refs = [e.answer for e in examples[lo:hi] for _ in range(rl.group_size)]
         t0 = time.time()
-        scored = self.rewards([smp.text for smp in samples], refs)
-        local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", smp.text) for smp in samples],
+        # rewards read our tokenizer's decode of the sampled ids, not vLLM's streamed text: the two differ
+        # when a weak policy samples byte tokens that do not form valid UTF-8
+        texts = [self.tok.decode(smp.token_ids) for smp in samples]
+        scored = self.rewards(texts, refs)
+        local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", t)
+                              for smp, t in zip(samples, texts)],
                      total=scored.total, components=scored.components, reward_time=time.time() - t0)
         # every rank of a TP group generated the same samples: take one per replica
         parts = _all_gather_objects(local, self.world > 1)[::self.cfg.rollout.tp]
