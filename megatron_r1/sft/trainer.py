@@ -106,6 +106,8 @@ def _common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer (HF dir or .model); default data.tokenizer")
     ap.add_argument("--export-hf", default=None, help="where to write the final HF dir (default <run_dir>/hf)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    from megatron_r1 import dryrun
+    dryrun.add_arguments(ap)
 
 
 def pretrain_main(argv: list[str]) -> int:
@@ -113,6 +115,9 @@ def pretrain_main(argv: list[str]) -> int:
     _common_args(ap)
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    if a.dry_run:  # before anything allocates or joins a process group
+        from megatron_r1 import dryrun
+        return dryrun.pretrain(a, cfg, argv)
     from megatron_r1.data.indexed import PackedDataset
     data = PackedDataset(a.data, cfg.train.seq_length, seed=cfg.train.seed)
     session = TrainSession(cfg, init_hf=a.init_hf, desc="pretrain")
@@ -141,6 +146,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--response-key", default="response")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    if a.dry_run:  # before anything allocates or joins a process group
+        from megatron_r1 import dryrun
+        return dryrun.sft(a, cfg, argv)
     from megatron_r1.data.tokenizer import load_tokenizer
     tok_path = a.tokenizer or cfg.data.tokenizer or a.init_hf
     if not tok_path:

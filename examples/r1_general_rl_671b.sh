@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=r1-general-rl-671b
+#SBATCH --nodes=64
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --exclusive
+#SBATCH --time=2-00:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+#
+# DeepSeek-R1 stage 4: RL for all scenarios, from the stage-3 SFT model. Rule rewards only: the paper's
+# helpfulness/harmlessness reward models are not in megatron-r1 (see examples/r1_general_rl_671b.yaml).
+#
+#   sbatch examples/r1_general_rl_671b.sh --dry-run
+#   sbatch --dependency=afterok:$SFT3_JOB examples/r1_general_rl_671b.sh
+#
+# Layout and the uneven-pipeline gap: as in r1_zero_671b.sh. Output: $RUN_DIR/hf = DeepSeek-R1, the teacher
+# whose samples r1_distill_qwen.sh trains on.
+STAGE=${STAGE:-r1_general_rl_671b}
+CMD=grpo
+CFG=examples/r1_general_rl_671b.yaml
+DEFAULT_NODES=64
+INIT_HF=${INIT_HF:-runs/r1_sft_stage3/hf}
+DATA=${DATA:-/data/r1/general_prompts.jsonl}
+CMD_ARGS=(--init-hf "$INIT_HF")
+OVERRIDES=(data.train_path="$DATA")
+source "${MR1_REPO:-${SLURM_SUBMIT_DIR:-.}}/examples/cluster_common.sh"
+mr1_main "$@"

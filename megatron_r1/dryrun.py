@@ -1,0 +1,341 @@
+"""`--dry-run` for every entry point (grpo, sft, pretrain, rejection-sample): check a job on any machine.
+
+    megatron-r1 grpo --config examples/r1_zero_671b.yaml --init-hf /ckpt/dsv3_bf16 --dry-run \\
+        --nodes 64 --gpus-per-node 8 --recompute full --dispatch-dtype fp8
+
+Notable choices
+- Nothing is allocated and torch.distributed is never initialised: the config is built (with the same
+  overrides), the layout is checked with `mesh.validate_layout` and planned with `parallel/plan.py` for a
+  HYPOTHETICAL world of nodes × GPUs per node. The world comes from --nodes/--gpus-per-node, else from the
+  Slurm allocation (SLURM_JOB_NUM_NODES × SLURM_GPUS_ON_NODE / SLURM_NTASKS_PER_NODE), else 1 × 1; the
+  report says which, because a dry run on 1 node of a 64-node layout is the point of the exercise.
+- Three levels, each on its own line prefix:
+    `error:`    the layout is impossible (a ConfigError: the CLI prints it and exits 2);
+    `missing:`  / `problem:` a path that does not exist, a vLLM that is absent or too old, a plan that does
+                not fit the GPU, a batch that does not split over the ranks -> exit 1 after the full report
+                (every problem at once, not one per submission);
+    `warning:`  what the runtime cannot do yet although the plan is valid (uneven pipeline stages for
+                61 layers, activation recompute) -> still exit 0, so a script can dry-run the 671B layout
+                today and see, in one place, what stands between it and a real run.
+- The plan is the trainer's: seq length and global batch per optimizer step are derived from the config
+  the way the trainer uses them (GRPO: prompt + response tokens, rollout batch / updates_per_batch).
+  Options the runtime does not have as config (recompute, FP8 dispatch, GPU memory) are plan-only flags.
+- The co-located vLLM engine is outside the planner's model; the report adds its bf16 weights per GPU
+  (parameters / rollout.tp) to the trainer's resident state, as a warning when they exceed the GPU.
+- `--plan-json PATH` writes `plan.plan_to_dict` plus the world and the verdict, for scripts and tests.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import sys
+
+from megatron_r1.config import Config, ConfigError
+
+GPU_ENV = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("dry run (check config, layout, plan, paths, versions; allocate nothing)")
+    g.add_argument("--dry-run", action="store_true", help="check everything and print the plan, then exit")
+    g.add_argument("--nodes", type=int, default=None,
+                   help="nodes of the planned job (default: the Slurm allocation, else 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (= ranks) per node (default: the Slurm allocation, else 1)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="activation recompute assumed by the plan")
+    g.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], default="bf16", help="MoE dispatch dtype in the plan")
+    g.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    g.add_argument("--plan-json", default=None, help="also write the plan and verdict as JSON here")
+
+
+def hypothetical_world(a: argparse.Namespace, environ=os.environ) -> tuple[int, int, str]:
+    """(nodes, gpus per node, where they came from)."""
+    nodes, gpn, src = a.nodes, a.gpus_per_node, []
+    if nodes is None:
+        raw = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+        nodes = int(raw) if raw else 1
+        src.append("nodes from the Slurm allocation" if raw else "nodes default 1")
+    else:
+        src.append("--nodes")
+    if gpn is None:
+        raw = next((environ[k] for k in GPU_ENV if environ.get(k, "0").split("(")[0] not in ("", "0")), None)
+        gpn = int(raw.split("(")[0]) if raw else 1
+        src.append("GPUs per node from the Slurm allocation" if raw else "GPUs per node default 1")
+    else:
+        src.append("--gpus-per-node")
+    if nodes < 1 or gpn < 1:
+        raise ConfigError(f"dry run: nodes={nodes} and gpus-per-node={gpn} must be >= 1")
+    return nodes, gpn, ", ".join(src)
+
+
+# ------------------------------------------------------------------------------------------ checks
+class Report:
+    def __init__(self):
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.lines: list[str] = []
+
+    def line(self, s: str = "") -> None:
+        self.lines.append(s)
+        print(s, flush=True)
+
+    def problem(self, s: str, kind: str = "problem") -> None:
+        self.problems.append(f"{kind}: {s}")
+        print(f"{kind}: {s}", flush=True)
+
+    def warn(self, s: str) -> None:
+        self.warnings.append(s)
+        print(f"warning: {s}", flush=True)
+
+
+def _check_hf_dir(r: Report, what: str, path: str, cfg: Config, need_tokenizer: bool) -> None:
+    before = len(r.problems)
+    if not os.path.isdir(path):
+        return r.problem(f"{what} {path} (a Hugging Face directory)", "missing")
+    need = {"config.json": ["config.json"],
+            "weights (model.safetensors or model.safetensors.index.json)":
+                ["model.safetensors", "model.safetensors.index.json"]}
+    if need_tokenizer:
+        need["tokenizer (tokenizer.json or tokenizer.model)"] = ["tokenizer.json", "tokenizer.model"]
+    for label, names in need.items():
+        if not any(os.path.exists(os.path.join(path, n)) for n in names):
+            r.problem(f"{what} {path}: no {label}", "missing")
+    cj = os.path.join(path, "config.json")
+    if os.path.isfile(cj):
+        from megatron_r1.config import ModelConfig
+        try:
+            hf = ModelConfig.from_hf_dict(json.load(open(cj)))
+        except (ConfigError, ValueError) as e:
+            return r.problem(f"{cj}: {e}")
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "n_routed_experts", "num_nextn_predict_layers")
+        diff = [f"{k} {getattr(hf, k)} vs config {getattr(cfg.model, k)}" for k in keys
+                if getattr(hf, k) != getattr(cfg.model, k)]
+        if diff:
+            r.problem(f"{cj} does not match the config's model: {'; '.join(diff)}")
+    if len(r.problems) == before:
+        r.line(f"  ok        {what}: {path}")
+
+
+def _check_file(r: Report, what: str, path: str | None, suffixes: tuple = ("",)) -> None:
+    if not path:
+        return r.problem(f"{what}: not set", "missing")
+    absent = [path + s for s in suffixes if not os.path.exists(path + s)]
+    if absent:
+        return r.problem(f"{what} {', '.join(absent)}", "missing")
+    r.line(f"  ok        {what}: {path}" + ("" if suffixes == ("",) else f"{{{','.join(suffixes)}}}"))
+
+
+def _versions(r: Report, needs_vllm: bool) -> None:
+    import torch
+    from megatron_r1.rollout.engine import check_vllm_version, installed_vllm_version
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    r.line(f"  torch     {torch.__version__} ({cuda}; this machine: "
+           f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPUs)")
+    found = installed_vllm_version()
+    try:
+        check_vllm_version(found)
+        r.line(f"  vllm      {found} (ok)")
+    except ImportError as e:
+        if needs_vllm:
+            r.problem(str(e), "problem")
+        else:
+            r.line(f"  vllm      {found or 'not installed'} (not needed by this command)")
+    te = importlib.util.find_spec("transformer_engine") is not None
+    r.line(f"  TE        {'installed' if te else 'not installed (FP8 GEMMs fall back to torch._scaled_mm)'}")
+
+
+def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
+    """What the plan allows but megatron_r1.parallel cannot run yet."""
+    from megatron_r1.parallel.plan import _fmt_split
+    m, par = cfg.model, cfg.parallel
+    chunks = par.pp * par.vpp
+    if m.num_hidden_layers % chunks:
+        r.warn(f"runtime: num_hidden_layers={m.num_hidden_layers} is not divisible by pp·vpp = {chunks}; the "
+               f"plan uses uneven stages {_fmt_split(plan.split)}, which megatron_r1.parallel does not support yet "
+               f"(mesh.validate_layout rejects it): a real launch stops at ParallelMesh.build until "
+               f"uneven pipeline stages land")
+    if a.recompute != "none" or (m.is_moe and a.dispatch_dtype != "bf16"):
+        import dataclasses
+        from megatron_r1.parallel.plan import make_plan
+        today = make_plan(m, dataclasses.replace(plan.opts, recompute="none", dispatch_dtype="bf16"))
+        assumed = f"recompute={a.recompute}" + (f", dispatch={a.dispatch_dtype}" if m.is_moe else "")
+        r.warn(f"runtime: the plan assumes {assumed}; megatron_r1.parallel "
+               f"has no activation recompute and dispatches in bf16 today, which needs "
+               f"{today.worst.total_bytes / 1e9:.1f} GB on the worst stage (fits {a.gpu_mem_gb:g} GB: "
+               f"{'yes' if today.fits else 'no'})")
+
+
+def _rollout(r: Report, cfg: Config, world: int, resident_gb: float | None, gpu_mem_gb: float) -> None:
+    tp = cfg.rollout.tp
+    if world % tp:
+        return r.problem(f"rollout.tp={tp} does not divide the world size {world}")
+    n = cfg.model.num_parameters()
+    w_gb = (n["total"] + n["mtp"]) * 2 / tp / 1e9
+    replicas = world // tp
+    r.line(f"  rollout   vLLM co-located, tp={tp}: {replicas} replicas; bf16 weights {w_gb:.1f} GB per GPU, "
+           f"KV cache ≤ gpu_memory_utilization={cfg.rollout.gpu_memory_utilization:g} of the GPU")
+    if resident_gb is not None and resident_gb + w_gb > gpu_mem_gb:
+        r.warn(f"rollout: trainer resident state {resident_gb:.1f} GB (weights+grads+optimizer, worst stage) + vLLM "
+               f"weights {w_gb:.1f} GB > {gpu_mem_gb:g} GB; raise rollout.tp or rely on sleep mode offload")
+
+
+def _would_run(r: Report, command: str, argv: list[str], nodes: int, gpn: int) -> None:
+    strip = {"--dry-run"}
+    with_value = {"--nodes", "--gpus-per-node", "--recompute", "--dispatch-dtype", "--gpu-mem-gb", "--plan-json"}
+    keep, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x in strip:
+            continue
+        if x in with_value:
+            skip = True
+            continue
+        if x.split("=", 1)[0] in with_value:
+            continue
+        keep.append(x)
+    r.line(f"would run   srun --nodes={nodes} --ntasks-per-node={gpn} --gpus-per-node={gpn} \\")
+    r.line(f"              megatron-r1 {command} {' '.join(keep)}")
+    r.line(f"            = {nodes * gpn} ranks, one per GPU; rendezvous from the first host of the node list")
+
+
+# ------------------------------------------------------------------------------------------- main
+def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, seq_length: int | None,
+        global_batch_size: int | None, paths, needs_vllm: bool, extra_checks=None) -> int:
+    """The shared report. `paths`: callables `(report) -> None` that check one input each."""
+    from megatron_r1.parallel.mesh import validate_layout
+    from megatron_r1.parallel.plan import PlanOptions, format_plan, make_plan, plan_to_dict
+    r = Report()
+    nodes, gpn, src = hypothetical_world(a)
+    world = nodes * gpn
+    host_nodes = os.environ.get("SLURM_JOB_NUM_NODES", "1")
+    r.line(f"dry run: megatron-r1 {command} (no model allocated, torch.distributed not initialised)")
+    n = cfg.model.num_parameters()
+    r.line(f"config      {a.config} ({cfg.model.model_type}, {cfg.model.num_hidden_layers} layers, "
+           f"{n['total'] / 1e9:.1f}B params); run_dir {cfg.run_dir}")
+    r.line(f"world       PLANNED {nodes} nodes × {gpn} GPUs = {world} ranks ({src}); this dry run runs on "
+           f"{socket.gethostname()} ({host_nodes} node{'s' if host_nodes != '1' else ''} allocated), "
+           f"which does not change the plan")
+    par = cfg.parallel
+    plan = None
+    if seq_length is not None:
+        # validate_layout's even-split rule is the runtime's, reported as a warning below; every other
+        # rule is an error (raised as ConfigError -> exit 2 with the arithmetic)
+        import dataclasses
+        dp = validate_layout(world, par, dataclasses.replace(cfg.model, num_hidden_layers=par.pp * par.vpp))
+        r.line(f"layout      tp={par.tp} cp={par.cp} ep={par.ep} pp={par.pp} vpp={par.vpp} -> dp={dp} "
+               f"(validate_layout on {world} ranks)")
+        opts = PlanOptions(gpus=world, parallel=par, seq_length=seq_length,
+                           micro_batch_size=cfg.train.micro_batch_size, global_batch_size=global_batch_size,
+                           recompute=a.recompute, dispatch_dtype=a.dispatch_dtype,
+                           param_dtype="fp32" if cfg.train.params_dtype == "float32" else "bf16",
+                           gpu_mem_gb=a.gpu_mem_gb)
+        plan = make_plan(cfg.model, opts, model_name=os.path.basename(str(a.config)))
+        r.line("")
+        for s in format_plan(plan).splitlines():
+            r.line("  " + s if s else "")
+        r.line("")
+        if not plan.fits:
+            r.problem(f"plan: the worst stage needs {plan.worst.total_bytes / 1e9:.1f} GB > {a.gpu_mem_gb:g} GB per GPU")
+        _runtime_warnings(r, cfg, plan, a)
+    for check in extra_checks or ():
+        check(r, world, plan)
+    r.line("checks")
+    if needs_vllm:
+        resident = None
+        if plan is not None:
+            w = plan.worst.memory
+            resident = (w["weights"] + w["grads"] + w["master"] + w["adam_mv"]) / 1e9
+        _rollout(r, cfg, world, resident, a.gpu_mem_gb)
+    for check in paths:
+        check(r)
+    _versions(r, needs_vllm)
+    from megatron_r1.ckpt.checkpoint import latest_checkpoint
+    save_dir = cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt")
+    last = latest_checkpoint(save_dir) if command != "rejection-sample" else None
+    r.line(f"  resume    {'from ' + last if last else 'none: starts from the initial weights'} ({save_dir})"
+           if command != "rejection-sample" else "  output    written once at the end (no checkpoints)")
+    _would_run(r, command, argv, nodes, gpn)
+    verdict = "FAILED" if r.problems else "OK"
+    r.line(f"dry run {verdict}: {len(r.problems)} problem(s), {len(r.warnings)} warning(s)")
+    if a.plan_json:
+        out = {"command": command, "world": {"nodes": nodes, "gpus_per_node": gpn, "ranks": world, "source": src},
+               "plan": plan_to_dict(plan) if plan is not None else None, "problems": r.problems,
+               "warnings": r.warnings, "ok": not r.problems}
+        os.makedirs(os.path.dirname(os.path.abspath(a.plan_json)), exist_ok=True)
+        with open(a.plan_json, "w") as f:
+            json.dump(out, f, indent=2)
+    sys.stdout.flush()
+    return 1 if r.problems else 0
+
+
+# ------------------------------------------------------------------------------- per entry point
+def grpo(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    rl = cfg.rl
+    seq = rl.max_prompt_len + rl.max_response_len
+    mult = 2 * cfg.parallel.cp * cfg.parallel.tp if cfg.parallel.cp > 1 else cfg.parallel.tp
+    seq = -(-seq // mult) * mult  # the trainer pads to this multiple (rl/trainer.py pad_multiple)
+    n = rl.prompts_per_step * rl.group_size
+    if rl.updates_per_batch < 1 or n % rl.updates_per_batch:
+        raise ConfigError(f"rl.prompts_per_step·group_size = {n} is not divisible by "
+                          f"rl.updates_per_batch={rl.updates_per_batch}")
+
+    def batch_checks(r: Report, world: int, plan) -> None:
+        replicas = world // cfg.rollout.tp if world % cfg.rollout.tp == 0 else None
+        if replicas and rl.prompts_per_step % replicas:
+            r.problem(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {replicas} rollout "
+                      f"replicas (world {world} / rollout.tp {cfg.rollout.tp})")
+        if cfg.rollout.max_model_len < seq - mult + 1:
+            r.warn(f"rollout.max_model_len={cfg.rollout.max_model_len} < max_prompt_len + max_response_len = "
+                   f"{rl.max_prompt_len + rl.max_response_len}: responses are cut to fit")
+
+    tok = cfg.data.tokenizer
+    paths = [lambda r: _check_hf_dir(r, "init policy (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok),
+             lambda r: _check_file(r, "prompts (data.train_path)", cfg.data.train_path)]
+    if tok:
+        paths.append(lambda r: _check_file(r, "tokenizer (data.tokenizer)", tok))
+    if getattr(a, "eval", None):
+        paths.append(lambda r: _check_file(r, "eval prompts (--eval)", a.eval))
+    return run("grpo", a, cfg, argv, seq_length=seq, global_batch_size=n // rl.updates_per_batch, paths=paths,
+               needs_vllm=True, extra_checks=[batch_checks])
+
+
+def _lm_paths(a, cfg: Config, data_suffixes: tuple) -> list:
+    paths = [lambda r: _check_file(r, "data (--data)", a.data, data_suffixes)]
+    tok = a.tokenizer or cfg.data.tokenizer
+    if a.init_hf:
+        paths.append(lambda r: _check_hf_dir(r, "init weights (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok))
+    if tok:
+        paths.append(lambda r: _check_file(r, "tokenizer", tok))
+    return paths
+
+
+def sft(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    if not (a.tokenizer or cfg.data.tokenizer or a.init_hf):
+        raise ConfigError("sft needs a tokenizer: --tokenizer, data.tokenizer or --init-hf")
+    return run("sft", a, cfg, argv, seq_length=cfg.train.seq_length,
+               global_batch_size=cfg.train.global_batch_size, paths=_lm_paths(a, cfg, ("",)), needs_vllm=False)
+
+
+def pretrain(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    return run("pretrain", a, cfg, argv, seq_length=cfg.train.seq_length,
+               global_batch_size=cfg.train.global_batch_size, paths=_lm_paths(a, cfg, (".bin", ".idx")),
+               needs_vllm=False)
+
+
+def rejection(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    def out_dir(r: Report) -> None:
+        d = os.path.dirname(os.path.abspath(a.out))
+        r.line(f"  output    {a.out}" + ("" if os.path.isdir(d) else " (its directory will be created)"))
+
+    tok = cfg.data.tokenizer
+    paths = [lambda r: _check_hf_dir(r, "policy (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok),
+             lambda r: _check_file(r, "prompts (--data / data.train_path)", a.data or cfg.data.train_path), out_dir]
+    return run("rejection-sample", a, cfg, argv, seq_length=None, global_batch_size=None, paths=paths,
+               needs_vllm=True)

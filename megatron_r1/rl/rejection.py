@@ -1,0 +1,211 @@
+"""Rejection sampling (DeepSeek-R1 stage 3): sample with the policy, keep what the rule rewards accept, as SFT rows.
+
+    megatron-r1 rejection-sample --config cfg.yaml --init-hf POLICY_HF --data prompts.jsonl --out sft.jsonl \\
+        [--samples 4] [--keep-per-prompt 1] [--min-score accuracy=1 --min-score language=0.95] [--dry-run]
+
+Notable choices
+- Same engine and rewards as GRPO: `rollout.engine.RolloutEngine` generates (rl.template, rl.temperature,
+  rl.top_p, rl.max_response_len, rollout.*), `rl.rewards.RewardCombiner` scores with `rl.rewards`. So "correct"
+  means exactly what it meant during RL.
+- Acceptance is per reward component: a sample is kept when every configured reward reaches its
+  threshold (`--min-score NAME=X`; default 1.0 = perfect on every rule: right answer, right format, one
+  language). Truncated samples (finish_reason "length") are dropped: an unfinished chain of thought is not
+  an SFT target. Identical responses to one prompt are kept once; at most `--keep-per-prompt` per prompt,
+  the highest total reward first (ties: sampling order).
+- Output rows are `{"prompt", "response"}` with the prompt ALREADY RENDERED through the template, so
+  `megatron-r1 sft --data out.jsonl` trains on exactly the text the policy saw; `answer`, `reward` and
+  `rewards` ride along for inspection.
+- Multi-rank (srun / torchrun): the world is split into world / rollout.tp vLLM replicas, each takes a
+  contiguous share of every chunk of prompts; rank 0 gathers and writes. Sample j of prompt i always
+  draws seed + i·n + j, so the output does not depend on the number of replicas.
+- The file is written to `OUT.tmp` and renamed at the end: a killed job leaves no half file that a
+  later SFT stage would take for complete (rerun it; generation has no checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from megatron_r1.config import Config, ConfigError, load_config
+
+
+def parse_min_scores(items: list[str], rewards: dict) -> dict[str, float]:
+    """`["accuracy=1", "language=0.9"]` over defaults of 1.0 for every configured reward."""
+    out = {name: 1.0 for name in rewards}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in rewards:
+            raise ConfigError(f"--min-score {item!r}: expected NAME=VALUE with NAME one of the configured "
+                              f"rl.rewards ({', '.join(rewards)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--min-score {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def select(texts: list[str], truncated: list[bool], total: list[float], components: dict[str, list[float]],
+           group_size: int, min_scores: dict[str, float], keep_per_prompt: int,
+           keep_truncated: bool = False) -> list[list[int]]:
+    """Indices (into the flat [P·G] sample list) of the samples to keep, per prompt.
+
+    Pure; the rules are in the module docstring."""
+    if len(texts) % group_size:
+        raise ValueError(f"{len(texts)} samples are not a whole number of groups of {group_size}")
+    kept = []
+    for p in range(len(texts) // group_size):
+        idx = range(p * group_size, (p + 1) * group_size)
+        ok = [i for i in idx
+              if (keep_truncated or not truncated[i])
+              and all(components[k][i] >= v for k, v in min_scores.items())]
+        ok.sort(key=lambda i: -total[i])  # stable: ties keep sampling order
+        seen, chosen = set(), []
+        for i in ok:
+            if texts[i] not in seen and len(chosen) < keep_per_prompt:
+                seen.add(texts[i])
+                chosen.append(i)
+        kept.append(chosen)
+    return kept
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: int, keep_per_prompt: int,
+                     min_scores: dict[str, float], keep_truncated: bool = False, chunk: int = 256,
+                     limit: int = 0) -> dict | None:
+    """Generate, score, filter, write; the statistics on rank 0, None elsewhere.
+
+    Collective when torch.distributed is initialised with > 1 rank."""
+    import torch.distributed as dist
+
+    from megatron_r1.data.prompts import load_prompts
+    from megatron_r1.data.templates import render_prompt
+    from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.rl.rewards import RewardCombiner
+    from megatron_r1.rollout.engine import RolloutEngine
+    rl = cfg.rl
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tp = cfg.rollout.tp
+    if world % tp:
+        raise ConfigError(f"rollout.tp={tp} does not divide the world size {world}")
+    replicas, replica = world // tp, rank // tp
+    examples = list(load_prompts(data, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error))
+    if limit:
+        examples = examples[:limit]
+    tok = load_tokenizer(cfg.data.tokenizer or init_hf)
+    rewards = RewardCombiner(rl.rewards)
+    engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
+                           max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed, tensor_parallel_size=tp,
+                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+    stats = {"prompts": len(examples), "samples": 0, "truncated": 0, "kept": 0, "prompts_with_kept": 0}
+    stats.update({f"pass/{k}": 0.0 for k in min_scores})
+    t0 = time.time()
+    tmp = out + ".tmp"
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        f = open(tmp, "w")
+    for start in range(0, len(examples), chunk):
+        part = examples[start:start + chunk]
+        per = -(-len(part) // replicas)
+        lo, hi = min(replica * per, len(part)), min((replica + 1) * per, len(part))
+        texts = [render_prompt(rl.template, e.prompt) for e in part[lo:hi]]
+        local: dict = {"rows": [], "samples": 0, "truncated": 0, "pass": {k: 0.0 for k in min_scores}}
+        if texts:
+            ids = [tok.encode(t, bos=True) for t in texts]
+            max_new = min(rl.max_response_len, cfg.rollout.max_model_len - max(map(len, ids)))
+            if max_new < 1:
+                raise ConfigError(f"a prompt of {max(map(len, ids))} tokens leaves no room in "
+                                  f"rollout.max_model_len={cfg.rollout.max_model_len}")
+            groups = engine.generate(ids, n=samples, temperature=rl.temperature, top_p=rl.top_p, max_tokens=max_new,
+                                     seed=cfg.train.seed + (start + lo) * samples)
+            flat = [s for g in groups for s in g]
+            refs = [e.answer for e in part[lo:hi] for _ in range(samples)]
+            # our tokenizer's decode, as GRPO's rewards and SFT's tokenizer read it (not vLLM's streamed text)
+            resp = [tok.decode(s.token_ids) for s in flat]
+            scored = rewards(resp, refs)
+            trunc = [s.finish_reason == "length" for s in flat]
+            kept = select(resp, trunc, scored.total, scored.components, samples, min_scores,
+                          keep_per_prompt, keep_truncated)
+            local["samples"], local["truncated"] = len(flat), sum(trunc)
+            local["pass"] = {k: float(sum(scored.components[k][i] >= v for i in range(len(flat))))
+                             for k, v in min_scores.items()}
+            for p, chosen in enumerate(kept):
+                e = part[lo + p]
+                local["rows"].append([{"prompt": texts[p], "response": resp[i], "answer": e.answer,
+                                       "reward": scored.total[i],
+                                       "rewards": {k: v[i] for k, v in scored.components.items()},
+                                       "origin": e.origin} for i in chosen])
+        parts = _gather(local, world)[::tp]  # the ranks of one TP group generated the same samples
+        if rank == 0:
+            for prt in parts:
+                stats["samples"] += prt["samples"]
+                stats["truncated"] += prt["truncated"]
+                for k, v in prt["pass"].items():
+                    stats[f"pass/{k}"] += v
+                for rows in prt["rows"]:
+                    stats["kept"] += len(rows)
+                    stats["prompts_with_kept"] += bool(rows)
+                    for row in rows:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            print(f"rejection-sample: {min(start + chunk, len(examples))}/{len(examples)} prompts, "
+                  f"kept {stats['kept']} of {stats['samples']} samples ({time.time() - t0:.0f}s)", flush=True)
+    if rank != 0:
+        return None
+    f.close()
+    os.replace(tmp, out)
+    for k in min_scores:
+        stats[f"pass/{k}"] /= max(stats["samples"], 1)
+    return stats
+
+
+def main(argv: list[str]) -> int:
+    from megatron_r1 import dryrun
+    ap = argparse.ArgumentParser(prog="megatron-r1 rejection-sample", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config or model preset (rl.*, rollout.*, data.*)")
+    ap.add_argument("--init-hf", required=True, help="the policy: HF dir with tokenizer")
+    ap.add_argument("--data", default=None, help="prompts with reference answers (default data.train_path)")
+    ap.add_argument("--out", required=True, help="SFT JSONL to write ({prompt, response} rows)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per prompt (default rl.group_size)")
+    ap.add_argument("--keep-per-prompt", type=int, default=1)
+    ap.add_argument("--min-score", action="append", default=[], metavar="NAME=X",
+                    help="acceptance threshold of one configured reward (default 1.0 for each)")
+    ap.add_argument("--keep-truncated", action="store_true", help="also accept samples cut at max tokens")
+    ap.add_argument("--chunk", type=int, default=256, help="prompts generated per round (bounds host memory)")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.temperature=0.6")
+    dryrun.add_arguments(ap)
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    data = a.data or cfg.data.train_path
+    if not data:
+        raise ConfigError("rejection-sample needs prompts: --data or data.train_path")
+    min_scores = parse_min_scores(a.min_score, cfg.rl.rewards)
+    samples = a.samples or cfg.rl.group_size
+    if samples < 1 or a.keep_per_prompt < 1:
+        raise ConfigError("--samples and --keep-per-prompt must be >= 1")
+    if a.dry_run:
+        return dryrun.rejection(a, cfg, argv)
+    from megatron_r1.parallel.launch import destroy_distributed, init_distributed, resolve_env
+    multi = resolve_env(os.environ, "gloo").world_size > 1
+    if multi:  # one process alone needs no group: vLLM then runs its own in-process executor
+        init_distributed()
+    try:
+        stats = rejection_sample(cfg, a.init_hf, data, a.out, samples, a.keep_per_prompt, min_scores,
+                                 a.keep_truncated, a.chunk, a.limit)
+        if stats is not None:
+            print("rejection-sample done: " + json.dumps(stats) + f" -> {a.out}", flush=True)
+    finally:
+        if multi:
+            destroy_distributed()
+    return 0

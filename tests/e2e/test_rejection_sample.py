@@ -1,0 +1,42 @@
+"""`megatron-r1 rejection-sample` end to end on a random tiny policy (one process, vLLM on CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
+        "model.moe_intermediate_size=32"]
+
+
+def test_rejection_sample_writes_sft_rows(tmp_path):
+    from megatron_r1.ckpt.hf import hf_tensors, model_state, save_hf
+    from megatron_r1.config import load_config
+    from megatron_r1.model import CausalLM
+    from megatron_r1.recipes.tiny_r1_zero import prepare
+    from megatron_r1.training import copy_tokenizer
+    info = prepare(str(tmp_path / "data"), docs=300, difficulty=1)
+    cfg = load_config(str(REPO / "examples/r1_zero_tiny.yaml"), TINY)
+    torch.manual_seed(0)
+    hf = tmp_path / "policy"
+    save_hf(hf_tensors(model_state(CausalLM(cfg.model)), cfg.model), cfg.model, str(hf), dtype=torch.float32)
+    copy_tokenizer(info["tokenizer"], str(hf))
+    out = tmp_path / "sft.jsonl"
+    # a random policy is never right: accept everything to check the plumbing; select() has its own test
+    argv = [sys.executable, "-m", "megatron_r1.cli", "rejection-sample", "--config", str(REPO / "examples/r1_zero_tiny.yaml"),
+            "--init-hf", str(hf), "--data", info["train"], "--out", str(out), "--samples", "3", "--keep-per-prompt", "2",
+            "--limit", "4", "--min-score", "accuracy=0", "--min-score", "format=0", "--keep-truncated",
+            *TINY, "rl.max_response_len=16", "rollout.max_model_len=256"]
+    dry = subprocess.run(argv + ["--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert dry.returncode == 0 and "dry run OK" in dry.stdout, dry.stdout + dry.stderr
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8, rows  # 4 prompts × 2 distinct samples
+    for row in rows:
+        assert row["prompt"].startswith("A conversation between User and Assistant") and row["prompt"].endswith("Assistant:")
+        assert set(row["rewards"]) == {"accuracy", "format"} and isinstance(row["response"], str)
+    assert "rejection-sample done" in r.stdout and not (tmp_path / "sft.jsonl.tmp").exists()
