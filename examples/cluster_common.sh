@@ -22,10 +22,10 @@
 #   real run plans its allocation and refuses a NODES that differs from it.
 # - Preemption / time limit: `#SBATCH --requeue --signal=B:USR1@300` sends the batch shell SIGUSR1 five
 #   minutes before the end. The trap waits (up to SAVE_WAIT s) for the trainer's next complete checkpoint
-#   (train.save_interval; the trainer saves atomically, a COMPLETE marker last) and then requeues the job;
-#   the next run resumes from the newest complete checkpoint by itself (TrainSession.resume). Nothing is
-#   lost but the steps since that checkpoint. The trainers have no signal handler of their own, so the
-#   tasks are never signalled directly (Python's default for SIGUSR1 is to die).
+#   and then requeues the job; the next run resumes from the newest complete checkpoint by itself
+#   (TrainSession.resume). The trap forwards SIGUSR1 to the job step (srun relays it to every task): the
+#   trainers finish the current step, agree over all ranks, save (atomically, a COMPLETE marker last) and
+#   exit, so nothing is lost. Without the forward, the next regular checkpoint (train.save_interval) is used.
 # - The run dir does not contain the job id: a requeued or resubmitted job finds its checkpoints.
 
 set -euo pipefail
@@ -137,7 +137,8 @@ mr1_newest_ckpt() {
 mr1_on_usr1() {
     local before wait_s=${SAVE_WAIT:-240} start=$SECONDS
     before=$(mr1_newest_ckpt)
-    mr1_log "SIGUSR1 (time limit or preemption ahead): waiting up to ${wait_s}s for a checkpoint newer than '${before:-none}'"
+    mr1_log "SIGUSR1 (time limit or preemption ahead): asking the trainers to save; waiting up to ${wait_s}s for a checkpoint newer than '${before:-none}'"
+    kill -USR1 "$SRUN_PID" 2>/dev/null || true   # srun relays it to the tasks: save after this step, then exit
     while [ $(( SECONDS - start )) -lt "$wait_s" ] && [ "$(mr1_newest_ckpt)" = "$before" ] && kill -0 "$SRUN_PID" 2>/dev/null; do
         sleep 5
     done

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,11 @@ class TrainSession:
         from megatron_r1.ckpt.checkpoint import Checkpointer
         self.ckpt_dir = cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt")
         self.checkpointer = Checkpointer(self.ckpt_dir, self.mesh, keep_last=cfg.train.keep_last)
+        # preemption (Slurm's --signal=B:USR1@T forwarded by the script, or SIGTERM): finish the step,
+        # save, stop. The flag is agreed over all ranks each step so no rank is left in a collective.
+        self._signalled = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.is_main and logger, total_steps=cfg.train.train_steps,
                                     desc=desc)
         if self.is_main:
@@ -108,6 +114,16 @@ class TrainSession:
         if dist.is_initialized():
             dist.barrier()
         return out_dir if self.is_main else None
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank has been signalled (collective: call once per step)."""
+        flag = torch.tensor(float(self._signalled))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def resume(self) -> dict | None:
         """Load the newest complete checkpoint of this run, if any; returns its `extra` (data position...)."""

@@ -353,6 +353,9 @@ class GRPOTrainer:
             s.logger.log(s.step, m, show=("reward/total", "accuracy", "response_length/mean", "kl"))
             s.maybe_save({"prompts": self.loader.state_dict()})
             history.append(m)
+            if s.should_stop():
+                s.logger.write(f"signalled: saving at step {s.step} and stopping")
+                break
         s.maybe_save({"prompts": self.loader.state_dict()}, force=True)
         return history
 

@@ -73,6 +73,9 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_s
         session.step = step + 1
         session.logger.log(session.step, last, show=show)
         session.maybe_save({"data": data_state() if data_state else None})
+        if session.should_stop():
+            session.logger.write(f"signalled: saving at step {session.step} and stopping")
+            break
     session.maybe_save({"data": data_state() if data_state else None}, force=True)
     return last
 

@@ -45,3 +45,27 @@ def test_resume_is_exact(corpus, tmp_path):
     assert [first[1], first[2]] == [straight[1], straight[2]]
     assert [resumed[3], resumed[4]] == [straight[3], straight[4]]
     assert straight[4] < straight[1]
+
+
+def test_sigusr1_saves_and_stops(corpus, tmp_path):
+    """Preemption: SIGUSR1 makes the trainer finish its step, save a complete checkpoint and exit 0."""
+    import os
+    import signal
+    import time
+    run = tmp_path / "c"
+    cmd = [sys.executable, "-m", "megatron_r1.cli", "pretrain", "--config", "tiny-moe", "--data", corpus,
+           *OVERRIDES, "train.save_interval=0", "train.train_steps=100000", f"run_dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    steps = [int(d.name.split("_")[1]) for d in (run / "ckpt").iterdir() if (d / "COMPLETE").exists()]
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    # the next start resumes from it
+    resumed = _pretrain(corpus, run, steps[0] + 1)
+    assert max(resumed) == steps[0] + 1
+    assert os.path.exists(run / "ckpt" / f"step_{steps[0] + 1:06d}" / "COMPLETE")
