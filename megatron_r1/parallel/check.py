@@ -10,7 +10,8 @@ Notable choices
   see runtime.py) and see the same global batch; the layout splits it over dp ranks.
 - Relative difference of a tensor: max|a − b| / max|b| (0 when both are 0); a quantity's figure is the
   worst over its tensors. Quantities: `loss`, `grad` (reduced gradients, gathered to full tensors),
-  `param` (after the step), `bias` (the router's e_score_correction_bias after its update).
+  `grad_norm` (the global norm used for clipping), `param` (after the step), `bias` (the router's
+  e_score_correction_bias after its update).
 - Float32 throughout; default tolerance 1e-5. The reference runs single-threaded like the ranks.
 - adam_eps=1e-3 in the check: on a first step Adam's update is lr·g/(|g|+eps), which for |g| ~ eps
   amplifies float32 summation-order noise in g by ~1/eps (no layout is bit-exact); a larger eps keeps
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from megatron_r1.config import Config, ConfigError, ParallelConfig, load_config
 
 TOL = 1e-5
-QUANTITIES = ("loss", "grad", "param", "bias")
+QUANTITIES = ("loss", "grad", "grad_norm", "param", "bias")
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -130,8 +131,7 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
             p.grad = torch.zeros_like(p)
     grads = {k: p.grad.clone() for k, p in params.items()}
     t = cfg.train
-    if t.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(list(params.values()), t.clip_grad)
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.clip_grad if t.clip_grad > 0 else float("inf"))
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -143,7 +143,8 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     from megatron_r1.parallel.data import canonical_flat
     states = {f"optim.{s}.{k}": canonical_flat(opt.state[p][s], p) for k, p in params.items()
               for s in ("exp_avg", "exp_avg_sq")}
-    return {"loss": loss_total, "grads": grads, "before": before, "after": after, "optim": states}
+    return {"loss": loss_total, "grads": grads, "before": before, "after": after, "optim": states,
+            "grad_norm": norm.item()}
 
 
 # ------------------------------------------------------------------------------------ comparison
@@ -172,20 +173,22 @@ class Report:
         for q in QUANTITIES:
             if q in self.worst:
                 v, name = self.worst[q]
-                lines.append(f"  {q:<7} {v:9.2e}  {name}{'  <-- above tolerance' if v > self.tol else ''}")
+                lines.append(f"  {q:<9} {v:9.2e}  {name}{'  <-- above tolerance' if v > self.tol else ''}")
             else:
-                lines.append(f"  {q:<7} missing")
+                lines.append(f"  {q:<9} missing")
         return "\n".join(lines)
 
 
-def compare(ref: dict, loss: float, grads: dict, before: dict, after: dict, preset: str, layout: str,
-            lr: float, tol: float = TOL) -> Report:
+def compare(ref: dict, loss: float, grad_norm: float, grads: dict, before: dict, after: dict, preset: str,
+            layout: str, tol: float = TOL) -> Report:
     rep = Report(preset, layout, tol=tol)
 
     def worst(q, pairs):
         rep.worst[q] = max(((rel(a, b), name) for name, a, b in pairs), default=(0.0, "-"))
 
     rep.worst["loss"] = (rel(torch.tensor(loss), torch.tensor(ref["loss"])), "loss")
+    # the global norm that clipping used: each unique element once (tp replicas, the MTP embedding copy)
+    rep.worst["grad_norm"] = (rel(torch.tensor(grad_norm), torch.tensor(ref["grad_norm"])), "global grad norm")
     missing = sorted(set(ref["grads"]) ^ set(grads))
     if missing:
         raise AssertionError(f"{layout}: parameter sets differ: {missing[:5]}")
@@ -208,6 +211,7 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     from megatron_r1.parallel.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
 
     par, dp = parse_layout(layout)
+    par.grad_bucket_mb = cfg.parallel.grad_bucket_mb  # the layout gives the degrees; the rest stays configured
     cfg = copy.deepcopy(cfg)
     cfg.parallel = par
     world = dist.get_world_size()
@@ -230,7 +234,7 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     after = gather_full_state(chunks, mesh)
     if dist.get_rank() != 0 or ref is None:
         return None
-    rep = compare(ref, metrics["loss"], grads, before, after, "", layout, cfg.train.lr)
+    rep = compare(ref, metrics["loss"], metrics["grad_norm"], grads, before, after, "", layout)
     rep.mesh = (f"(tp{mesh.tp} cp{mesh.cp} ep{mesh.ep} pp{mesh.pp} vpp{mesh.vpp} dp{mesh.dp} edp{mesh.edp}"
                 f"{' sp' if mesh.sp else ''}{' zero1' if par.zero1 else ''}, {len(mine)} micro-batches/rank)")
     return rep
@@ -259,8 +263,13 @@ def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), to
     cfg = make_config(preset, list(overrides))
     batch = default_batch(cfg, layouts)
     ref = reference(cfg, batch)
+    from megatron_r1.parallel.mesh import validate_layout
     by_world: dict[int, list[str]] = {}
-    for lay in layouts:
+    for lay in layouts:  # refuse a bad layout here, with the arithmetic, before spawning anything
+        par, dp = parse_layout(lay)
+        validate_layout(world_size_of(lay), par, cfg.model)
+        if len(batch) % dp:
+            raise ConfigError(f"layout {lay}: dp={dp} does not divide the {len(batch)} micro-batches of the check")
         by_world.setdefault(world_size_of(lay), []).append(lay)
     reports = {}
     for world, lays in by_world.items():

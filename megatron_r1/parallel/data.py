@@ -170,15 +170,21 @@ class GradBuffers:
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self.ready_chunks: set[int] = set()  # chunks running the backward of their last micro-batch
         self._next = 0  # index of the next bucket to launch (launch order is bucket order on every rank)
+        self.early_launches = 0  # buckets launched from a hook, during backward (overlap), in this step
         for b in self.buckets:
             for _, p in b.params:
-                p.register_post_accumulate_grad_hook(self._hook)
+                # a parameter feeds one set of buffers: a new optimizer over the same chunks replaces the old
+                old = getattr(p, "_grad_buffer_hook", None)
+                if old is not None:
+                    old.remove()
+                p._grad_buffer_hook = p.register_post_accumulate_grad_hook(self._hook)
         self.zero_grad()
 
     def zero_grad(self):
         for b in self.buckets:
             b.reset()
         self._next = 0
+        self.early_launches = 0
         self.ready_chunks = set()
 
     def _hook(self, p: torch.Tensor):
@@ -195,6 +201,7 @@ class GradBuffers:
                 break
             nb.launch()
             self._next += 1
+            self.early_launches += 1
 
     def finish(self):
         """After the last backward: launch what is left (in order), sum the embedding copies, wait."""
@@ -247,7 +254,8 @@ class DistributedAdamW:
       `load_sharded_state_dict(sd)`: sd[key] is either this rank's piece (same offsets, as returned by
           `sharded_state_dict()` and filled in place by a DCP load) or the full 1-D canonical tensor;
           non-primary replicas are filled from the same keys. Missing master keys fall back to the
-          current parameter values.
+          current parameter values. `sharded_state_dict(include_replicas=True)` / `piece_meta(...)` also
+          list the replicas' pieces (same keys and offsets as their primary), as destinations for a load.
     """
 
     STATES = ("master", "exp_avg", "exp_avg_sq")

@@ -22,7 +22,11 @@ Notable choices
   reductions are sums. Scalar metrics are summed over micro-batches and dp×cp ranks and returned on
   every rank (broadcast from the last stage).
 - `forward_only` returns fn's per-micro-batch results on the ranks of the LAST pipeline stage and [] on
-  the others (pass `broadcast=True` to send them to every stage, pickled).
+  the others (pass `broadcast=True` to send them to every stage, pickled). Each cp rank sees only its
+  positions (`stage_output.positions`, 2 chunks of S/(2·cp)) and each tp rank its vocab slice of the
+  logits: use `vocab_parallel_logprobs` (identical on tp ranks) and gather over cp if whole rows are needed.
+- The optimizer (`build_optimizer`, parallel/data.py) owns the fp32 gradient buffers; set `optimizer.lr`
+  before `train_step` for a schedule. Its sharded state contract is in `DistributedAdamW`'s docstring.
 - `gather_full_state` returns every tensor on EVERY rank (collective; meant for tests, layout checks,
   export of small models); `iter_full_state` streams the same tensors one at a time.
 """
@@ -214,9 +218,24 @@ def _reduce_metrics(results: list, mesh) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def check_micro_batches(chunks: list[nn.Module], micro_batches: list[dict], mesh) -> None:
+    """Sequence lengths the layout can split: 2·cp chunks, each split over tp (under SP, or by the MoE)."""
+    if not micro_batches:
+        raise ValueError("no micro-batches")
+    split_tp = mesh.tp > 1 and (mesh.sp or chunks[0].cfg.is_moe)
+    need = (2 * mesh.cp if mesh.cp > 1 else 1) * (mesh.tp if split_tp else 1)
+    for i, mb in enumerate(micro_batches):
+        s = mb["input_ids"].shape[1]
+        if s % need:
+            raise ConfigError(f"micro-batch {i}: sequence length {s} is not divisible by "
+                              f"{'2·cp' if mesh.cp > 1 else ''}{'·' if mesh.cp > 1 and split_tp else ''}"
+                              f"{'tp' if split_tp else ''} = {need}; pad sequences to a multiple of {need}")
+
+
 def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
                      loss_fn: Callable, mesh) -> dict:
     """Zero grads, run the schedule, reduce gradients (left in the buffers). Returns summed metrics."""
+    check_micro_batches(chunks, micro_batches, mesh)
     optimizer.zero_grad()
     for c in chunks:
         c.train()
@@ -245,6 +264,7 @@ def train_step(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batch
 def forward_only(chunks: list[nn.Module], micro_batches: list[dict], fn: Callable, mesh,
                  broadcast: bool = False) -> list:
     """fn(stage_output, micro_batch) per micro-batch, no grad. Results on the last stage (see module doc)."""
+    check_micro_batches(chunks, micro_batches, mesh)
     was = [c.training for c in chunks]
     for c in chunks:
         c.eval()

@@ -34,3 +34,15 @@ def test_moe_eight_ranks():
 @pytest.mark.parametrize("preset", ["tiny-qwen2"])
 def test_dense_student(preset):
     _assert_all_ok(check_layouts(preset, ["tp2,pp2", "tp2,sp,dp2"]))
+
+
+def test_moe_sequence_balance_loss():
+    """α large enough that a wrong balance-loss gradient (tp/cp partial sums, normaliser) would show."""
+    _assert_all_ok(check_layouts("tiny-moe", ["tp2,cp2,ep2", "tp2,sp,ep2,dp2", "pp2,dp2,ep2"],
+                                 ["model.aux_loss_alpha=0.1"]))
+
+
+def test_many_small_buckets():
+    """~40 KB buckets: several buckets per kind and chunk, launched from hooks in order, ZeRO-1 slices
+    cutting through parameters."""
+    _assert_all_ok(check_layouts("tiny-moe", ["dp2", "pp2,dp2,ep2", "tp2,sp,dp2"], ["parallel.grad_bucket_mb=0.04"]))
