@@ -18,7 +18,7 @@
 #   sbatch examples/r1_cold_start_sft_671b.sh --dry-run
 #   INIT_HF=/ckpt/deepseek-v3-base-bf16 DATA=/data/r1/cold_start.jsonl sbatch examples/r1_cold_start_sft_671b.sh
 #
-# Layout and the uneven-pipeline gap: as in r1_zero_671b.sh (pp16 × cp8 × ep32 on 64 nodes; 61 layers).
+# Layout (uneven pipeline stages, known gaps): as in r1_zero_671b.sh (pp16 × cp8 × ep32 on 64 nodes; 61 layers).
 # Output: $RUN_DIR/hf (a Hugging Face dir with the tokenizer), the --init-hf of r1_reasoning_rl_671b.sh.
 STAGE=${STAGE:-r1_cold_start_sft_671b}
 CMD=sft

@@ -17,7 +17,7 @@
 #   sbatch examples/r1_general_rl_671b.sh --dry-run
 #   sbatch --dependency=afterok:$SFT3_JOB examples/r1_general_rl_671b.sh
 #
-# Layout and the uneven-pipeline gap: as in r1_zero_671b.sh. Output: $RUN_DIR/hf = DeepSeek-R1, the teacher
+# Layout (uneven pipeline stages, known gaps): as in r1_zero_671b.sh. Output: $RUN_DIR/hf = DeepSeek-R1, the teacher
 # whose samples r1_distill_qwen.sh trains on.
 STAGE=${STAGE:-r1_general_rl_671b}
 CMD=grpo

@@ -17,7 +17,7 @@
 #   sbatch examples/r1_reasoning_rl_671b.sh --dry-run
 #   sbatch --dependency=afterok:$SFT_JOB examples/r1_reasoning_rl_671b.sh
 #
-# Layout and the uneven-pipeline gap: as in r1_zero_671b.sh. Output: $RUN_DIR/hf, the policy that
+# Layout (uneven pipeline stages, known gaps): as in r1_zero_671b.sh. Output: $RUN_DIR/hf, the policy that
 # r1_rejection_sampling_671b.sh samples from.
 STAGE=${STAGE:-r1_reasoning_rl_671b}
 CMD=grpo

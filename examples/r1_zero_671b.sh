@@ -21,9 +21,9 @@
 #
 # Layout (examples/r1_zero_671b.yaml, 64 nodes × 8 GPUs): pp16 × cp8 × ep32, dp4, no TP — DeepSeek-V3's
 # PP16 × EP without TP, with context parallelism for the 33k-token rollouts. The planner's worst stage
-# needs about 41 GB of 80 GB with full recompute and FP8 dispatch. KNOWN GAP: 61 layers do not divide
-# over 16 stages; the plan uses uneven stages [4 ×15, 1], which the runtime does not support yet
-# (the dry run prints this as a warning). Until it does, a real launch stops at ParallelMesh.build.
+# needs about 41 GB of 80 GB with full recompute and FP8 dispatch (KNOWN GAP: the runtime has neither
+# yet; the dry run prints what it would need today). 61 layers run as uneven stages [4 ×15, 1]
+# (parallel.last_stage_layers: 1, Megatron's decoder_last_pipeline_num_layers).
 #
 # Inputs (environment): INIT_HF  the base model as a bf16 Hugging Face dir (README: convert the FP8 release)
 #                       DATA     prompts with reference answers (JSONL/Parquet: prompt, answer)

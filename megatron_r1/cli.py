@@ -30,7 +30,8 @@ def user_errors() -> tuple[type, ...]:
     """Exception types that mean 'the input is wrong', not 'the code is wrong'."""
     from megatron_r1.config import ConfigError
     errs: list[type] = [ConfigError, FileNotFoundError]
-    for mod, name in (("megatron_r1.ckpt.hf", "CheckpointError"), ("megatron_r1.data.prompts", "DataError")):
+    for mod, name in (("megatron_r1.ckpt.hf", "CheckpointError"), ("megatron_r1.data.prompts", "DataError"),
+                      ("megatron_r1.rollout.engine", "VllmVersionError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

