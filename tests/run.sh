@@ -19,4 +19,4 @@ done
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 echo "== pytest"
-exec .venv/bin/python -m pytest tests ${MARK:+-m "$MARK"} "${ARGS[@]}"
+exec .venv/bin/python -m pytest ${MARK:+-m "$MARK"} "${ARGS[@]}"
