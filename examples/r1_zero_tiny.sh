@@ -44,7 +44,8 @@ stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
 [ -f "$RUN/grpo/hf/config.json" ] || $MR1 grpo --config "$CFG" --init-hf "$RUN/pretrain/hf" \
     --eval "$RUN/data/eval.jsonl" --eval-every 10 run_dir="$RUN/grpo" data.train_path="$RUN/data/train.jsonl" \
     train.train_steps="$GRPO_STEPS" train.lr=1e-4 train.min_lr=1e-4 train.lr_warmup_steps=0 \
-    train.lr_decay_style=constant train.micro_batch_size=32 train.save_interval=10 model.bias_update_speed=0
+    train.lr_decay_style=constant train.micro_batch_size=32 train.save_interval=10 model.bias_update_speed=0 \
+    rl.updates_per_batch=4
 
 stage "5/5 held-out accuracy of the final policy"
 $MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --both --samples 4 --temperature 1.0 \
