@@ -123,6 +123,7 @@ class CausalLM(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_ids = list(range(cfg.num_hidden_layers)) if layers is None else list(layers)
         self.mtp_depth = cfg.num_nextn_predict_layers if post_process else 0
+        self.use_mtp = True  # RL turns it off: its losses use only the main head
         self.model = nn.Module()
         needs_embed = pre_process or self.mtp_depth > 0
         if needs_embed:
@@ -167,7 +168,7 @@ class CausalLM(nn.Module):
             return h
         logits = self.lm_head(tp_enter(self.model.norm(h), mesh))
         mtp_logits = []
-        if with_mtp and self.mtp_depth:
+        if with_mtp and self.use_mtp and self.mtp_depth:
             s = input_ids.shape[1]
             for k in range(1, self.mtp_depth + 1):
                 ahead = (pos + k).clamp(max=s - 1)  # the last k positions have no token k ahead (masked in the loss)

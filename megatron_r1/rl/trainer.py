@@ -77,6 +77,8 @@ class GRPOTrainer:
                               "use token_mean or seq_mean_token_sum_norm")
         self.session = TrainSession(cfg, init_hf=init_hf, desc="grpo")
         s, mesh = self.session, self.session.mesh
+        for c in s.chunks:  # the GRPO loss reads the main head only: skip the MTP modules' forward
+            c.use_mtp = False
         self.mesh = mesh
         self.tok = load_tokenizer(cfg.data.tokenizer or init_hf)
         # the frozen reference policy: a second copy of the initial weights, sharded like the policy
@@ -88,6 +90,7 @@ class GRPOTrainer:
             for c in self.ref_chunks:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
                 c.requires_grad_(False)
+                c.use_mtp = False
         from megatron_r1.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
