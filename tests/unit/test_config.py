@@ -13,7 +13,10 @@ from megatron_r1.model import CausalLM
 def test_671b_parameter_counts():
     n = load_config("deepseek-v3-671b").model.num_parameters()
     assert abs(n["total"] / 671e9 - 1) < 0.01
-    assert abs(n["activated"] / 37e9 - 1) < 0.011  # 36.63B; 37.55B with the embedding lookup
+    # DeepSeek's "37B activated" is a rounded figure: ours is 36.63B (-1.01%) counting the weights a token is
+    # multiplied with (rounds to 37B), 37.55B (+1.49%) with the input-embedding lookup
+    assert round(n["activated"] / 1e9) == 37
+    assert abs(n["activated"] / 37e9 - 1) < 0.0102 and abs(n["activated_with_embedding"] / 37e9 - 1) < 0.015
     assert n["activated_with_embedding"] - n["activated"] == 129280 * 7168
 
 
