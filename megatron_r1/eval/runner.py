@@ -20,8 +20,9 @@ from megatron_r1.rl.rewards.accuracy import extract_answer
 
 
 def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: int = 1, temperature: float = 0.0,
-             max_tokens: int = 256, seed: int = 1234) -> dict:
-    """examples: objects with .prompt and .answer. Returns pass@1, cons@k, format rate, mean length."""
+             max_tokens: int = 256, seed: int = 1234, dump: list | None = None) -> dict:
+    """examples: objects with .prompt and .answer. Returns pass@1, cons@k, format rate, mean length.
+    `dump`, if a list, receives one dict per generated sample (prompt, answer, completion, scores)."""
     prompts = [tokenizer.encode(render_prompt(template, e.prompt), bos=True) for e in examples]
     k = 1 if temperature == 0 else samples
     outs = engine.generate(prompts, n=k, temperature=temperature,
@@ -30,6 +31,10 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     refs = [e.answer for e in examples for _ in range(k)]
     correct = accuracy_reward_batch(texts, refs)
     fmt = [format_reward(t) for t in texts]
+    if dump is not None:
+        dump.extend({"prompt": e.prompt, "answer": e.answer, "temperature": temperature, "completion": t,
+                     "extracted": extract_answer(t), "correct": c, "format": f}
+                    for e, t, c, f in zip((e for e in examples for _ in range(k)), texts, correct, fmt))
     per_problem = [sum(correct[i * k:(i + 1) * k]) / k for i in range(len(examples))]
     cons = []
     for i, e in enumerate(examples):
@@ -59,6 +64,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     ap.add_argument("--both", action="store_true", help="sampled (--samples, --temperature) and greedy, one engine")
+    ap.add_argument("--dump", default=None, help="write every generated sample with its scores here (JSONL)")
     a = ap.parse_args(argv)
     from megatron_r1.data.prompts import load_prompts
     from megatron_r1.data.tokenizer import load_tokenizer
@@ -68,13 +74,18 @@ def main(argv: list[str]) -> int:
         data = data[:a.limit]
     engine = RolloutEngine(a.model, dtype="float32", max_model_len=2048)
     tok = load_tokenizer(a.model)
+    dump = [] if a.dump else None
     if a.both:
-        res = {"sampled": evaluate(engine, tok, data, a.template, a.samples, a.temperature, a.max_tokens),
-               "greedy": evaluate(engine, tok, data, a.template, 1, 0.0, a.max_tokens)}
+        res = {"sampled": evaluate(engine, tok, data, a.template, a.samples, a.temperature, a.max_tokens, dump=dump),
+               "greedy": evaluate(engine, tok, data, a.template, 1, 0.0, a.max_tokens, dump=dump)}
     else:
-        res = evaluate(engine, tok, data, a.template, a.samples, 0.0 if a.greedy else a.temperature, a.max_tokens)
+        res = evaluate(engine, tok, data, a.template, a.samples, 0.0 if a.greedy else a.temperature, a.max_tokens,
+                       dump=dump)
     print(json.dumps(res, indent=2))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)
+    if a.dump:
+        with open(a.dump, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in dump)
     return 0

@@ -1,9 +1,11 @@
-"""`megatron-r1 rejection-sample` end to end on a random tiny policy (one process, vLLM on CPU)."""
+"""`megatron-r1 rejection-sample` and `megatron-r1 eval` end to end on a random tiny policy (one
+process each, vLLM on CPU)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -11,18 +13,26 @@ TINY = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate
         "model.moe_intermediate_size=32"]
 
 
-def test_rejection_sample_writes_sft_rows(tmp_path):
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """(task info from prepare-tiny, HF dir of a random tiny-moe policy with its tokenizer)."""
     from megatron_r1.ckpt.hf import hf_tensors, model_state, save_hf
     from megatron_r1.config import load_config
     from megatron_r1.model import CausalLM
     from megatron_r1.recipes.tiny_r1_zero import prepare
     from megatron_r1.training import copy_tokenizer
-    info = prepare(str(tmp_path / "data"), docs=300, difficulty=1)
+    root = tmp_path_factory.mktemp("policy")
+    info = prepare(str(root / "data"), docs=300, difficulty=1)
     cfg = load_config(str(REPO / "examples/r1_zero_tiny.yaml"), TINY)
     torch.manual_seed(0)
-    hf = tmp_path / "policy"
+    hf = root / "policy"
     save_hf(hf_tensors(model_state(CausalLM(cfg.model)), cfg.model), cfg.model, str(hf), dtype=torch.float32)
     copy_tokenizer(info["tokenizer"], str(hf))
+    return info, hf
+
+
+def test_rejection_sample_writes_sft_rows(tmp_path, policy):
+    info, hf = policy
     out = tmp_path / "sft.jsonl"
     # a random policy is never right: accept everything to check the plumbing; select() has its own test
     argv = [sys.executable, "-m", "megatron_r1.cli", "rejection-sample", "--config", str(REPO / "examples/r1_zero_tiny.yaml"),
@@ -40,3 +50,25 @@ def test_rejection_sample_writes_sft_rows(tmp_path):
         assert row["prompt"].startswith("A conversation between User and Assistant") and row["prompt"].endswith("Assistant:")
         assert set(row["rewards"]) == {"accuracy", "format"} and isinstance(row["response"], str)
     assert "rejection-sample done" in r.stdout and not (tmp_path / "sft.jsonl.tmp").exists()
+
+
+def test_eval_cli_both_modes_and_dump(tmp_path, policy):
+    info, hf = policy
+    out, dump = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    r = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "eval", "--model", str(hf), "--data", info["eval"],
+                        "--both", "--samples", "3", "--temperature", "1.0", "--limit", "4", "--max-tokens", "12",
+                        "--out", str(out), "--dump", str(dump)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    sampled, greedy = [x for x in rows if x["temperature"] == 1.0], [x for x in rows if x["temperature"] == 0.0]
+    assert len(sampled) == 4 * 3 and len(greedy) == 4, len(rows)
+    assert (res["sampled"]["samples"], res["greedy"]["samples"], res["sampled"]["problems"]) == (3, 1, 4)
+    for mode, got in (("sampled", sampled), ("greedy", greedy)):
+        assert res[mode]["pass@1"] == pytest.approx(sum(x["correct"] for x in got) / len(got))
+        assert res[mode]["format"] == pytest.approx(sum(x["format"] for x in got) / len(got))
+    # T=1 draws differ within a prompt (a random 512-token policy); the summary's length is theirs
+    assert len({x["completion"] for x in sampled[:3]}) > 1
+    assert 0 < res["sampled"]["response_length"] <= 12

@@ -1,0 +1,70 @@
+"""pass@1 / cons@k / format aggregation of `megatron_r1.eval.runner.evaluate` on scripted completions.
+
+The generator is replaced by a list of fixed completions (the sampling itself is vLLM's, tested in
+tests/e2e/test_eval_cli.py); the rewards, answer extraction and aggregation are the real ones."""
+from dataclasses import dataclass
+
+import pytest
+
+from megatron_r1.eval.runner import evaluate
+
+RIGHT = "<think> 3 + 4 = 7. </think> <answer> 7 </answer>"
+
+
+@dataclass
+class Ex:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Out:
+    token_ids: list[int]
+
+
+class CharTokenizer:
+    def encode(self, text, bos=False):
+        return ([1] if bos else []) + [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+class Scripted:
+    """generate() returns the next k completions per prompt from a fixed list, recording the call."""
+
+    def __init__(self, completions):
+        self.completions, self.calls = completions, []
+
+    def generate(self, prompts, *, n, temperature, max_tokens, seed):
+        self.calls.append((len(prompts), n, temperature))
+        tok = CharTokenizer()
+        rows = [self.completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [[Out(tok.encode(t)) for t in row] for row in rows]
+
+
+def test_pass_at_1_cons_at_k_format_and_dump():
+    examples = [Ex("What is 3 + 4?", "7"), Ex("What is 1 + 1?", "2")]
+    completions = [
+        # problem 1: 2 of 4 right; the vote is 7 (2) over 8 (1): cons right
+        RIGHT, "<answer> 8 </answer>", "<think> x </think> <answer> 7.0 </answer>", "no answer at all",
+        # problem 2: 1 of 4 right (a bare tagged answer: right, bad format); vote tie 3 vs 2: earliest (3) wins
+        "<think> a </think> <answer> 3 </answer>", "<answer> 2 </answer>", "junk", "<think></think>",
+    ]
+    dump = []
+    res = evaluate(Scripted(completions), CharTokenizer(), examples, samples=4, temperature=1.0, dump=dump)
+    assert res["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert res["cons@4"] == pytest.approx(0.5)
+    assert res["format"] == pytest.approx(3 / 8)  # RIGHT, the 7.0 one, and the "3" one
+    assert res["samples"] == 4 and res["problems"] == 2
+    assert res["response_length"] == pytest.approx(sum(len(c) for c in completions) / 8)
+    assert [r["correct"] for r in dump] == [1, 0, 1, 0, 0, 1, 0, 0]
+    assert [r["extracted"] for r in dump][:4] == ["7", "8", "7.0", None]
+    assert {r["prompt"] for r in dump[:4]} == {"What is 3 + 4?"} and dump[4]["answer"] == "2"
+
+
+def test_greedy_draws_one_sample_whatever_samples_says():
+    engine = Scripted([RIGHT, "<answer> 5 </answer>"])
+    res = evaluate(engine, CharTokenizer(), [Ex("q1", "7"), Ex("q2", "2")], samples=8, temperature=0.0)
+    assert engine.calls == [(2, 1, 0.0)]
+    assert res["pass@1"] == 0.5 and res["cons@1"] == 0.5 and res["samples"] == 1
