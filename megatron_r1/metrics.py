@@ -33,7 +33,8 @@ class MetricsLogger:
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         self._f = open(self.path, "a")
 
-    def log(self, step: int, metrics: dict, show: tuple[str, ...] = ()) -> None:
+    def log(self, step: int, metrics: dict, show: tuple[str, ...] = (), advance: bool = True) -> None:
+        """One JSONL row and TensorBoard scalars; `advance=False` for a row that is not a step (step-0 eval)."""
         if not self.enabled:
             return
         row = {"step": step, "time": time.time()}
@@ -45,7 +46,7 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
-        if self._bar is not None:
+        if self._bar is not None and advance:
             self._bar.update(1)
             self._bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
 

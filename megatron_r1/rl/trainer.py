@@ -335,6 +335,9 @@ class GRPOTrainer:
                         temperature=self.cfg.rl.temperature, max_tokens=self.cfg.rl.max_response_len,
                         seed=10_000_019 * (self.session.step + 1))
 
+    def _eval_metrics(self) -> dict:
+        return {f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)}
+
     def resume(self) -> None:
         """Continue from the newest complete checkpoint: weights, optimizer, data position, then vLLM."""
         extra = self.session.resume()
@@ -348,11 +351,13 @@ class GRPOTrainer:
         s = self.session
         steps = steps or self.cfg.train.train_steps
         history = []
+        if eval_every and self.eval_set is not None and s.step == 0:  # the starting policy, on the same plot
+            s.logger.log(0, self._eval_metrics(), advance=False)
         for step in range(s.step, steps):
             m = self.train_step(step)
             s.step = step + 1
             if eval_every and self.eval_set is not None and (s.step % eval_every == 0 or s.step == steps):
-                m.update({f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)})
+                m.update(self._eval_metrics())
             s.logger.log(s.step, m, show=("reward/total", "accuracy", "response_length/mean", "kl"))
             s.maybe_save({"prompts": self.loader.state_dict()})
             history.append(m)

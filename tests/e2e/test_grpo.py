@@ -5,8 +5,8 @@ characters in the response) varies within every group, so the policy gradient is
 update must change the weights. Checks: every metric finite, the weights changed, vLLM and the
 trainer agree on the sampled tokens' logprobs (same weights, float32), before and after a sync.
 """
+import json
 import math
-import os
 
 import pytest
 import torch
@@ -37,8 +37,9 @@ def _digits(response, reference=None):
     return sum(c.isdigit() for c in response) / max(len(response), 1)
 
 
-def _grpo_two_steps(hf_dir, train_path, run_dir):
+def _grpo_two_steps(hf_dir, train_path, run_dir, eval_path):
     from megatron_r1.config import load_config
+    from megatron_r1.data.prompts import load_prompts
     from megatron_r1.rl.rewards import register_reward
     from megatron_r1.rl.trainer import GRPOTrainer
     register_reward("test_digits")(_digits)
@@ -48,9 +49,9 @@ def _grpo_two_steps(hf_dir, train_path, run_dir):
         "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_response_len=24", "rl.beta=0.01",
         "rl.rewards={test_digits: 1.0, format: 0.5}", f"data.train_path={train_path}", f"run_dir={run_dir}",
         "rollout.max_model_len=256"])
-    trainer = GRPOTrainer(cfg, hf_dir)
+    trainer = GRPOTrainer(cfg, hf_dir, eval_set=list(load_prompts(eval_path))[:3])
     before = {k: v.clone() for k, v in trainer.session.full_state()}
-    history = trainer.fit()
+    history = trainer.fit(eval_every=2)
     after = dict(trainer.session.full_state())
     changed = max((after[k].float() - before[k].float()).abs().max().item() for k in before)
     trainer.session.close()
@@ -59,7 +60,7 @@ def _grpo_two_steps(hf_dir, train_path, run_dir):
 
 def test_two_grpo_steps_on_two_ranks(tiny_policy, tmp_path):
     hf_dir, info = tiny_policy
-    results = run_ranks(_grpo_two_steps, 2, hf_dir, info["train"], str(tmp_path / "run"), timeout=600,
+    results = run_ranks(_grpo_two_steps, 2, hf_dir, info["train"], str(tmp_path / "run"), info["eval"], timeout=600,
                         start_method="spawn")
     (hist0, changed0), (hist1, changed1) = results
     assert len(hist0) == 2
@@ -74,4 +75,9 @@ def test_two_grpo_steps_on_two_ranks(tiny_policy, tmp_path):
     local = ("time/", "tokens_per_s", "sync/")  # wall-clock measurements are per rank
     same = lambda h: [{k: v for k, v in m.items() if not k.startswith(local)} for m in h]  # noqa: E731
     assert same(hist0) == same(hist1)  # everything else is reduced over ranks: identical everywhere
-    assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    # the held-out eval runs before the first step (the starting policy) and at the last one
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2], rows
+    assert set(rows[0]) == {"step", "time", "eval/pass@1", "eval/cons@2", "eval/format", "eval/response_length",
+                            "eval/temperature"}, rows[0]
+    assert "eval/pass@1" not in rows[1] and "eval/pass@1" in rows[2]
