@@ -9,7 +9,7 @@
 #   bash examples/r1_zero_tiny.sh            # or: sbatch examples/r1_zero_tiny.sh
 # 1. makes an arithmetic task, a noisy pretraining corpus and a sentencepiece tokenizer;
 # 2. pretrains a small DeepSeek-V3-architecture MoE (MLA, DeepSeekMoE, MTP) on it  -> the base model;
-# 3. evaluates the base model on held-out problems (greedy pass@1);
+# 3. evaluates the base model on held-out problems (pass@1 at T=1 over 4 samples, and greedy);
 # 4. runs R1-Zero GRPO (accuracy + format rewards, the paper's template) with a co-located vLLM;
 # 5. evaluates the final policy and prints before/after, plus where the logs, plot and checkpoint are.
 # Everything lands in $RUN_DIR (default runs/r1_zero_tiny). Re-running resumes finished stages.
