@@ -149,24 +149,13 @@ def fit_costs(samples: list[tuple[int, int, float]]) -> tuple[float, float, floa
 # ----------------------------------------------------------------------------- 2. from a training layout
 
 
-def _word_tokenizer(vocab_size: int, out_dir: str) -> None:
-    # vLLM needs a tokenizer beside the weights; one id per word, exactly the model's vocab
-    # (as in tests/e2e/test_weight_sync_layouts.py).
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out_dir)
-
 
 def _layout_rank(preset: str, layout: dict, rollout_tp: int, root: str, repeats: int, bucket_bytes: int) -> dict:
     import torch
     import torch.distributed as dist
 
     from megatron_r1.config import load_config
+    from megatron_r1.data.tokenizer import write_word_tokenizer
     from megatron_r1.rollout.engine import RolloutEngine
     from megatron_r1.training import TrainSession
 
@@ -176,7 +165,7 @@ def _layout_rank(preset: str, layout: dict, rollout_tp: int, root: str, repeats:
     hf_dir = os.path.join(root, "hf")
     session.export_hf(hf_dir, dtype=torch.float32)
     if dist.get_rank() == 0:
-        _word_tokenizer(cfg.model.vocab_size, hf_dir)
+        write_word_tokenizer(cfg.model.vocab_size, hf_dir)
     dist.barrier()
     engine = RolloutEngine(hf_dir, dtype="float32", tensor_parallel_size=rollout_tp, max_model_len=128,
                            kv_cache_bytes=16 << 20, max_num_seqs=8)

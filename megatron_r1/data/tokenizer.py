@@ -160,6 +160,20 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def write_word_tokenizer(vocab_size: int, out_dir: str | Path) -> None:
+    """A HF tokenizer with one id per word ("<unk>", "<s>", "</s>", then "t3", "t4", ...), exactly
+    `vocab_size` ids: what vLLM needs beside the weights of a model that is fed token ids directly."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(out_dir))
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A HF tokenizer directory (with tokenizer.json) or a sentencepiece .model file."""
     path = Path(path)

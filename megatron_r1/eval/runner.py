@@ -31,14 +31,15 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     refs = [e.answer for e in examples for _ in range(k)]
     correct = accuracy_reward_batch(texts, refs)
     fmt = [format_reward(t) for t in texts]
+    extracted = [extract_answer(t) for t in texts]
     if dump is not None:
         dump.extend({"prompt": e.prompt, "answer": e.answer, "temperature": temperature, "completion": t,
-                     "extracted": extract_answer(t), "correct": c, "format": f}
-                    for e, t, c, f in zip((e for e in examples for _ in range(k)), texts, correct, fmt))
+                     "extracted": x, "correct": c, "format": f}
+                    for e, t, x, c, f in zip((e for e in examples for _ in range(k)), texts, extracted, correct, fmt))
     per_problem = [sum(correct[i * k:(i + 1) * k]) / k for i in range(len(examples))]
     cons = []
     for i, e in enumerate(examples):
-        answers = [extract_answer(t) for t in texts[i * k:(i + 1) * k]]
+        answers = extracted[i * k:(i + 1) * k]
         votes = Counter(a for a in answers if a is not None)
         if not votes:
             cons.append(0.0)

@@ -56,16 +56,6 @@ LAYOUTS = {
 CI = {"moe_ep2_to_tp1", "llama_tp2_to_tp2"}  # ~1 min each on 2 cores; the others ~1.5 min each: long
 
 
-def _write_tokenizer(vocab_size: int, out_dir: str) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out_dir)
-
 
 def _our_logprobs(session, seq) -> torch.Tensor:
     """log p(seq[k+1] | seq[:k+1]) from the parallel model, on every rank (pp: broadcast from the last stage)."""
@@ -100,6 +90,7 @@ def _sync_rank(preset: str, layout: dict, rollout_tp: int, root: str) -> dict:
     import torch.distributed as dist
 
     from megatron_r1.config import load_config
+    from megatron_r1.data.tokenizer import write_word_tokenizer
     from megatron_r1.rollout.engine import RolloutEngine, iter_buckets
     from megatron_r1.training import TrainSession
 
@@ -113,7 +104,7 @@ def _sync_rank(preset: str, layout: dict, rollout_tp: int, root: str) -> dict:
     hf_dir = os.path.join(root, "hf")
     session.export_hf(hf_dir, dtype=torch.float32)
     if dist.get_rank() == 0:
-        _write_tokenizer(cfg.model.vocab_size, hf_dir)
+        write_word_tokenizer(cfg.model.vocab_size, hf_dir)
     dist.barrier()
 
     engine = RolloutEngine(hf_dir, dtype="float32", tensor_parallel_size=rollout_tp, max_model_len=128,
