@@ -231,9 +231,7 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
     if seq_length is not None:
         # the layer split is checked (and reported as a warning) below, against the plan's; every other
         # rule is an error (raised as ConfigError -> exit 2 with the arithmetic)
-        import dataclasses
-        dp = validate_layout(world, dataclasses.replace(par, first_stage_layers=None, last_stage_layers=None),
-                             dataclasses.replace(cfg.model, num_hidden_layers=par.pp * par.vpp))
+        dp = validate_layout(world, par, cfg.model, check_split=False)
         r.line(f"layout      tp={par.tp} cp={par.cp} ep={par.ep} pp={par.pp} vpp={par.vpp} -> dp={dp} "
                f"(validate_layout on {world} ranks)")
         opts = PlanOptions(gpus=world, parallel=par, seq_length=seq_length,

@@ -49,8 +49,10 @@ def stage_layer_counts(num_layers: int, pp: int, vpp: int = 1, first: int | None
     return counts
 
 
-def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | None = None) -> int:
-    """Check the degrees against the world size and the model; returns dp."""
+def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | None = None, *,
+                    check_split: bool = True) -> int:
+    """Check the degrees against the world size and the model; returns dp. `check_split=False` leaves
+    out the pipeline layer split (`stage_layer_counts`), for the planner, which chooses its own."""
     for name in ("tp", "cp", "ep", "pp", "vpp"):
         v = getattr(par, name)
         if v < 1:
@@ -84,7 +86,8 @@ def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | N
             raise ConfigError(f"parallel.tp={par.tp} does not divide intermediate_size={model.intermediate_size}")
     elif par.ep > 1:
         raise ConfigError(f"parallel.ep={par.ep} needs a MoE model ({model.model_type} is dense)")
-    stage_layer_counts(model.num_hidden_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
+    if check_split:
+        stage_layer_counts(model.num_hidden_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
     return dp
 
 

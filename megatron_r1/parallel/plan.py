@@ -66,7 +66,6 @@ Notable choices (the report states each formula it uses)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
@@ -276,10 +275,8 @@ def _validate(m: ModelConfig, o: PlanOptions) -> tuple[int, str]:
         raise ConfigError(f"recompute={o.recompute!r}: expected none, selective or full")
     if o.gpus < 1:
         raise ConfigError(f"gpus={o.gpus} must be >= 1")
-    # validate_layout's checks, all but its even-split rule (replaced by `_splits`)
     # the layer split is the planner's own (_splits); validate every other rule
-    dp = validate_layout(o.gpus, dataclasses.replace(par, first_stage_layers=None, last_stage_layers=None),
-                         dataclasses.replace(m, num_hidden_layers=par.pp * par.vpp))
+    dp = validate_layout(o.gpus, par, m, check_split=False)
     schedule = o.schedule or ("interleaved" if par.vpp > 1 else "1f1b")
     if schedule not in ("1f1b", "interleaved"):
         raise ConfigError(f"schedule={schedule!r}: expected 1f1b or interleaved")
