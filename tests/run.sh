@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+# Machines of one kind differ in CPU model, and vLLM / torch pick CPU kernels from these flags
+# (AMX_MLA attention, AVX-512 GEMMs): say in the log which paths this run can exercise.
+echo "== CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores"
+echo "== CPU flags deciding kernels: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(amx|avx512f$|avx512_bf16|avx512_fp16|avx2$)' | sort | tr '\n' ' ')"
+if grep -qw amx_tile /proc/cpuinfo; then echo "== AMX present: the AMX_MLA (bf16) rollout tests run"
+else echo "== AMX absent: the AMX_MLA rollout tests skip; float32 engines use CPU_MLA everywhere"; fi
+
 bash tools/setup_env.sh
 echo "== system packages for the Slurm tests"
 bash tests/setup_system.sh

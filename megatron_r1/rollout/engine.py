@@ -42,6 +42,13 @@ Notable choices
   is vLLM's level 1 (weights to host, KV cache dropped). vLLM's CPU worker
   implements sleep as a logged no-op: there `sleep`/`wake_up` only pause/resume
   the scheduler and free nothing.
+- **Attention backend chosen here, not by vLLM from the CPU.** vLLM's CPU platform prefers its
+  `AMX_MLA` backend whenever the CPU has AMX tiles, and that backend packs MLA weights for
+  bf16/fp16 only: a float32 DeepSeek-V3 engine then fails at load on AMX machines and works on
+  the others. `choose_attention_backend` decides from the model, the dtype and the CPU flags
+  (float32 MLA -> the reference `CPU_MLA`; bf16/fp16 MLA on AMX -> `AMX_MLA`; plain attention ->
+  `CPU_ATTN`), passes it to `LLM(attention_backend=...)` and prints the choice with the flags.
+  On GPU vLLM's own selection stands (FlashMLA / FlashAttention), and is printed too.
 - vLLM is imported only when an engine is built, so importing megatron_r1 does not
   need it; `check_vllm_version` turns a missing or old vLLM into one actionable line.
 """
@@ -91,6 +98,64 @@ def installed_vllm_version() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             pass
     return None
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def cpu_flags() -> dict[str, bool | str]:
+    """The CPU features that decide which vLLM / torch CPU kernels run."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"amx": bool(torch.cpu._is_amx_tile_supported()), "amx_bf16": "amx_bf16" in flags,
+            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _is_mla_model(model_dir: str) -> bool:
+    import json
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("model_type") in ("deepseek_v2", "deepseek_v3") and bool(cfg.get("kv_lora_rank"))
+
+
+ATTENTION_BACKENDS = ("auto", "CPU_MLA", "AMX_MLA", "CPU_ATTN")
+
+
+def choose_attention_backend(*, on_gpu: bool, is_mla: bool, dtype: str, amx: bool,
+                             requested: str = "auto") -> str | None:
+    """The vLLM attention backend an engine asks for; None leaves vLLM's GPU selection.
+
+    AMX_MLA packs MLA weights for bf16/fp16 only (vllm/v1/attention/backends/mla/amx_mla.py), so a
+    float32 MLA engine must ask for the reference CPU_MLA even where the CPU has AMX."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {requested!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if on_gpu:
+        return None if requested == "auto" else requested
+    if not is_mla:
+        if requested not in ("auto", "CPU_ATTN"):
+            raise ValueError(f"attention backend {requested} is for MLA models; this model uses CPU_ATTN")
+        return "CPU_ATTN"
+    half = dtype in ("bfloat16", "float16")
+    if requested == "AMX_MLA":
+        if not amx:
+            raise ValueError("attention backend AMX_MLA needs a CPU with AMX tiles (amx_tile in /proc/cpuinfo)")
+        if not half:
+            raise ValueError(f"attention backend AMX_MLA supports bfloat16/float16 weights only, not {dtype}")
+        return "AMX_MLA"
+    if requested == "CPU_ATTN":
+        raise ValueError("attention backend CPU_ATTN cannot run an MLA model; use CPU_MLA or AMX_MLA")
+    if requested == "CPU_MLA":
+        return "CPU_MLA"
+    return "AMX_MLA" if (amx and half) else "CPU_MLA"
 
 
 # ----------------------------------------------------------------------------- results
@@ -223,6 +288,8 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.5,  # GPU: fraction of device memory for weights + KV
         kv_cache_bytes: int | None = None,  # CPU: KV cache size (vLLM would take a fraction of host RAM)
         enforce_eager: bool = True,  # CUDA graphs / torch.compile cost minutes per start
+        attention_backend: str = "auto",  # see choose_attention_backend; "auto" decides from dtype and CPU
+        verbose: bool = True,
     ):
         check_vllm_version(installed_vllm_version())
         # Must be set before vLLM builds its engine core: in-process, not a subprocess.
@@ -242,6 +309,17 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tensor_parallel_size,
         )
+        flags = {} if self.on_gpu else cpu_flags()
+        self.attention_backend = choose_attention_backend(
+            on_gpu=self.on_gpu, is_mla=_is_mla_model(model_dir), dtype=dtype, amx=bool(flags.get("amx")),
+            requested=attention_backend)
+        if self.attention_backend is not None:
+            kwargs["attention_backend"] = self.attention_backend
+        if verbose:
+            where = ("GPU: vLLM's own selection" if self.on_gpu else
+                     "CPU " + " ".join(f"{k}={v}" for k, v in flags.items()))
+            print(f"rollout: vLLM attention backend {self.attention_backend or 'auto'} ({dtype}; {where})",
+                  flush=True)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:

@@ -180,6 +180,38 @@ def test_sleep_wake_keeps_outputs(engines):
     assert greedy(engine) == before
 
 
+# ----------------------------------------------------------------------------- attention backends
+# Each CPU MLA path the engine can choose, in the dtype it serves. vLLM's CPU platform would pick
+# AMX_MLA on AMX machines whatever the dtype; the engine chooses instead (rollout/engine.py).
+_BF16_ENGINES: dict = {}  # kept alive with the module (vLLM's parallel state is process-global)
+HAS_AMX = torch.cpu._is_amx_tile_supported()
+
+
+@pytest.mark.parametrize("backend", [
+    "CPU_MLA",
+    pytest.param("AMX_MLA", marks=pytest.mark.skipif(
+        not HAS_AMX, reason="this CPU has no AMX tiles (amx_tile absent from /proc/cpuinfo): AMX_MLA cannot run")),
+])
+def test_bf16_mla_backends_match_transformers(backend, ckpts, hf_models, engines):
+    engine = _BF16_ENGINES.setdefault(backend, RolloutEngine(
+        ckpts["deepseek_v3"], seed=0, **{**ENGINE_KW, "dtype": "bfloat16"}, attention_backend=backend))
+    assert engine.attention_backend == backend
+    assert engine.llm.llm_engine.vllm_config.attention_config.backend.name == backend
+    got = torch.tensor(engine.score([SEQ])[0])
+    want = hf_logprobs(hf_models["deepseek_v3"], SEQ)
+    # bf16 weights and activations against float32 transformers: a few 1e-2 nats on this random model
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0)
+    assert len(greedy(engine)[0]) == 12
+
+
+def test_float32_mla_engine_uses_the_reference_backend(engines):
+    """The engine that broke on AMX machines: float32 DeepSeek-V3 must run CPU_MLA on every CPU."""
+    for kind in ("deepseek_v3", "yarn"):
+        assert engines[kind].attention_backend == "CPU_MLA"
+        assert engines[kind].llm.llm_engine.vllm_config.attention_config.backend.name == "CPU_MLA"
+    assert engines["qwen2"].attention_backend == "CPU_ATTN"
+
+
 # ----------------------------------------------------------------------------- weight sync
 
 
