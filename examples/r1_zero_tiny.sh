@@ -7,6 +7,7 @@
 #
 # The main job in miniature: R1-Zero on a 2-core CPU, no downloads.
 #   bash examples/r1_zero_tiny.sh            # or: sbatch examples/r1_zero_tiny.sh
+#   bash examples/r1_zero_tiny.sh --dry-run  # say what each stage would do and check it; train nothing
 # 1. makes an arithmetic task, a noisy pretraining corpus and a sentencepiece tokenizer;
 # 2. pretrains a small DeepSeek-V3-architecture MoE (MLA, DeepSeekMoE, MTP) on it  -> the base model;
 # 3. evaluates the base model on held-out problems (pass@1 at T=1 over 4 samples, and greedy);
@@ -20,34 +21,65 @@ CFG=examples/r1_zero_tiny.yaml
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
 GRPO_STEPS=${GRPO_STEPS:-40}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "error: unknown argument $arg (expected --dry-run)" >&2; exit 2 ;;
+  esac
+done
 
 bash tools/setup_env.sh
 MR1=.venv/bin/megatron-r1
-mkdir -p "$RUN"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$RUN"
 start=$(date +%s)
 stage() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
-stage "1/5 data, tokenizer, tokenised corpus"
-[ -f "$RUN/data/info.json" ] || $MR1 prepare-tiny --run-dir "$RUN"
-
-stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
-[ -f "$RUN/pretrain/hf/config.json" ] || $MR1 pretrain --config "$CFG" --data "$RUN/data/corpus" \
-    --tokenizer "$RUN/tokenizer" run_dir="$RUN/pretrain" train.train_steps="$PRETRAIN_STEPS" train.save_interval=250
-
-stage "3/5 held-out accuracy of the base model"
-[ -f "$RUN/eval_base.json" ] || $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --both \
-    --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json" > /dev/null
-
-stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
+# run_stage DONE_FILE DRY_INPUT -- CMD...: skip when DONE_FILE exists; in a dry run print the command and
+# run its own --dry-run when its inputs (DRY_INPUT, made by an earlier stage) exist, else check its config only
+run_stage() {
+  local done=$1 input=$2; shift 3
+  if [ -e "$done" ]; then echo "done: $done exists"; return 0; fi
+  if [ "$DRY_RUN" = 0 ]; then "$@"; return; fi
+  echo "would run: $*"
+  if [ -z "$input" ]; then return 0; fi
+  if [ -e "$input" ]; then "$@" --dry-run
+  else echo "  (its input $input is made by an earlier stage; checking the config only)"; fi
+}
+CONFIG_ONLY=(params "$CFG")
+PRETRAIN_OVR=(run_dir="$RUN/pretrain" train.train_steps="$PRETRAIN_STEPS" train.save_interval=250)
 # RL keeps the router bias fixed (γ=0): moving it at pretraining speed re-routes tokens under the policy
 # and measurably destroyed accuracy in calibration (benchmarks/r1_zero_tiny.md)
-[ -f "$RUN/grpo/hf/config.json" ] || $MR1 grpo --config "$CFG" --init-hf "$RUN/pretrain/hf" \
-    --eval "$RUN/data/eval.jsonl" --eval-every 10 run_dir="$RUN/grpo" data.train_path="$RUN/data/train.jsonl" \
-    train.train_steps="$GRPO_STEPS" train.lr=1e-4 train.min_lr=1e-4 train.lr_warmup_steps=0 \
-    train.lr_decay_style=constant train.micro_batch_size=32 train.save_interval=10 model.bias_update_speed=0 \
-    rl.updates_per_batch=4
+GRPO_OVR=(run_dir="$RUN/grpo" data.train_path="$RUN/data/train.jsonl" train.train_steps="$GRPO_STEPS" train.lr=1e-4
+          train.min_lr=1e-4 train.lr_warmup_steps=0 train.lr_decay_style=constant train.micro_batch_size=32
+          train.save_interval=10 model.bias_update_speed=0 rl.updates_per_batch=4)
+if [ "$DRY_RUN" = 1 ]; then  # the configs of both training stages load and validate, whatever exists yet
+  $MR1 "${CONFIG_ONLY[@]}" "${PRETRAIN_OVR[@]}" > /dev/null
+  $MR1 "${CONFIG_ONLY[@]}" "${GRPO_OVR[@]}" > /dev/null
+  echo "configs ok: $CFG with the pretraining and GRPO overrides"
+fi
+
+stage "1/5 data, tokenizer, tokenised corpus"
+run_stage "$RUN/data/info.json" "" -- $MR1 prepare-tiny --run-dir "$RUN"
+
+stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
+run_stage "$RUN/pretrain/hf/config.json" "$RUN/data/corpus.bin" -- $MR1 pretrain --config "$CFG" \
+    --data "$RUN/data/corpus" --tokenizer "$RUN/tokenizer" "${PRETRAIN_OVR[@]}"
+
+stage "3/5 held-out accuracy of the base model"
+run_stage "$RUN/eval_base.json" "" -- $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --both \
+    --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json"
+
+stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
+run_stage "$RUN/grpo/hf/config.json" "$RUN/pretrain/hf/config.json" -- $MR1 grpo --config "$CFG" \
+    --init-hf "$RUN/pretrain/hf" --eval "$RUN/data/eval.jsonl" --eval-every 10 "${GRPO_OVR[@]}"
 
 stage "5/5 held-out accuracy of the final policy"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "would run: $MR1 eval --model $RUN/grpo/hf ... --out $RUN/eval_final.json; $MR1 report-tiny --run-dir $RUN"
+  echo; echo "dry run only: nothing trained"
+  exit 0
+fi
 $MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --both --samples 4 --temperature 1.0 \
     --max-tokens 96 --out "$RUN/eval_final.json" > /dev/null
 $MR1 report-tiny --run-dir "$RUN"

@@ -14,8 +14,8 @@ import sys
 COMMANDS = {
     "params": ("megatron_r1.cli", "params_main", "parameter counts of a preset or config"),
     "check-parallel": ("megatron_r1.parallel.check", "main", "prove a parallel layout equals one rank"),
-    "plan": ("megatron_r1.parallel.plan", "main", "memory / bubble / all-to-all plan of a layout"),
-    "convert": ("tools.convert_checkpoint", "main", "convert checkpoints HF <-> megatron_r1"),
+    "plan": ("megatron_r1.tools.plan_parallel", "main", "memory / bubble / all-to-all plan of a layout"),
+    "convert": ("megatron_r1.tools.convert_checkpoint", "main", "convert checkpoints HF <-> megatron_r1"),
     "grpo": ("megatron_r1.rl.trainer", "main", "R1-Zero / R1 GRPO training"),
     "pretrain": ("megatron_r1.sft.trainer", "pretrain_main", "language-model pretraining (tiny base models)"),
     "sft": ("megatron_r1.sft.trainer", "main", "supervised fine-tuning (cold start, distillation)"),
