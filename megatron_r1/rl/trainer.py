@@ -52,6 +52,35 @@ class Rollout:
     components: dict[str, list[float]]
 
 
+# per-row tensors a rank keeps of the global batch (old_logp / ref_logp are added by the logprob pass)
+ROW_KEYS = ("input_ids", "mask", "advantages", "vllm_logprobs")
+
+
+def update_shares(n: int, updates: int, dp: int, dp_rank: int) -> list[tuple[int, int]]:
+    """Global rows [a, b) this dp rank trains on in each update: update u's mini-batch is rows
+    [u·n/k, (u+1)·n/k) of the step's batch, and each dp rank takes a contiguous 1/dp of it."""
+    if updates < 1 or n % updates or (n // updates) % dp:
+        raise ConfigError(f"{n} samples do not split into rl.updates_per_batch={updates} mini-batches "
+                          f"of a multiple of dp={dp}")
+    mini = n // updates
+    per = mini // dp
+    return [(u * mini + dp_rank * per, u * mini + (dp_rank + 1) * per) for u in range(updates)]
+
+
+@dataclass
+class RankBatch:
+    """This rank's rows of one step's batch, one structure for all of them: row i of every tensor in `data`
+    is global row `rows[i]`. Mini-batches (`minis`, one per update) and micro-batches are index views of it,
+    so a row's tokens, mask, advantage and rollout / old / reference logprobs can never come apart."""
+    rows: torch.Tensor  # [R] global row indices
+    data: dict[str, torch.Tensor]  # [R, S] or [R] per key
+    minis: list[torch.Tensor]  # local row indices of each update's share
+    normalizers: list[float]  # global loss units (tokens or sequences) of each update's whole mini-batch
+
+    def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.data.items()}
+
+
 def _all_gather_objects(obj, enabled: bool):
     if not enabled:
         return [obj]
@@ -108,6 +137,8 @@ class GRPOTrainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.replicas = self.world // cfg.rollout.tp
         self.replica = s.env.rank // cfg.rollout.tp
+        # vLLM's CPU worker implements sleep as a no-op, so only a GPU engine sleeps between phases
+        self.sleeps = cfg.rollout.sleep_between_steps and self.engine.on_gpu
 
     # ------------------------------------------------------------------------------------- rollout
     def rollout(self, step: int) -> Rollout:
@@ -144,7 +175,8 @@ class GRPOTrainer:
 
     # --------------------------------------------------------------------------------------- batch
     def build_batch(self, ro: Rollout) -> dict:
-        """Global tensors [N, S]: ids, response mask (targets), advantages, vLLM logprobs at target positions."""
+        """Global per-row tensors: ids, response mask (targets) [N, S]; advantages, rewards [N]; vLLM logprobs at
+        target positions [N, S]. Every rank builds the same global batch; `rank_batch` takes this rank's rows."""
         rl, n = self.cfg.rl, len(ro.response_ids)
         lengths = [len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)]
         mult = pad_multiple(self.mesh)
@@ -170,12 +202,30 @@ class GRPOTrainer:
         return {"input_ids": ids, "mask": mask, "advantages": adv, "vllm_logprobs": vllm_lp, "rewards": rewards,
                 "keep": keep, "resp_len": resp_len}
 
-    def _micro_batches(self, batch: dict, rows: slice) -> list[dict]:
-        mbs = self.cfg.train.micro_batch_size
-        sub = {k: v[rows] for k, v in batch.items()}
-        sub = {k: self.session.dp_slice(v) for k, v in sub.items()}
-        n = len(sub["input_ids"])
-        return [{k: v[i:i + mbs] for k, v in sub.items()} for i in range(0, n, mbs)]
+    def rank_batch(self, batch: dict) -> RankBatch:
+        """This rank's rows of the global batch, and the global loss normaliser of each update's mini-batch."""
+        n, k = len(batch["input_ids"]), self.cfg.rl.updates_per_batch
+        shares = update_shares(n, k, self.mesh.dp, self.mesh.dp_rank)
+        rows = torch.cat([torch.arange(a, b) for a, b in shares])
+        data = {key: batch[key][rows] for key in ROW_KEYS}
+        minis, at = [], 0
+        for a, b in shares:
+            minis.append(torch.arange(at, at + b - a))
+            at += b - a
+        # units (tokens or sequences, per rl.loss_agg) of each whole mini-batch, over every dp rank's share:
+        # every rank holds the global mask, so this needs no collective
+        norms = [max(float(grpo.loss_normalizer(batch["mask"][u * n // k:(u + 1) * n // k], self.cfg.rl.loss_agg)),
+                     1.0) for u in range(k)]
+        return RankBatch(rows=rows, data=data, minis=minis, normalizers=norms)
+
+    def micro_batches(self, rb: RankBatch, u: int) -> list[tuple[torch.Tensor, dict]]:
+        """(local row indices, micro-batch) for update u; the last micro-batch may be smaller."""
+        idx, size = rb.minis[u], self.cfg.train.micro_batch_size
+        out = []
+        for i in range(0, len(idx), size):
+            view = idx[i:i + size]
+            out.append((view, dict(rb.take(view), normalizer=rb.normalizers[u])))
+        return out
 
     # ------------------------------------------------------------------------------------ logprobs
     def _target_logprobs(self, out, mb):
@@ -218,58 +268,73 @@ class GRPOTrainer:
                 metrics[k + "_sum"] = v.detach() * m.sum().detach()
         return loss, metrics
 
-    def _normalizer(self, mask: torch.Tensor) -> float:
-        return float(grpo.loss_normalizer(mask, self.cfg.rl.loss_agg))
-
     # ---------------------------------------------------------------------------------------- step
+    def old_logprobs(self, rb: RankBatch) -> dict:
+        """Old-policy (and reference) logprobs of every row this rank trains on, written into `rb` by row;
+        returns the vLLM-vs-trainer mismatch statistics. Micro-batches are those of the updates."""
+        views = [vm for u in range(len(rb.minis)) for vm in self.micro_batches(rb, u)]
+        mbs = [mb for _, mb in views]
+        old = self.logprobs(self.session.chunks, mbs, with_stats=True)
+        ref = self.logprobs(self.ref_chunks, mbs, with_stats=False) if self.ref_chunks is not None else None
+        stats: dict = {}
+        if old:  # the last pipeline stage holds the results; the other stages never evaluate the loss
+            rb.data["old_logp"] = torch.zeros_like(rb.data["mask"])
+            for (idx, _), o in zip(views, old):
+                rb.data["old_logp"][idx] = o["logp"]
+            if ref is not None:
+                rb.data["ref_logp"] = torch.zeros_like(rb.data["mask"])
+                for (idx, _), r in zip(views, ref):
+                    rb.data["ref_logp"][idx] = r["logp"]
+            stats = self._mismatch(mbs, old)
+        return self._reduce_last_stage(stats)
+
+    def update(self, rb: RankBatch, step: int) -> dict:
+        """`rl.updates_per_batch` optimizer steps, one per mini-batch; each micro-batch is a view of `rb`, so
+        its tokens, advantages and old / reference logprobs are those of the same rows."""
+        s, k = self.session, len(rb.minis)
+        out: dict = {}
+        for u in range(k):
+            s.set_lr(step)
+            r = train_step(s.chunks, s.optimizer, [mb for _, mb in self.micro_batches(rb, u)], self.loss_fn, self.mesh)
+            for key, v in r.items():
+                out[key] = out.get(key, 0.0) + v / k
+        return out
+
+    def sync_weights(self):
+        """Push the updated weights into vLLM (on GPU, waking the engine first when it slept)."""
+        bucket = int(self.cfg.rollout.bucket_mb * (1 << 20))
+        if self.sleeps:
+            self.engine.wake_up(["weights"])
+        stats = self.engine.update_weights(self.session.full_state(), bucket_bytes=bucket)
+        if self.sleeps:
+            self.engine.wake_up(["kv_cache"])
+        return stats
+
     def train_step(self, step: int) -> dict:
-        rl, s = self.cfg.rl, self.session
+        """rollout -> score -> batch -> old logprobs -> k updates -> sync."""
         t = {"t0": time.time()}
-        ro = self.rollout(step)
+        ro = self.rollout(step)  # generates and scores
+        if self.sleeps:  # free the KV cache (and offload vLLM's weights) while the trainer uses the GPU
+            self.engine.sleep()
         t["rollout"] = time.time()
         batch = self.build_batch(ro)
-        n = len(ro.response_ids)
-        all_rows = slice(0, n)
-        mbs = self._micro_batches(batch, all_rows)
-        old = self.logprobs(s.chunks, mbs, with_stats=True)
-        ref = self.logprobs(self.ref_chunks, mbs, with_stats=False) if self.ref_chunks is not None else None
+        rb = self.rank_batch(batch)
+        metrics = self.old_logprobs(rb)
         t["logprob"] = time.time()
-        metrics: dict = {}
-        if old:  # last pipeline stage: attach and compare with vLLM
-            for i, mb in enumerate(mbs):
-                mb["old_logp"] = old[i]["logp"]
-                if ref is not None:
-                    mb["ref_logp"] = ref[i]["logp"]
-            metrics.update(self._mismatch(mbs, old))
-        metrics = self._reduce_last_stage(metrics)
-        # policy update: `updates_per_batch` optimizer steps on consecutive mini-batches
-        k = rl.updates_per_batch
-        if n % k or (n // k) % self.mesh.dp:
-            raise ConfigError(f"{n} samples do not split into rl.updates_per_batch={k} mini-batches of a multiple of dp={self.mesh.dp}")
-        train_metrics: dict = {}
-        for u in range(k):
-            rows = slice(u * n // k, (u + 1) * n // k)
-            norm = self._normalizer(batch["mask"][rows])
-            mini = self._micro_batches(batch, rows)
-            if old:
-                off = u * len(mini)
-                for j, mb in enumerate(mini):
-                    mb["old_logp"] = mbs[off + j]["old_logp"]
-                    if "ref_logp" in mbs[off + j]:
-                        mb["ref_logp"] = mbs[off + j]["ref_logp"]
-            for mb in mini:
-                mb["normalizer"] = max(norm, 1.0)
-            s.set_lr(step)
-            r = train_step(s.chunks, s.optimizer, mini, self.loss_fn, self.mesh)
-            for key, v in r.items():
-                train_metrics[key] = train_metrics.get(key, 0.0) + v / k
+        train_metrics = self.update(rb, step)
         t["train"] = time.time()
-        sync = self.engine.update_weights(s.full_state(), bucket_bytes=int(self.cfg.rollout.bucket_mb * (1 << 20)))
+        sync = self.sync_weights()
         t["sync"] = time.time()
+        metrics.update(self._step_metrics(ro, batch, train_metrics, sync, t))
+        self.last_rollout = ro
+        return metrics
+
+    def _step_metrics(self, ro: Rollout, batch: dict, train_metrics: dict, sync, t: dict) -> dict:
+        n = len(ro.response_ids)
         tok = max(train_metrics.get("tok", 0.0), 1.0)
         resp = batch["resp_len"]
         comps = {f"reward/{k}": sum(v) / len(v) for k, v in ro.components.items()}
-        metrics.update(comps)
+        metrics = dict(comps)
         for short, key in (("accuracy", "reward/accuracy"), ("format_rate", "reward/format")):
             if key in comps:
                 metrics[short] = comps[key]
@@ -281,7 +346,7 @@ class GRPOTrainer:
             "loss": train_metrics.get("loss", 0.0), "grad_norm": train_metrics.get("grad_norm", 0.0),
             "clip_fraction": train_metrics.get("clip_frac_sum", 0.0) / tok,
             "kl": train_metrics.get("kl_sum", 0.0) / tok,
-            "lr": s.optimizer.lr,
+            "lr": self.session.optimizer.lr,
             "time/rollout": t["rollout"] - t["t0"], "time/reward": self._reward_time,
             "time/logprob": t["logprob"] - t["rollout"], "time/train": t["train"] - t["logprob"],
             "time/sync": t["sync"] - t["train"], "time/step": t["sync"] - t["t0"],
@@ -289,7 +354,6 @@ class GRPOTrainer:
             "tokens_per_s": float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids))) /
                             max(t["sync"] - t["t0"], 1e-9),
         })
-        self.last_rollout = ro
         return metrics
 
     def _mismatch(self, mbs: list[dict], old: list[dict]) -> dict:
