@@ -2,7 +2,10 @@
 
 Notable choices
 - One source of truth: the dataclasses below. YAML and `a.b=c` overrides are validated against their
-  field types once, in `load_config`; an unknown key or a wrong type is a `ConfigError` naming the key.
+  field types once, in `load_config`; an unknown key, a wrong type or a value outside a `Literal[...]`
+  field's choices is a `ConfigError` naming the key (and the allowed values).
+- Rules that involve several fields or the world size live in ONE function, `validate(cfg, world_size)`,
+  called by every trainer before it builds a model or an engine, and by the dry run for the planned world.
 - `ModelConfig` field names are Hugging Face `config.json` names, so a real DeepSeek-V3 / Qwen2 / Llama
   config loads with `ModelConfig.from_hf_dict` (HF metadata keys we do not model are ignored there, and
   only there: a user's YAML with a typo is an error).
@@ -19,7 +22,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -31,7 +34,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"  # deepseek_v3 | qwen2 | llama
+    model_type: Literal["deepseek_v3", "qwen2", "llama"] = "deepseek_v3"
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense FFN width (first_k_dense_replace layers, dense students)
@@ -39,7 +42,7 @@ class ModelConfig:
     num_attention_heads: int = 128
     num_key_value_heads: int = 128  # GQA for dense students; MLA ignores it
     head_dim: int | None = None  # dense students: defaults to hidden_size // num_attention_heads
-    hidden_act: str = "silu"
+    hidden_act: Literal["silu"] = "silu"  # SwiGLU: DeepSeek-V3, Qwen2 and Llama all use silu
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2 has it)
@@ -63,8 +66,8 @@ class ModelConfig:
     routed_scaling_factor: float = 2.5
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
+    scoring_func: Literal["sigmoid"] = "sigmoid"  # DeepSeek-V3's router; V2's softmax is not modelled
+    topk_method: Literal["noaux_tc"] = "noaux_tc"
     # rope / yarn
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
@@ -97,8 +100,6 @@ class ModelConfig:
         return self.is_moe and layer >= self.first_k_dense_replace
 
     def validate(self) -> None:
-        if self.model_type not in ("deepseek_v3", "qwen2", "llama"):
-            raise ConfigError(f"model.model_type={self.model_type!r}: expected deepseek_v3, qwen2 or llama")
         if self.is_moe:
             e, g = self.n_routed_experts, self.n_group
             if e % g:
@@ -109,8 +110,6 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the "
                     f"selected groups (topk_group {self.topk_group} × {e // g} experts/group)")
-            if self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc":
-                raise ConfigError("only scoring_func=sigmoid with topk_method=noaux_tc (DeepSeek-V3) is supported")
         if not self.is_mla and self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"model.num_key_value_heads={self.num_key_value_heads} does not divide "
                               f"num_attention_heads={self.num_attention_heads}")
@@ -246,7 +245,7 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1234
-    params_dtype: str = "bfloat16"  # float32 | bfloat16 (weights are the compute dtype; fp32 masters)
+    params_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # weights are the compute dtype; fp32 masters
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -254,7 +253,7 @@ class TrainConfig:
     lr: float = 3e-6
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"  # constant | cosine | linear
+    lr_decay_style: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -263,7 +262,6 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int = 0  # steps; 0 = only at the end
     keep_last: int = 3
-    log_interval: int = 1
 
 
 # ------------------------------------------------------------------------------------------------ RL
@@ -271,21 +269,21 @@ class TrainConfig:
 class RLConfig:
     group_size: int = 16  # G samples per prompt
     prompts_per_step: int = 32
-    max_prompt_len: int = 1024
+    max_prompt_len: int = 1024  # tokens; with max_response_len it must fit rollout.max_model_len
     max_response_len: int = 8192
     temperature: float = 1.0
     top_p: float = 1.0
     eps_low: float = 0.2  # clip ratio below 1
     eps_high: float = 0.2  # clip ratio above 1 (DAPO clip-higher: 0.28)
     beta: float = 0.001  # KL(k3) weight; 0 = no reference model
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     adv_std_norm: bool = True  # False: Dr. GRPO (no std division)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
-    overlong: str = "none"  # none | filter | penalty
+    overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: drop or penalise truncated responses
     overlong_buffer: int = 0  # tokens of the soft penalty ramp
     updates_per_batch: int = 1  # optimizer steps per rollout batch
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
-    template: str = "r1_zero"
+    template: str = "r1_zero"  # a registered template (data/templates.py): r1_zero, chat, r1_chat, ...
 
 
 @dataclass
@@ -300,10 +298,10 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     train_path: str | None = None  # prompts: JSONL or Parquet
-    eval_path: str | None = None
+    eval_path: str | None = None  # held-out prompts for grpo --eval-every (the --eval flag wins)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
-    on_error: str = "skip"  # skip | raise: malformed rows
+    on_error: Literal["skip", "raise"] = "skip"  # malformed prompt rows
     tokenizer: str | None = None  # HF tokenizer dir or sentencepiece .model
 
 
@@ -371,6 +369,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -518,3 +521,71 @@ def load_config(source: str | dict | None = None, overrides: list[str] | tuple =
     cfg = Config(**{k: _build(cls, sections.get(k, {}), k) for k, cls in _SECTIONS.items()}, run_dir=run_dir)
     cfg.model.validate()
     return cfg
+
+
+# ------------------------------------------------------------------------------ cross-field checks
+def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
+    """Every rule that involves several fields or the world size, checked once before anything is built
+    (the trainers call it before the model and the engine; the dry run with the planned world).
+    `rl`: also the GRPO / rollout rules. Returns dp. Raises ConfigError naming the keys."""
+    from megatron_r1.parallel.mesh import validate_layout  # parallel/ imports this module
+    cfg.model.validate()
+    par, train = cfg.parallel, cfg.train
+    dp = validate_layout(world_size, par, cfg.model)
+    if train.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} must be >= 1")
+    if train.lr_warmup_steps < 0 or train.train_steps < 0 or train.save_interval < 0:
+        raise ConfigError("train.lr_warmup_steps, train.train_steps and train.save_interval must be >= 0")
+    if not rl:
+        return dp
+    r, ro = cfg.rl, cfg.rollout
+    if r.prompts_per_step < 1 or r.group_size < 1:
+        raise ConfigError(f"rl.prompts_per_step={r.prompts_per_step} and rl.group_size={r.group_size} must be >= 1")
+    n = r.prompts_per_step * r.group_size
+    k = r.updates_per_batch
+    if k < 1 or n % k or (n // k) % dp:
+        raise ConfigError(f"rl.prompts_per_step·group_size = {r.prompts_per_step}·{r.group_size} = {n} samples must "
+                          f"split into rl.updates_per_batch={k} mini-batches, each a multiple of dp={dp}")
+    if par.vpp > 1:
+        per_rank = n // k // dp
+        micro = -(-per_rank // train.micro_batch_size)
+        if micro % par.pp:
+            raise ConfigError(f"interleaved pipelining needs the micro-batches of an update ({micro} = "
+                              f"ceil({per_rank} rows / train.micro_batch_size={train.micro_batch_size})) to be a "
+                              f"multiple of parallel.pp={par.pp}")
+    if par.cp > 1 and r.loss_agg == "seq_mean_token_mean":
+        # each cp rank sees part of a sequence: a per-sequence token mean is not a sum over ranks
+        raise ConfigError("rl.loss_agg=seq_mean_token_mean is not layout-invariant with parallel.cp > 1; "
+                          "use token_mean or seq_mean_token_sum_norm")
+    if ro.tp < 1 or world_size % ro.tp:
+        raise ConfigError(f"rollout.tp={ro.tp} does not divide the world size {world_size}")
+    replicas = world_size // ro.tp
+    if r.prompts_per_step % replicas:
+        raise ConfigError(f"rl.prompts_per_step={r.prompts_per_step} is not divisible by the {replicas} rollout "
+                          f"replicas (world {world_size} / rollout.tp {ro.tp})")
+    if r.max_prompt_len < 1 or r.max_prompt_len + 1 > ro.max_model_len:
+        raise ConfigError(f"rl.max_prompt_len={r.max_prompt_len} leaves no room for a response in "
+                          f"rollout.max_model_len={ro.max_model_len} (needs max_prompt_len + 1 <= max_model_len)")
+    if r.max_response_len < 1:
+        raise ConfigError(f"rl.max_response_len={r.max_response_len} must be >= 1")
+    if r.overlong == "penalty" and not 0 < r.overlong_buffer <= r.max_response_len:
+        raise ConfigError(f"rl.overlong=penalty needs 0 < rl.overlong_buffer <= rl.max_response_len "
+                          f"(got {r.overlong_buffer}, {r.max_response_len})")
+    if not (0 < r.temperature) or not (0 < r.top_p <= 1):
+        raise ConfigError(f"rl.temperature={r.temperature} must be > 0 and rl.top_p={r.top_p} in (0, 1]")
+    if r.beta < 0 or r.eps_low < 0 or r.eps_high < 0:
+        raise ConfigError("rl.beta, rl.eps_low and rl.eps_high must be >= 0")
+    if not 0 < ro.gpu_memory_utilization <= 1 or ro.bucket_mb <= 0:
+        raise ConfigError(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization} must be in (0, 1] and "
+                          f"rollout.bucket_mb={ro.bucket_mb} > 0")
+    from megatron_r1.data.templates import _TEMPLATES, get_template
+    try:
+        get_template(r.template)
+    except KeyError:
+        raise ConfigError(f"rl.template={r.template!r}: expected one of {', '.join(sorted(_TEMPLATES))}") from None
+    from megatron_r1.rl.rewards import list_rewards
+    unknown = [name for name in r.rewards if name not in list_rewards()]
+    if unknown or not r.rewards:
+        raise ConfigError(f"rl.rewards: unknown {', '.join(map(repr, unknown)) or '(none given)'}; registered: "
+                          f"{', '.join(list_rewards())}")
+    return dp

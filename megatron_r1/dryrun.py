@@ -33,7 +33,7 @@ import os
 import socket
 import sys
 
-from megatron_r1.config import Config, ConfigError
+from megatron_r1.config import Config, ConfigError, validate
 
 GPU_ENV = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE")
 
@@ -286,16 +286,13 @@ def grpo(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
     mult = 2 * cfg.parallel.cp * cfg.parallel.tp if cfg.parallel.cp > 1 else cfg.parallel.tp
     seq = -(-seq // mult) * mult  # the trainer pads to this multiple (rl/trainer.py pad_multiple)
     n = rl.prompts_per_step * rl.group_size
-    if rl.updates_per_batch < 1 or n % rl.updates_per_batch:
-        raise ConfigError(f"rl.prompts_per_step·group_size = {n} is not divisible by "
-                          f"rl.updates_per_batch={rl.updates_per_batch}")
 
     def batch_checks(r: Report, world: int, plan) -> None:
-        replicas = world // cfg.rollout.tp if world % cfg.rollout.tp == 0 else None
-        if replicas and rl.prompts_per_step % replicas:
-            r.problem(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {replicas} rollout "
-                      f"replicas (world {world} / rollout.tp {cfg.rollout.tp})")
-        if cfg.rollout.max_model_len < seq - mult + 1:
+        try:  # the trainer's own checks (config.validate), for the planned world
+            validate(cfg, world, rl=True)
+        except ConfigError as e:
+            r.problem(str(e))
+        if rl.max_prompt_len + rl.max_response_len > cfg.rollout.max_model_len:
             r.warn(f"rollout.max_model_len={cfg.rollout.max_model_len} < max_prompt_len + max_response_len = "
                    f"{rl.max_prompt_len + rl.max_response_len}: responses are cut to fit")
 
@@ -306,7 +303,7 @@ def grpo(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
         paths.append(lambda r: _check_file(r, "tokenizer (data.tokenizer)", tok))
     if getattr(a, "eval", None):
         paths.append(lambda r: _check_file(r, "eval prompts (--eval)", a.eval))
-    return run("grpo", a, cfg, argv, seq_length=seq, global_batch_size=n // rl.updates_per_batch, paths=paths,
+    return run("grpo", a, cfg, argv, seq_length=seq, global_batch_size=n // max(rl.updates_per_batch, 1), paths=paths,
                needs_vllm=True, extra_checks=[batch_checks])
 
 

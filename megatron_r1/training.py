@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.ckpt.hf import hf_names, load_hf_weights, save_hf
-from megatron_r1.config import Config, ConfigError
+from megatron_r1.config import Config, ConfigError, validate
 from megatron_r1.metrics import MetricsLogger
 from megatron_r1.parallel.launch import init_distributed
 from megatron_r1.parallel.mesh import ParallelMesh
@@ -53,10 +53,12 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 class TrainSession:
-    def __init__(self, cfg: Config, init_hf: str | None = None, desc: str = "train", logger: bool = True):
+    def __init__(self, cfg: Config, init_hf: str | None = None, desc: str = "train", logger: bool = True,
+                 rl: bool = False):
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.env = current_dist_env() or init_distributed()
+        validate(cfg, self.env.world_size, rl=rl)  # every cross-field rule, before a model or engine exists
         self.mesh = ParallelMesh.build(cfg.parallel, cfg.model)
         self.chunks = build_parallel_model(cfg, self.mesh)
         if init_hf:

@@ -98,13 +98,10 @@ class GRPOTrainer:
     def __init__(self, cfg: Config, init_hf: str, train_path: str | None = None, eval_set=None):
         self.cfg = cfg
         rl = cfg.rl
-        if rl.prompts_per_step * rl.group_size == 0:
-            raise ConfigError("rl.prompts_per_step and rl.group_size must be > 0")
-        if cfg.parallel.cp > 1 and rl.loss_agg == "seq_mean_token_mean":
-            # each cp rank sees part of a sequence: a per-sequence token mean is not a sum over ranks
-            raise ConfigError("rl.loss_agg=seq_mean_token_mean is not layout-invariant with parallel.cp > 1; "
-                              "use token_mean or seq_mean_token_sum_norm")
-        self.session = TrainSession(cfg, init_hf=init_hf, desc="grpo")
+        path = train_path or cfg.data.train_path
+        if not path:
+            raise ConfigError("grpo needs prompts: data.train_path")
+        self.session = TrainSession(cfg, init_hf=init_hf, desc="grpo", rl=True)  # validates cfg first
         s, mesh = self.session, self.session.mesh
         for c in s.chunks:  # the GRPO loss reads the main head only: skip the MTP modules' forward
             c.use_mtp = False
@@ -125,9 +122,6 @@ class GRPOTrainer:
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
                                     tensor_parallel_size=cfg.rollout.tp,
                                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-        path = train_path or cfg.data.train_path
-        if not path:
-            raise ConfigError("grpo needs prompts: data.train_path")
         self.dataset = load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error)
         if s.is_main and self.dataset.skipped:
             s.logger.write(f"data: skipped {self.dataset.skipped} malformed rows of {path}")
@@ -145,12 +139,11 @@ class GRPOTrainer:
         rl = self.cfg.rl
         examples = next(self.loader)
         prompts = [self.tok.encode(render_prompt(rl.template, e.prompt), bos=True) for e in examples]
-        if len(prompts) % self.replicas:
-            raise ConfigError(f"rl.prompts_per_step={len(prompts)} is not divisible by the {self.replicas} "
-                              f"rollout replicas (world {self.world} / rollout.tp {self.cfg.rollout.tp})")
-        per = len(prompts) // self.replicas
+        per = len(prompts) // self.replicas  # validate() made it divide
         lo, hi = self.replica * per, (self.replica + 1) * per
-        max_new = min(rl.max_response_len, self.cfg.rollout.max_model_len - max(map(len, prompts)))
+        # a fixed budget from rl.max_prompt_len (not from this batch's longest prompt), never past the engine
+        room = self.cfg.rollout.max_model_len - max(rl.max_prompt_len, *map(len, prompts))
+        max_new = min(rl.max_response_len, room)
         groups = self.engine.generate(prompts[lo:hi], n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                       max_tokens=max_new, seed=self.cfg.train.seed + 7919 * step + lo * rl.group_size)
         samples = [smp for g in groups for smp in g]
@@ -446,7 +439,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megatron-r1 grpo", description="R1-Zero / R1 GRPO")
     ap.add_argument("--config", required=True)
     ap.add_argument("--init-hf", required=True, help="the base policy (HF dir with tokenizer)")
-    ap.add_argument("--eval", default=None, help="held-out prompts evaluated every --eval-every steps")
+    ap.add_argument("--eval", default=None, help="held-out prompts evaluated every --eval-every steps "
+                                                 "(default: data.eval_path)")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--export-hf", default=None)
     ap.add_argument("overrides", nargs="*")
@@ -456,7 +450,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:  # before anything allocates or joins a process group
         return dryrun.grpo(a, cfg, argv)
-    eval_set = list(load_prompts(a.eval)) if a.eval else None
+    eval_path = a.eval or cfg.data.eval_path
+    eval_set = list(load_prompts(eval_path)) if eval_path else None
     trainer = GRPOTrainer(cfg, a.init_hf, eval_set=eval_set)
     trainer.resume()
     trainer.fit(eval_every=a.eval_every)
