@@ -281,7 +281,14 @@ class RLConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (DAPO)
     overlong: Literal["none", "filter", "penalty"] = "none"  # DAPO: drop or penalise truncated responses
     overlong_buffer: int = 0  # tokens of the soft penalty ramp
-    updates_per_batch: int = 1  # optimizer steps per rollout batch
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (mini-batches)
+    ppo_epochs: int = 1  # μ passes over each rollout batch, each of updates_per_batch steps
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"  # rl/grpo.py policy_loss
+    dual_clip_c: float | None = None  # dual-clip PPO: cap negative-advantage losses at c·|A| (e.g. 3.0)
+    rollout_is: Literal["none", "tis", "mis"] = "none"  # correct the vLLM/trainer mismatch: truncated / masked IS
+    rollout_is_level: Literal["token", "sequence"] = "token"
+    rollout_is_cap: float = 2.0  # C: TIS truncates weights at C; MIS drops ratios outside [1/C, C]
+    dynamic_sampling_max_rounds: int = 0  # DAPO refill: extra rollout rounds to replace all-equal groups
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     template: str = "r1_zero"  # a registered template (data/templates.py): r1_zero, chat, r1_chat, ...
 
@@ -575,6 +582,16 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
         raise ConfigError(f"rl.temperature={r.temperature} must be > 0 and rl.top_p={r.top_p} in (0, 1]")
     if r.beta < 0 or r.eps_low < 0 or r.eps_high < 0:
         raise ConfigError("rl.beta, rl.eps_low and rl.eps_high must be >= 0")
+    if r.ppo_epochs < 1:
+        raise ConfigError(f"rl.ppo_epochs={r.ppo_epochs} must be >= 1")
+    if r.dual_clip_c is not None and (r.dual_clip_c <= 1 or r.policy_loss != "ppo"):
+        raise ConfigError(f"rl.dual_clip_c={r.dual_clip_c} must be > 1 and needs rl.policy_loss=ppo "
+                          f"(got {r.policy_loss})")
+    if r.rollout_is != "none" and r.rollout_is_cap <= 1:
+        raise ConfigError(f"rl.rollout_is_cap={r.rollout_is_cap} must be > 1")
+    if r.dynamic_sampling_max_rounds < 0 or (r.dynamic_sampling_max_rounds and not r.dynamic_sampling):
+        raise ConfigError(f"rl.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0 and needs "
+                          f"rl.dynamic_sampling=true")
     if not 0 < ro.gpu_memory_utilization <= 1 or ro.bucket_mb <= 0:
         raise ConfigError(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization} must be in (0, 1] and "
                           f"rollout.bucket_mb={ro.bucket_mb} > 0")

@@ -26,6 +26,21 @@ Notable choices:
   batch, whatever the split. (If the gradient reduction averages over ``dp`` ranks, as DDP
   does, pass ``normalizer / dp`` instead.) Without ``normalizer`` the local count is used:
   the plain single-batch loss.
+- Policy-loss family (``policy_loss``), each per token before aggregation:
+    ``ppo``    PPO/GRPO clipped surrogate, ``max(-A·r, -A·clip(r, 1-eps_low, 1+eps_high))``; with
+               ``dual_clip_c`` (> 1) the loss of a negative-advantage token is capped at ``-c·A``
+               (dual-clip PPO, Ye et al. 2020): a huge ratio on a bad token cannot blow the step up.
+    ``gspo``   GSPO (Zheng et al. 2025): one ratio per sequence, ``s = exp(mean_t(logp - old))``
+               (length-normalised), clipped at sequence level; every token of a sequence carries
+               ``max(-A·s, -A·clip(s))`` and the gradient of ``s`` (sg[s]·r_t/sg[r_t] per token).
+    ``cispo``  CISPO (MiniMax-M1): ``-sg[min(r, 1+eps_high)]·A·logp``: the IS weight is clipped and
+               stop-gradient, and every token keeps its gradient (nothing is zeroed by the clip).
+- Rollout/trainer mismatch correction (``rollout_is_weights``): the ratio ``pi_old/pi_rollout``
+  of the same tokens (trainer vs vLLM logprobs of the same weights), per token or per sequence
+  (product over its tokens), either truncated at C (TIS: weight ``min(ratio, C)``) or masked
+  (MIS: tokens / sequences with a ratio outside [1/C, C] get weight 0 and drop out of the loss, but
+  not out of the normaliser). The weights are constants (no gradient) that multiply the per-token
+  policy loss (not the KL term).
 - Metrics are detached 0-dim tensors over the local valid tokens (no ``.item()`` sync); the
   trainer reduces them across ranks if it wants global numbers.
 """
@@ -35,6 +50,8 @@ from __future__ import annotations
 import torch
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
+IS_MODES = ("none", "tis", "mis")
 _MAX_LOG_RATIO = 20.0
 
 
@@ -145,6 +162,93 @@ def agg_loss(
     return total / normalizer
 
 
+def policy_loss(
+    logp_BT: torch.Tensor,
+    old_BT: torch.Tensor,
+    adv_B1: torch.Tensor,
+    mask_BT: torch.Tensor,
+    kind: str = "ppo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token policy loss [B, T] of one of ``POLICY_LOSSES`` (see the module docstring); also the
+    ratio the clip acted on [B, T] and a float mask of where the clip bound [B, T]."""
+    if kind not in POLICY_LOSSES:
+        raise ValueError(f"policy loss {kind!r}; choose from {POLICY_LOSSES}")
+    log_ratio_BT = (logp_BT - old_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    if kind == "gspo":
+        # s_B = exp(mean over the sequence's valid tokens of the log-ratio); per token sg[s]·r_t/sg[r_t]
+        # has the value of s and the gradient s·d(log r_t)/|y| summed over tokens = d s
+        count_B1 = mask_BT.sum(-1, keepdim=True).clamp(min=1)
+        seq_log_B1 = (log_ratio_BT * mask_BT).sum(-1, keepdim=True) / count_B1
+        ratio_BT = torch.exp(seq_log_B1.detach() + log_ratio_BT - log_ratio_BT.detach()).expand_as(log_ratio_BT)
+    else:
+        ratio_BT = torch.exp(log_ratio_BT)
+    if kind == "cispo":
+        weight_BT = ratio_BT.detach().clamp(max=1 + eps_high)
+        loss_BT = -adv_B1 * weight_BT * logp_BT
+        clipped_BT = (ratio_BT.detach() > 1 + eps_high).to(logp_BT.dtype)
+        return loss_BT, ratio_BT, clipped_BT
+    unclipped_BT = -adv_B1 * ratio_BT
+    clipped_loss_BT = -adv_B1 * ratio_BT.clamp(1 - eps_low, 1 + eps_high)
+    # max of the two losses = min of the two objectives: the pessimistic PPO bound
+    loss_BT = torch.maximum(unclipped_BT, clipped_loss_BT)
+    clipped_BT = (clipped_loss_BT > unclipped_BT).to(logp_BT.dtype)
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1:
+            raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1")
+        cap_BT = -adv_B1 * dual_clip_c  # > 0 where A < 0
+        dual_BT = (adv_B1 < 0) & (loss_BT > cap_BT)
+        loss_BT = torch.where(dual_BT, cap_BT.expand_as(loss_BT), loss_BT)
+        clipped_BT = torch.maximum(clipped_BT, dual_BT.to(clipped_BT.dtype))
+    return loss_BT, ratio_BT, clipped_BT
+
+
+def rollout_is_weights(
+    old_BT: torch.Tensor,
+    rollout_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    mode: str = "tis",
+    level: str = "token",
+    cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights for the rollout/trainer mismatch: (weights [B, T], metrics).
+
+    ratio = pi_old(trainer) / pi_rollout(vLLM) per token, or per sequence (the product over its valid
+    tokens, broadcast to them). TIS: weight min(ratio, cap). MIS: weight 1 inside [1/cap, cap] and 0 outside
+    (the token, or the whole sequence, leaves the loss; it stays in the normaliser, so the loss scale does
+    not depend on how many tokens the mismatch dropped and no collective is needed). No gradient."""
+    if mode not in IS_MODES or mode == "none":
+        raise ValueError(f"rollout IS mode {mode!r}; choose from tis, mis")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"rollout IS level {level!r}; choose from token, sequence")
+    if cap <= 1:
+        raise ValueError(f"rollout IS cap={cap} must be > 1")
+    with torch.no_grad():
+        mask_BT = mask_BT.to(old_BT.dtype)
+        log_BT = ((old_BT - rollout_BT) * mask_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        if level == "sequence":
+            log_BT = log_BT.sum(-1, keepdim=True).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).expand_as(log_BT)
+        ratio_BT = torch.exp(log_BT)
+        if mode == "tis":
+            weight_BT = ratio_BT.clamp(max=cap)
+            hit_BT = (ratio_BT > cap).to(mask_BT.dtype)
+        else:
+            weight_BT = ((ratio_BT >= 1 / cap) & (ratio_BT <= cap)).to(mask_BT.dtype)
+            hit_BT = 1 - weight_BT
+        valid = mask_BT > 0
+        one = ratio_BT.new_tensor(1.0)
+        metrics = {
+            "is_ratio_mean": masked_mean(ratio_BT, mask_BT),
+            "is_ratio_max": torch.where(valid.any(), ratio_BT.masked_fill(~valid, -torch.inf).amax(), one),
+            "is_ratio_min": torch.where(valid.any(), ratio_BT.masked_fill(~valid, torch.inf).amin(), one),
+            "is_weight_mean": masked_mean(weight_BT, mask_BT),
+            "is_clipped_frac": masked_mean(hit_BT, mask_BT),  # truncated (TIS) or masked (MIS) tokens
+        }
+    return weight_BT * mask_BT, metrics
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -157,12 +261,16 @@ def grpo_loss(
     loss_agg: str = "token_mean",
     normalizer: torch.Tensor | float | None = None,
     max_length: int | None = None,
+    policy: str = "ppo",
+    dual_clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + beta·k3 KL.
+    """Policy loss (``policy``: ppo / gspo / cispo, optional dual clip) + beta·k3 KL.
 
-    logp [B, T] (current policy, carries grad), old_logp [B, T] (rollout policy),
-    advantages [B] (one per sequence, broadcast over its tokens), mask [B, T],
-    ref_logp [B, T] or None (needed when beta > 0; if given with beta = 0 the KL is only logged).
+    logp [B, T] (current policy, carries grad), old_logp [B, T] (the policy that sampled, as the trainer
+    computes it), advantages [B] (one per sequence, broadcast over its tokens), mask [B, T],
+    ref_logp [B, T] or None (needed when beta > 0; if given with beta = 0 the KL is only logged),
+    is_weights [B, T] or None (rollout-mismatch importance weights, constants; see rollout_is_weights).
     Returns (scalar loss, metrics).
     """
     if beta > 0 and ref_logp is None:
@@ -173,12 +281,10 @@ def grpo_loss(
     mask_BT = mask.to(dtype)
     adv_B1 = advantages.to(dtype).unsqueeze(-1)
 
-    log_ratio_BT = (logp_BT - old_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio_BT = torch.exp(log_ratio_BT)
-    pg_unclipped_BT = -adv_B1 * ratio_BT
-    pg_clipped_BT = -adv_B1 * ratio_BT.clamp(1 - eps_low, 1 + eps_high)
-    # max of the two losses = min of the two objectives: the pessimistic PPO bound.
-    pg_BT = torch.maximum(pg_unclipped_BT, pg_clipped_BT)
+    pg_BT, ratio_BT, clipped_BT = policy_loss(logp_BT, old_BT, adv_B1, mask_BT, policy, eps_low, eps_high,
+                                              dual_clip_c)
+    if is_weights is not None:
+        pg_BT = pg_BT * is_weights.to(dtype).detach()
     per_token_BT = pg_BT
 
     metrics: dict[str, torch.Tensor] = {}
@@ -191,7 +297,7 @@ def grpo_loss(
     loss = agg_loss(per_token_BT, mask_BT, loss_agg, normalizer, max_length)
 
     with torch.no_grad():
-        clipped_BT = (pg_clipped_BT > pg_unclipped_BT).float()
+        ratio_BT = ratio_BT.detach()
         valid = mask_BT > 0
         metrics["pg_loss"] = agg_loss(pg_BT, mask_BT, loss_agg, normalizer, max_length).detach()
         metrics["clip_frac"] = masked_mean(clipped_BT, mask_BT)

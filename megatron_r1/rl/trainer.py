@@ -51,9 +51,22 @@ class Rollout:
     rewards: list[float]
     components: dict[str, list[float]]
 
+    def select_groups(self, groups: list[int], group_size: int) -> "Rollout":
+        """The samples of the given prompt groups, in that order."""
+        idx = [g * group_size + j for g in groups for j in range(group_size)]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Rollout(pick(self.prompt_ids), pick(self.response_ids), pick(self.vllm_logprobs), pick(self.truncated),
+                       pick(self.texts), pick(self.rewards), {k: pick(v) for k, v in self.components.items()})
+
+    def __add__(self, other: "Rollout") -> "Rollout":
+        return Rollout(self.prompt_ids + other.prompt_ids, self.response_ids + other.response_ids,
+                       self.vllm_logprobs + other.vllm_logprobs, self.truncated + other.truncated,
+                       self.texts + other.texts, self.rewards + other.rewards,
+                       {k: v + other.components[k] for k, v in self.components.items()})
+
 
 # per-row tensors a rank keeps of the global batch (old_logp / ref_logp are added by the logprob pass)
-ROW_KEYS = ("input_ids", "mask", "advantages", "vllm_logprobs")
+ROW_KEYS = ("input_ids", "mask", "advantages", "vllm_logprobs")  # + old_logp, ref_logp, is_weight later
 
 
 def update_shares(n: int, updates: int, dp: int, dp_rank: int) -> list[tuple[int, int]]:
@@ -131,11 +144,13 @@ class GRPOTrainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.replicas = self.world // cfg.rollout.tp
         self.replica = s.env.rank // cfg.rollout.tp
+        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64)  # max ratio, -min ratio (update())
         # vLLM's CPU worker implements sleep as a no-op, so only a GPU engine sleeps between phases
         self.sleeps = cfg.rollout.sleep_between_steps and self.engine.on_gpu
 
     # ------------------------------------------------------------------------------------- rollout
-    def rollout(self, step: int) -> Rollout:
+    def rollout(self, step: int, round: int = 0) -> Rollout:
+        """One round of generation and scoring for the step's next `prompts_per_step` prompts."""
         rl = self.cfg.rl
         examples = next(self.loader)
         prompts = [self.tok.encode(render_prompt(rl.template, e.prompt), bos=True) for e in examples]
@@ -145,7 +160,8 @@ class GRPOTrainer:
         room = self.cfg.rollout.max_model_len - max(rl.max_prompt_len, *map(len, prompts))
         max_new = min(rl.max_response_len, room)
         groups = self.engine.generate(prompts[lo:hi], n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
-                                      max_tokens=max_new, seed=self.cfg.train.seed + 7919 * step + lo * rl.group_size)
+                                      max_tokens=max_new, seed=self.cfg.train.seed + 7919 * (step * (1 + rl.dynamic_sampling_max_rounds) + round)
+                                      + lo * rl.group_size)
         samples = [smp for g in groups for smp in g]
         refs = [e.answer for e in examples[lo:hi] for _ in range(rl.group_size)]
         t0 = time.time()
@@ -165,6 +181,31 @@ class GRPOTrainer:
                        response_ids=[r[0] for r in rows], vllm_logprobs=[r[1] for r in rows],
                        truncated=[r[2] for r in rows], texts=[r[3] for r in rows],
                        rewards=[v for p in parts for v in p["total"]], components=comps)
+
+    def filled_rollout(self, step: int) -> tuple[Rollout, int]:
+        """DAPO dynamic sampling with refill: groups whose rewards are all equal carry no signal; with
+        `rl.dynamic_sampling_max_rounds` > 0 more prompts are sampled (up to that many extra rounds) until
+        `prompts_per_step` informative groups are found. Short of that, the batch is completed with dropped
+        groups, which `build_batch` masks out. Every rank sees the same gathered rollouts: same decisions.
+        Returns (rollout, extra rounds used)."""
+        rl = self.cfg.rl
+        ro = self.rollout(step)
+        if not (rl.dynamic_sampling and rl.dynamic_sampling_max_rounds):
+            return ro, 0
+        g, want = rl.group_size, rl.prompts_per_step
+        informative = lambda r: grpo.dynamic_sampling_mask(torch.tensor(r.rewards), g).tolist()  # noqa: E731
+        keep = informative(ro)
+        kept = ro.select_groups([i for i, k in enumerate(keep) if k], g)
+        dropped = ro.select_groups([i for i, k in enumerate(keep) if not k], g)
+        rounds = 0
+        while len(kept.rewards) < want * g and rounds < rl.dynamic_sampling_max_rounds:
+            rounds += 1
+            more = self.rollout(step, round=rounds)
+            keep = informative(more)
+            kept = kept + more.select_groups([i for i, k in enumerate(keep) if k], g)
+            dropped = dropped + more.select_groups([i for i, k in enumerate(keep) if not k], g)
+        full = kept + dropped
+        return full.select_groups(list(range(want)), g), rounds
 
     # --------------------------------------------------------------------------------------- batch
     def build_batch(self, ro: Rollout) -> dict:
@@ -251,14 +292,18 @@ class GRPOTrainer:
         m = mb["mask"][:, tgt] * valid
         old = mb["old_logp"][:, tgt]
         ref = mb["ref_logp"][:, tgt] if "ref_logp" in mb else None
+        isw = mb["is_weight"][:, tgt] if "is_weight" in mb else None
         loss, met = grpo.grpo_loss(lp, old, mb["advantages"], m, ref_logp=ref, eps_low=rl.eps_low, eps_high=rl.eps_high,
                                    beta=rl.beta, loss_agg=rl.loss_agg, normalizer=mb["normalizer"],
-                                   max_length=rl.max_response_len)
+                                   max_length=rl.max_response_len, policy=rl.policy_loss, dual_clip_c=rl.dual_clip_c,
+                                   is_weights=isw)
         # sums, so the runtime's sum over micro-batches and ranks gives the global value
         metrics = {"tok": m.sum().detach()}
-        for k, v in met.items():
-            if torch.is_tensor(v) and v.numel() == 1 and k in ("clip_frac", "kl", "ratio_mean"):
-                metrics[k + "_sum"] = v.detach() * m.sum().detach()
+        for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "kl", "ratio_mean"):
+            if k in met:
+                metrics[k + "_sum"] = met[k].detach() * m.sum().detach()
+        # extrema cannot be summed: kept on the device, max-reduced once per step (update())
+        self._ratio_ext = torch.maximum(self._ratio_ext, torch.stack([met["ratio_max"], -met["ratio_min"]]).double())
         return loss, metrics
 
     # ---------------------------------------------------------------------------------------- step
@@ -278,19 +323,27 @@ class GRPOTrainer:
                 rb.data["ref_logp"] = torch.zeros_like(rb.data["mask"])
                 for (idx, _), r in zip(views, ref):
                     rb.data["ref_logp"][idx] = r["logp"]
-            stats = self._mismatch(mbs, old)
+            stats = self._mismatch(rb, sum(o["entropy_sum"] for o in old))
         return self._reduce_last_stage(stats)
 
     def update(self, rb: RankBatch, step: int) -> dict:
-        """`rl.updates_per_batch` optimizer steps, one per mini-batch; each micro-batch is a view of `rb`, so
-        its tokens, advantages and old / reference logprobs are those of the same rows."""
-        s, k = self.session, len(rb.minis)
+        """`rl.ppo_epochs` × `rl.updates_per_batch` optimizer steps, one per mini-batch; each micro-batch is a
+        view of `rb`, so its tokens, advantages and old / reference logprobs and IS weights are those of the
+        same rows."""
+        s, k, epochs = self.session, len(rb.minis), self.cfg.rl.ppo_epochs
         out: dict = {}
-        for u in range(k):
-            s.set_lr(step)
-            r = train_step(s.chunks, s.optimizer, [mb for _, mb in self.micro_batches(rb, u)], self.loss_fn, self.mesh)
-            for key, v in r.items():
-                out[key] = out.get(key, 0.0) + v / k
+        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64)
+        for _ in range(epochs):  # μ passes over the rollout batch (PPO epochs), each of k mini-batch updates
+            for u in range(k):
+                s.set_lr(step)
+                r = train_step(s.chunks, s.optimizer, [mb for _, mb in self.micro_batches(rb, u)], self.loss_fn,
+                               self.mesh)
+                for key, v in r.items():
+                    out[key] = out.get(key, 0.0) + v / (k * epochs)
+        ext = self._ratio_ext
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ext, op=dist.ReduceOp.MAX)
+        out["ratio_max"], out["ratio_min"] = ext[0].item(), -ext[1].item()
         return out
 
     def sync_weights(self):
@@ -306,7 +359,7 @@ class GRPOTrainer:
     def train_step(self, step: int) -> dict:
         """rollout -> score -> batch -> old logprobs -> k updates -> sync."""
         t = {"t0": time.time()}
-        ro = self.rollout(step)  # generates and scores
+        ro, extra_rounds = self.filled_rollout(step)  # generates and scores
         if self.sleeps:  # free the KV cache (and offload vLLM's weights) while the trainer uses the GPU
             self.engine.sleep()
         t["rollout"] = time.time()
@@ -319,6 +372,8 @@ class GRPOTrainer:
         sync = self.sync_weights()
         t["sync"] = time.time()
         metrics.update(self._step_metrics(ro, batch, train_metrics, sync, t))
+        if self.cfg.rl.dynamic_sampling:
+            metrics["dynamic_sampling/extra_rounds"] = float(extra_rounds)
         self.last_rollout = ro
         return metrics
 
@@ -338,6 +393,10 @@ class GRPOTrainer:
             "kept_groups": float(batch["keep"].float().mean()),
             "loss": train_metrics.get("loss", 0.0), "grad_norm": train_metrics.get("grad_norm", 0.0),
             "clip_fraction": train_metrics.get("clip_frac_sum", 0.0) / tok,
+            "clip_fraction/low": train_metrics.get("clip_frac_low_sum", 0.0) / tok,
+            "clip_fraction/high": train_metrics.get("clip_frac_high_sum", 0.0) / tok,
+            "ratio/mean": train_metrics.get("ratio_mean_sum", 0.0) / tok,
+            "ratio/max": train_metrics.get("ratio_max", 1.0), "ratio/min": train_metrics.get("ratio_min", 1.0),
             "kl": train_metrics.get("kl_sum", 0.0) / tok,
             "lr": self.session.optimizer.lr,
             "time/rollout": t["rollout"] - t["t0"], "time/reward": self._reward_time,
@@ -349,40 +408,52 @@ class GRPOTrainer:
         })
         return metrics
 
-    def _mismatch(self, mbs: list[dict], old: list[dict]) -> dict:
-        """Trainer vs vLLM logprobs of the sampled tokens (the same weights produced both)."""
-        d_sum = d_max = ratio_sum = ratio_sq = tokens = ent = 0.0
-        for mb, o in zip(mbs, old):
-            m = mb["mask"] > 0
-            if not m.any():
-                continue
-            d = (o["logp"] - mb["vllm_logprobs"])[m]
-            d_sum += float(d.abs().sum())
-            d_max = max(d_max, float(d.abs().max()))
-            ratio = torch.exp(o["logp"][m] - mb["vllm_logprobs"][m])
-            ratio_sum += float(ratio.sum())
-            ratio_sq += float((ratio - 1).pow(2).sum())
-            tokens += float(m.sum())
-            ent += o["entropy_sum"]
-        return {"_d_sum": d_sum, "_d_max": d_max, "_ratio_sum": ratio_sum, "_ratio_sq": ratio_sq, "_tokens": tokens,
-                "_ent": ent}
+    def _mismatch(self, rb: RankBatch, entropy_sum: float) -> dict:
+        """Trainer vs vLLM logprobs of the sampled tokens (the same weights produced both), and the rollout
+        importance weights when `rl.rollout_is` asks for them (stored per row in `rb`). Local sums and maxima."""
+        rl = self.cfg.rl
+        mask = rb.data["mask"]
+        m = mask > 0
+        d = (rb.data["old_logp"] - rb.data["vllm_logprobs"])[m]
+        ratio = torch.exp(d)
+        tok = m.sum()
+        sums = {"d": d.abs().sum(), "ratio": ratio.sum(), "ratio_sq": (ratio - 1).pow(2).sum(), "tokens": tok,
+                "entropy": torch.tensor(entropy_sum, dtype=torch.float64)}
+        maxes = {"d": d.abs().max() if d.numel() else torch.tensor(0.0)}
+        if rl.rollout_is != "none":
+            w, met = grpo.rollout_is_weights(rb.data["old_logp"], rb.data["vllm_logprobs"], mask, rl.rollout_is,
+                                             rl.rollout_is_level, rl.rollout_is_cap)
+            rb.data["is_weight"] = w
+            sums.update(is_weight=met["is_weight_mean"] * tok, is_clipped=met["is_clipped_frac"] * tok)
+            maxes.update(is_ratio_max=met["is_ratio_max"], is_ratio_neg_min=-met["is_ratio_min"])
+        return {"sums": sums, "maxes": maxes}
 
     def _reduce_last_stage(self, m: dict) -> dict:
-        """Sum the mismatch statistics over the last stage's dp ranks (one tp/cp rank each), share with all."""
-        keys = ["_d_sum", "_ratio_sum", "_ratio_sq", "_tokens", "_ent"]
-        mesh = self.mesh
-        counts = mesh.tp_rank == 0 and mesh.cp_rank == 0 and mesh.is_last_stage
-        vals = torch.tensor([m.get(k, 0.0) if counts else 0.0 for k in keys] + [m.get("_d_max", 0.0)], dtype=torch.float64)
+        """Sum (and max) the mismatch statistics over the last stage's dp ranks (one tp/cp rank each), share
+        with all ranks: two collectives, one host transfer."""
+        rl, mesh = self.cfg.rl, self.mesh
+        sum_keys = ["d", "ratio", "ratio_sq", "tokens", "entropy"] + (["is_weight", "is_clipped"]
+                                                                       if rl.rollout_is != "none" else [])
+        max_keys = ["d"] + (["is_ratio_max", "is_ratio_neg_min"] if rl.rollout_is != "none" else [])
+        counts = bool(m) and mesh.tp_rank == 0 and mesh.cp_rank == 0 and mesh.is_last_stage
+        sums = torch.stack([m["sums"][k].double() if counts else torch.tensor(0.0, dtype=torch.float64)
+                            for k in sum_keys])
+        maxes = torch.stack([m["maxes"][k].double() if m else torch.tensor(-torch.inf, dtype=torch.float64)
+                             for k in max_keys])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            mx = vals[-1:].clone()
-            dist.all_reduce(vals)
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-            vals[-1] = mx[0]
-        d_sum, ratio_sum, ratio_sq, tokens, ent, d_max = vals.tolist()
-        tokens = max(tokens, 1.0)
-        return {"mismatch/mean_abs_logprob": d_sum / tokens, "mismatch/max_abs_logprob": d_max,
-                "mismatch/ratio_mean": ratio_sum / tokens, "mismatch/ratio_std": (ratio_sq / tokens) ** 0.5,
-                "entropy": ent / tokens}
+            dist.all_reduce(sums)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        s = dict(zip(sum_keys, sums.tolist()))
+        mx = dict(zip(max_keys, maxes.tolist()))
+        tokens = max(s["tokens"], 1.0)
+        out = {"mismatch/mean_abs_logprob": s["d"] / tokens, "mismatch/max_abs_logprob": mx["d"],
+               "mismatch/ratio_mean": s["ratio"] / tokens, "mismatch/ratio_std": (s["ratio_sq"] / tokens) ** 0.5,
+               "entropy": s["entropy"] / tokens}
+        if rl.rollout_is != "none":
+            out.update({"rollout_is/weight_mean": s["is_weight"] / tokens,
+                        "rollout_is/clipped_frac": s["is_clipped"] / tokens,
+                        "rollout_is/ratio_max": mx["is_ratio_max"], "rollout_is/ratio_min": -mx["is_ratio_neg_min"]})
+        return out
 
     # ------------------------------------------------------------------------------------ the loop
     def evaluate(self, examples, samples: int = 2) -> dict:

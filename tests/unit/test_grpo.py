@@ -224,3 +224,94 @@ def test_micro_batch_sum_matches_full_batch(agg):
     # Without the global normaliser, averaging per-part means is NOT the same loss.
     naive = sum(grpo_loss(logp[s], old[s], adv[s], mask[s], **{**kw, "ref_logp": ref[s]})[0] for s in parts) / 2
     assert naive.item() != pytest.approx(full.item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- the loss family and mismatch correction
+from megatron_r1.rl.grpo import policy_loss, rollout_is_weights  # noqa: E402
+
+
+def _leaf(values):
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+def test_dual_clip_caps_negative_advantage_losses():
+    # one sequence, three tokens with ratios 5, 2 and 0.5 (old logp 0); advantage -1; eps 0.2, c = 3
+    logp = _leaf([[math.log(5.0), math.log(2.0), math.log(0.5)]])
+    loss, _, clipped = policy_loss(logp, torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[-1.0]]),
+                                   torch.ones(1, 3), "ppo", 0.2, 0.2, dual_clip_c=3.0)
+    # PPO alone: max(r, clip(r)) = 5, 2, 0.8; the dual clip caps the first at c·|A| = 3
+    assert loss[0].tolist() == pytest.approx([3.0, 2.0, 0.8])
+    loss.sum().backward()
+    # d/dlogp of -A·r = r where the unclipped branch is active; 0 where a clip (either) bound
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 2.0, 0.0])
+    assert clipped.tolist() == [[1.0, 0.0, 1.0]]
+    # positive advantages are untouched by the dual clip
+    pos, _, _ = policy_loss(logp.detach(), torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[1.0]]),
+                            torch.ones(1, 3), "ppo", 0.2, 0.2, dual_clip_c=3.0)
+    assert pos[0].tolist() == pytest.approx([-1.2, -1.2, -0.5])
+
+
+def test_gspo_sequence_ratio_and_gradient_against_a_loop():
+    torch.manual_seed(0)
+    logp = _leaf(torch.randn(3, 4).mul(0.05).tolist())
+    old = torch.randn(3, 4, dtype=torch.float64).mul(0.05)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0], [-0.5], [2.0]], dtype=torch.float64)
+    eps = 0.03
+    loss, ratio, _ = policy_loss(logp, old, adv, mask, "gspo", eps, eps)
+    (loss * mask).sum().backward()
+    for b in range(3):
+        toks = [t for t in range(4) if mask[b, t]]
+        d = [logp[b, t].item() - old[b, t].item() for t in toks]
+        s = math.exp(sum(d) / len(d))
+        a = adv[b, 0].item()
+        want = max(-a * s, -a * min(max(s, 1 - eps), 1 + eps))
+        for t in toks:
+            assert ratio[b, t].item() == pytest.approx(s, rel=1e-12)
+            assert loss[b, t].item() == pytest.approx(want, rel=1e-12)
+            # every token of the sequence carries the sequence loss; the sum over its tokens is |y|·loss,
+            # whose gradient wrt one token's logp is |y|·(-a·s/|y|) = -a·s when unclipped, else 0
+            unclipped = -a * s >= -a * min(max(s, 1 - eps), 1 + eps)
+            assert logp.grad[b, t].item() == pytest.approx(-a * s if unclipped else 0.0, rel=1e-9, abs=1e-12)
+
+
+def test_cispo_keeps_gradients_of_clipped_tokens():
+    logp = _leaf([[math.log(2.0), math.log(1.1), math.log(0.5)]])
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    loss, _, clipped = policy_loss(logp, old, torch.tensor([[1.5]], dtype=torch.float64), torch.ones(1, 3),
+                                   "cispo", 0.2, 0.28)
+    w = [1.28, 1.1, 0.5]  # sg[min(r, 1 + eps_high)]
+    assert loss[0].tolist() == pytest.approx([-1.5 * wi * lp for wi, lp in zip(w, logp.detach()[0].tolist())])
+    loss.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.5 * wi for wi in w])  # the clipped token keeps a gradient
+    assert clipped.tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("mode,level", [("tis", "token"), ("tis", "sequence"), ("mis", "token"), ("mis", "sequence")])
+def test_rollout_is_weights_against_a_loop(mode, level):
+    torch.manual_seed(1)
+    old = torch.randn(4, 5) * 0.4
+    rollout = old + torch.randn(4, 5) * 0.4
+    mask = (torch.rand(4, 5) > 0.2).float()
+    cap = 1.5
+    w, m = rollout_is_weights(old, rollout, mask, mode, level, cap)
+    for b in range(4):
+        seq = math.exp(sum(old[b, t].item() - rollout[b, t].item() for t in range(5) if mask[b, t]))
+        for t in range(5):
+            if not mask[b, t]:
+                assert w[b, t] == 0
+                continue
+            r = seq if level == "sequence" else math.exp(old[b, t].item() - rollout[b, t].item())
+            want = min(r, cap) if mode == "tis" else float(1 / cap <= r <= cap)
+            assert w[b, t].item() == pytest.approx(want, rel=1e-5)
+    assert 0 <= m["is_clipped_frac"] <= 1 and m["is_ratio_min"] <= m["is_ratio_mean"] <= m["is_ratio_max"]
+
+
+def test_is_weights_scale_only_the_policy_term():
+    logp = _leaf([[0.1, -0.2]])
+    base, _ = grpo_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2),
+                        ref_logp=torch.zeros(1, 2), beta=0.5)
+    half, _ = grpo_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2),
+                        ref_logp=torch.zeros(1, 2), beta=0.5, is_weights=torch.full((1, 2), 0.5))
+    kl = kl_k3(logp.detach(), torch.zeros(1, 2)).mean()
+    assert (base - 0.5 * kl).item() * 0.5 == pytest.approx((half - 0.5 * kl).item(), rel=1e-6)
