@@ -13,7 +13,7 @@ import sys
 # command -> (module, function taking argv, one-line help)
 COMMANDS = {
     "params": ("megatron_r1.cli", "params_main", "parameter counts of a preset or config"),
-    "check-parallel": ("megatron_r1.parallel.check", "main", "prove a parallel layout equals one rank"),
+    "check-parallel": ("megatron_r1.engine.check", "main", "prove a parallel layout equals one rank"),
     "plan": ("megatron_r1.tools.plan_parallel", "main", "memory / bubble / all-to-all plan of a layout"),
     "convert": ("megatron_r1.tools.convert_checkpoint", "main", "convert checkpoints HF <-> megatron_r1"),
     "grpo": ("megatron_r1.rl.trainer", "main", "R1-Zero / R1 GRPO training"),

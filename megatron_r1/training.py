@@ -24,7 +24,7 @@ from megatron_r1.config import Config, ConfigError, validate
 from megatron_r1.metrics import MetricsLogger
 from megatron_r1.parallel.launch import init_distributed
 from megatron_r1.parallel.mesh import ParallelMesh
-from megatron_r1.parallel.runtime import DTYPES, build_optimizer, build_parallel_model, iter_full_state
+from megatron_r1.engine.runtime import DTYPES, build_optimizer, build_parallel_model, iter_full_state
 
 
 def current_dist_env():

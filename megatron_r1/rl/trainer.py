@@ -33,7 +33,7 @@ from megatron_r1.config import Config, ConfigError, load_config
 from megatron_r1.data.prompts import PromptLoader, load_prompts
 from megatron_r1.data.templates import render_prompt
 from megatron_r1.data.tokenizer import load_tokenizer
-from megatron_r1.parallel.runtime import forward_only, train_step
+from megatron_r1.engine.runtime import forward_only, train_step
 from megatron_r1.parallel.tensor import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_r1.rl import grpo
 from megatron_r1.rl.rewards import RewardCombiner
@@ -124,7 +124,7 @@ class GRPOTrainer:
         self.ref_chunks = None
         if rl.beta > 0:
             from megatron_r1.ckpt.hf import load_hf_weights
-            from megatron_r1.parallel.runtime import DTYPES, build_parallel_model
+            from megatron_r1.engine.runtime import DTYPES, build_parallel_model
             self.ref_chunks = build_parallel_model(cfg, mesh)
             for c in self.ref_chunks:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])

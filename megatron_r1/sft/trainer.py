@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_r1.config import ConfigError, load_config
 from megatron_r1.model.gpt import lm_loss
-from megatron_r1.parallel.runtime import train_step
+from megatron_r1.engine.runtime import train_step
 from megatron_r1.training import TrainSession
 
 

@@ -59,7 +59,7 @@ CI = {"moe_ep2_to_tp1", "llama_tp2_to_tp2"}  # ~1 min each on 2 cores; the other
 
 def _our_logprobs(session, seq) -> torch.Tensor:
     """log p(seq[k+1] | seq[:k+1]) from the parallel model, on every rank (pp: broadcast from the last stage)."""
-    from megatron_r1.parallel.runtime import forward_only
+    from megatron_r1.engine.runtime import forward_only
     from megatron_r1.parallel.tensor import gather_vocab
 
     ids = torch.tensor([seq])
@@ -74,7 +74,7 @@ def _our_logprobs(session, seq) -> torch.Tensor:
 def _perturb_by_training(session) -> float:
     """One AdamW step on an LM loss (lr 1e-2: the step moves every weight by ~lr)."""
     from megatron_r1.model.gpt import lm_loss
-    from megatron_r1.parallel.runtime import train_step
+    from megatron_r1.engine.runtime import train_step
 
     cfg, mesh = session.cfg, session.mesh
     g = torch.Generator().manual_seed(7)

@@ -21,7 +21,7 @@ from megatron_r1.ckpt.hf import CheckpointError
 from megatron_r1.config import load_config
 from megatron_r1.model.gpt import lm_loss
 from megatron_r1.parallel.mesh import ParallelMesh
-from megatron_r1.parallel.runtime import build_optimizer, build_parallel_model, forward_only, train_step
+from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, forward_only, train_step
 from megatron_r1.parallel.spawn import run_ranks
 from megatron_r1.parallel.tensor import gather_vocab
 

@@ -2,12 +2,12 @@
 step and the router bias after its update, float32, within 1e-5 relative (max|a-b| / max|b| per tensor).
 
 The single-rank reference is plain PyTorch (`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`),
-see megatron_r1/parallel/check.py. Global batch: 8 micro-batches of [2, 16] with a random loss mask, so
+see megatron_r1/engine/check.py. Global batch: 8 micro-batches of [2, 16] with a random loss mask, so
 each rank accumulates over ≥ 4 micro-batches (> pp). Layouts of one world size share one spawn.
 """
 import pytest
 
-from megatron_r1.parallel.check import check_layouts
+from megatron_r1.engine.check import check_layouts
 
 TWO_RANKS = ["tp2", "tp2,sp", "cp2", "ep2", "pp2", "pp2,vpp2", "dp2", "dp2,nozero", "tp2,ep2", "cp2,ep2",
              "pp2,first3"]  # uneven stages (Megatron's first/last_pipeline_num_layers), as 671B needs

@@ -3,9 +3,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.model.gpt import lm_loss
-from megatron_r1.parallel.check import default_batch, make_config, parse_layout, reference, target_count
+from megatron_r1.engine.check import default_batch, make_config, parse_layout, reference, target_count
 from megatron_r1.parallel.mesh import ParallelMesh
-from megatron_r1.parallel.runtime import (build_optimizer, build_parallel_model, forward_only, gather_full_state,
+from megatron_r1.engine.runtime import (build_optimizer, build_parallel_model, forward_only, gather_full_state,
                                           shard_from_full, train_step)
 from megatron_r1.parallel.tensor import vocab_parallel_logprobs
 from tests.parallel.harness import run_ranks
@@ -88,7 +88,7 @@ def test_runtime_api_two_ranks():
 
     # single-rank logprobs
     from megatron_r1.model.gpt import CausalLM
-    from megatron_r1.parallel.runtime import init_parameters
+    from megatron_r1.engine.runtime import init_parameters
     model = CausalLM(cfg.model)
     init_parameters([model], ParallelMesh.single(), cfg.train.seed, cfg.model.initializer_range)
     for i, mb in enumerate(batch[:4]):

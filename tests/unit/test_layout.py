@@ -3,7 +3,7 @@ import pytest
 
 from megatron_r1.config import ConfigError, ParallelConfig, load_config
 from megatron_r1.parallel.mesh import stage_layer_counts, validate_layout
-from megatron_r1.parallel.runtime import chunk_layers
+from megatron_r1.engine.runtime import chunk_layers
 
 
 def test_671b_uneven_last_stage():

@@ -98,7 +98,7 @@ def reference(cfg: Config, batch: list[dict]) -> dict:
     from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
     from megatron_r1.model.gpt import CausalLM, lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.parallel.runtime import init_parameters
+    from megatron_r1.engine.runtime import init_parameters
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same summation orders inside matmuls
@@ -113,7 +113,7 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
     from megatron_r1.model.gpt import CausalLM, lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.parallel.runtime import init_parameters
+    from megatron_r1.engine.runtime import init_parameters
 
     mesh = ParallelMesh.single()
     model = CausalLM(cfg.model, mesh)
@@ -211,7 +211,7 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     """Collective: every rank runs one training step of `layout`; rank 0 returns the comparison."""
     from megatron_r1.model.gpt import lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.parallel.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
+    from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
 
     par, dp = parse_layout(layout)
     par.grad_bucket_mb = cfg.parallel.grad_bucket_mb  # the layout gives the degrees; the rest stays configured
