@@ -60,7 +60,7 @@ class TrainSession:
         self.env = current_dist_env() or init_distributed()
         validate(cfg, self.env.world_size, rl=rl)  # every cross-field rule, before a model or engine exists
         self.mesh = ParallelMesh.build(cfg.parallel, cfg.model)
-        self.chunks = build_parallel_model(cfg, self.mesh)
+        self.chunks = build_parallel_model(cfg, self.mesh, init=not init_hf)
         if init_hf:
             dtype = DTYPES[cfg.train.params_dtype]
             for chunk in self.chunks:

@@ -91,21 +91,9 @@ def parse_box_key(key: str, stored_size) -> tuple[str, tuple, tuple]:
     return m.group(1), offs, tuple(stored_size)
 
 
-def _full_shape(p: torch.Tensor, mesh) -> tuple:
-    shape = list(p.shape)
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is not None and mesh.tp > 1:
-        shape[dim] *= mesh.tp
-    return tuple(shape)
-
-
-def param_box(p: torch.Tensor, mesh) -> tuple[tuple, tuple]:
+def param_box(place, p: torch.Tensor, mesh) -> tuple[tuple, tuple]:
     """(offsets, global shape) of this rank's piece of parameter `p` (a tp slice or the whole tensor)."""
-    offsets = [0] * p.dim()
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is not None and mesh.tp > 1:
-        offsets[dim] = mesh.tp_rank * p.shape[dim]
-    return tuple(offsets), _full_shape(p, mesh)
+    return place.offsets(p.shape, mesh), place.full_shape(p.shape, mesh)
 
 
 def model_pieces(chunks, mesh) -> list[Piece]:
@@ -113,7 +101,7 @@ def model_pieces(chunks, mesh) -> list[Piece]:
     out = []
     for chunk in _as_list(chunks):
         for name, t in model_state(chunk).items():
-            off, shape = param_box(t, mesh)
+            off, shape = param_box(chunk.placement[name], t, mesh)
             out.append(Piece(name, t.detach(), off, shape))
     return out
 
@@ -151,9 +139,9 @@ def flat_range_boxes(shape: tuple, start: int, end: int) -> list[tuple[tuple, tu
     return out
 
 
-def flat_pieces(name: str, flat: torch.Tensor, start: int, param: torch.Tensor, mesh) -> list[Piece]:
+def flat_pieces(name: str, flat: torch.Tensor, start: int, param: torch.Tensor, place, mesh) -> list[Piece]:
     """Pieces for `flat` = elements [start, start+len) of the flattened tp-local `param` (ZeRO-1 state)."""
-    poff, gshape = param_box(param, mesh)
+    poff, gshape = param_box(place, param, mesh)
     out = []
     for off, sz, a, b in flat_range_boxes(tuple(param.shape), start, start + flat.numel()):
         view = flat[a - start:b - start].view(sz)

@@ -5,8 +5,8 @@ Notable choices
   exceptions: the MTP layer of DeepSeek's release carries its own copies of the embedding and
   output head (`model.layers.{L+k}.embed_tokens`, `.shared_head.head`), which we share with the main
   model; tied embeddings have no `lm_head.weight` on disk.
-- How a parameter is sliced comes from the parameter itself (`tp_shard_dim`, set by the parallel
-  layers), so loading, conversion and vLLM weight sync all slice the same way, with `narrow()`.
+- How a parameter is sliced comes from the model's placement table (`model.placement[name]`,
+  parallel/placement.py), so loading, conversion and vLLM weight sync all slice the same way.
 - Shards are streamed: `safe_open(...).get_slice(name)` reads only this rank's slice, so peak memory
   stays near one tensor, not the model.
 - DeepSeek's FP8 release: e4m3 weights with a `weight_scale_inv` per 128×128 block (edge blocks
@@ -64,20 +64,6 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             out["lm_head.weight"] is out["model.embed_tokens.weight"]:
         del out["lm_head.weight"]
     return out
-
-
-def shard_of(full: torch.Tensor | object, param: torch.Tensor, mesh) -> object:
-    """This rank's slice of a full tensor (or safetensors slice) for `param`."""
-    dim = getattr(param, "tp_shard_dim", None)
-    if dim is None or mesh.tp == 1:
-        return full[...] if not isinstance(full, torch.Tensor) else full
-    size = param.shape[dim]
-    start = mesh.tp_rank * size
-    if isinstance(full, torch.Tensor):
-        return full.narrow(dim, start, size)
-    index = [slice(None)] * len(param.shape)
-    index[dim] = slice(start, start + size)
-    return full[tuple(index)]
 
 
 # ---------------------------------------------------------------------------------------------- FP8
@@ -156,20 +142,20 @@ def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, d
                 ours = our_name(hf, cfg)
                 if ours not in params or (ours in filled and hf != ours):
                     continue  # another rank's / stage's tensor, or a release copy of a shared one
-                p = params[ours]
+                p, place = params[ours], model.placement[ours]
                 sl = f.get_slice(hf)
                 shape = tuple(sl.get_shape())
-                want = _full_shape(p, mesh)
+                want = place.full_shape(p.shape, mesh)
                 if shape != want:
                     raise CheckpointError(f"{fpath}: tensor '{hf}' has shape {shape}, expected {want}")
-                t = shard_of(sl, p, mesh)
+                t = place.shard(sl, mesh)
                 if t.dtype == torch.float8_e4m3fn:
                     scale_name = hf + "_scale_inv"
                     if scale_name not in files:
                         raise CheckpointError(f"{fpath}: FP8 tensor '{hf}' has no '{scale_name}'")
                     with safe_open(files[scale_name], "pt") as fs:
                         full = dequantize_fp8(f.get_tensor(hf), fs.get_tensor(scale_name), torch.float32)
-                    t = shard_of(full, p, mesh)
+                    t = place.shard(full, mesh)
                 with torch.no_grad():
                     p.copy_(t.to(dtype or p.dtype))
                 filled.add(ours)
@@ -177,14 +163,6 @@ def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, d
     if missing:
         raise CheckpointError(f"{path}: missing tensor '{hf_names(missing[0], cfg)[0]}'"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-
-
-def _full_shape(p: torch.Tensor, mesh) -> tuple:
-    shape = list(p.shape)
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is not None:
-        shape[dim] *= mesh.tp
-    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------------- writing a dir

@@ -17,6 +17,9 @@ Notable choices
   amplifies float32 summation-order noise in g by ~1/eps (no layout is bit-exact); a larger eps keeps
   the update proportional to g for small gradients, so a wrong gradient or clip factor still shows.
 - Several layouts with the same world size can share one spawn (`run_layouts`): new groups per layout.
+- `--strict-device` runs every rank's training step under `engine/strict.py`'s guard: a tensor created
+  without an explicit device, or a host transfer off its short allow-list, fails the check with its
+  file:line (what would break or stall on a GPU, found on a CPU).
 """
 from __future__ import annotations
 
@@ -94,12 +97,6 @@ def target_count(batch: list[dict]) -> float:
 # ------------------------------------------------------------------------------------- reference
 def reference(cfg: Config, batch: list[dict]) -> dict:
     """One rank, plain PyTorch training step. Returns full tensors by name."""
-    from megatron_r1.ckpt.hf import model_state
-    from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
-    from megatron_r1.model.gpt import CausalLM, lm_loss
-    from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.engine.runtime import init_parameters
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same summation orders inside matmuls
     try:
@@ -117,7 +114,7 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
 
     mesh = ParallelMesh.single()
     model = CausalLM(cfg.model, mesh)
-    init_parameters([model], mesh, cfg.train.seed, cfg.model.initializer_range)
+    init_parameters([model], mesh, cfg.train.seed)
     before = {k: v.detach().clone() for k, v in model_state(model).items()}
     n = target_count(batch)
     for mod in model.modules():
@@ -144,7 +141,8 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     update_expert_bias(model, mesh, cfg.model.bias_update_speed)
     after = {k: v.detach().clone() for k, v in model_state(model).items()}
     from megatron_r1.parallel.data import canonical_flat
-    states = {f"optim.{s}.{k}": canonical_flat(opt.state[p][s], p) for k, p in params.items()
+    states = {f"optim.{s}.{k}": canonical_flat(opt.state[p][s], model.placement[k].canonical_dim)
+              for k, p in params.items()
               for s in ("exp_avg", "exp_avg_sq")}
     return {"loss": loss_total, "grads": grads, "before": before, "after": after, "optim": states,
             "grad_norm": norm.item()}
@@ -207,8 +205,10 @@ def compare(ref: dict, loss: float, grad_norm: float, grads: dict, before: dict,
 
 
 # ----------------------------------------------------------------------------------------- ranks
-def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | None) -> Report | None:
-    """Collective: every rank runs one training step of `layout`; rank 0 returns the comparison."""
+def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | None,
+                       strict_device: bool = False) -> Report | None:
+    """Collective: every rank runs one training step of `layout`; rank 0 returns the comparison.
+    `strict_device`: the step runs under the device guard (engine/strict.py)."""
     from megatron_r1.model.gpt import lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
     from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
@@ -231,9 +231,14 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     def loss_fn(out, mb):
         return lm_loss(out, mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
 
-    metrics = train_step(chunks, opt, mine, loss_fn, mesh)
+    if strict_device:
+        from megatron_r1.engine.strict import StrictDevice
+        with StrictDevice():
+            metrics = train_step(chunks, opt, mine, loss_fn, mesh)
+    else:
+        metrics = train_step(chunks, opt, mine, loss_fn, mesh)
     opt.grads.gather_reduced_grads()
-    grads = gather_full_state(chunks, mesh, grads=True)
+    grads = gather_full_state(chunks, mesh, grads=opt.grads)
     after = gather_full_state(chunks, mesh)
     if dist.get_rank() != 0 or ref is None:
         return None
@@ -243,9 +248,9 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     return rep
 
 
-def run_layouts(cfg: Config, layouts: list[str], batch: list[dict], ref: dict) -> list:
+def run_layouts(cfg: Config, layouts: list[str], batch: list[dict], ref: dict, strict_device: bool = False) -> list:
     """Rank body for several layouts of the same world size, one after the other."""
-    return [run_layout_on_rank(cfg, lay, batch, ref) for lay in layouts]
+    return [run_layout_on_rank(cfg, lay, batch, ref, strict_device) for lay in layouts]
 
 
 def default_batch(cfg: Config, layouts: list[str]) -> list[dict]:
@@ -260,7 +265,7 @@ def default_batch(cfg: Config, layouts: list[str]) -> list[dict]:
 
 
 def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), tol: float = TOL,
-                  timeout: float = 300.0, verbose: bool = True) -> list[Report]:
+                  timeout: float = 300.0, verbose: bool = True, strict_device: bool = False) -> list[Report]:
     """Every layout against one rank; layouts of the same world size share one spawn."""
     from megatron_r1.parallel.spawn import run_ranks
     cfg = make_config(preset, list(overrides))
@@ -276,7 +281,7 @@ def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), to
         by_world.setdefault(world_size_of(lay), []).append(lay)
     reports = {}
     for world, lays in by_world.items():
-        for lay, rep in zip(lays, run_ranks(run_layouts, world, cfg, lays, batch, ref, timeout=timeout)[0]):
+        for lay, rep in zip(lays, run_ranks(run_layouts, world, cfg, lays, batch, ref, strict_device, timeout=timeout)[0]):
             rep.preset, rep.tol = preset, tol
             reports[lay] = rep
             if verbose:
@@ -285,7 +290,7 @@ def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), to
 
 
 def check_layout(preset: str, layout: str, nproc: int | None = None, overrides: list[str] = (),
-                 tol: float = TOL, timeout: float = 300.0, verbose: bool = True) -> Report:
+                 tol: float = TOL, timeout: float = 300.0, verbose: bool = True, strict_device: bool = False) -> Report:
     """Spawn the ranks of `layout` (nproc: extra ranks become dp), compare with one rank, print the report."""
     if nproc is not None and nproc != world_size_of(layout):
         par, _ = parse_layout(layout)
@@ -294,7 +299,7 @@ def check_layout(preset: str, layout: str, nproc: int | None = None, overrides: 
             raise ConfigError(f"--nproc {nproc} does not match layout {layout} (tp·cp·pp = {model_par}, "
                               f"dp = nproc / {model_par})")
         layout = f"{layout},dp{nproc // model_par}"
-    return check_layouts(preset, [layout], overrides, tol, timeout, verbose)[0]
+    return check_layouts(preset, [layout], overrides, tol, timeout, verbose, strict_device)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,10 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", required=True, help="e.g. tp2,ep2,pp2,vpp2,cp1,sp,dp2")
     ap.add_argument("--nproc", type=int, default=None, help="ranks (default: tp·cp·pp·dp of the layout)")
     ap.add_argument("--tol", type=float, default=TOL)
+    ap.add_argument("--strict-device", action="store_true",
+                    help="fail on any tensor made in the step without an explicit device, and on host transfers "
+                         "(.item(), .tolist(), .cpu(), ...) off the allow-list in megatron_r1/engine/strict.py")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_hidden_layers=8")
     args = ap.parse_args(argv)
     try:
-        rep = check_layout(args.preset, args.layout, args.nproc, args.overrides, tol=args.tol)
+        rep = check_layout(args.preset, args.layout, args.nproc, args.overrides, tol=args.tol,
+                           strict_device=args.strict_device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

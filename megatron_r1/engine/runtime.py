@@ -9,14 +9,19 @@
 Notable choices
 - Every rank is given the same micro-batches of *its dp rank* (whole sequences; cp, sp and the MoE
   token split happen inside the model). All pipeline stages get the input ids (positions, MTP targets).
+- Chunks are built on `meta` and materialised on `mesh.device` (parallel/placement.py `materialize`):
+  only this rank's shards are ever allocated, on the device, in the parameters' dtype.
 - Initialisation is layout-independent: every parameter is drawn from a generator seeded by
-  (seed, parameter name) at its FULL shape, then sliced (`tp_shard_dim`), so any layout starts from the
-  same weights as one rank. It materialises one full tensor at a time (fine up to the embedding of the
-  671B model; real runs load a checkpoint instead).
+  (seed, parameter name) at its FULL shape, on the device, then sliced (`chunk.placement[name]`), so any
+  layout starts from the same weights as one rank (on the same kind of device: CUDA draws differ from
+  CPU draws). One full tensor at a time lives on the device (≤ 3.7 GB fp32, the 671B embedding; real
+  runs load a checkpoint instead).
 - Pipeline chunks: global chunk j = v·pp + p holds layers [j·L/(pp·vpp), (j+1)·L/(pp·vpp)); chunk 0 has
   the embedding, the last chunk the final norm, head and MTP. With MTP and pp > 1 the last chunk keeps a
-  copy of the embedding (`param.embed_copy`), initialised identically and with its gradient summed
-  with stage 0's (`param.embed_shared`) over the "embed" group.
+  copy of the embedding (not primary in its placement), initialised identically and with its gradient
+  summed with stage 0's over the "embed" group.
+- A step runs on the device: micro-batches are moved there once, and metrics stay device tensors until
+  the end of `train_step`, which reads them to the host in one transfer.
 - `loss_fn(stage_output, micro_batch) -> (loss, metrics)` on the last stage: the loss must already be
   divided by the global normaliser (e.g. the global target-token count), because all gradient
   reductions are sums. Scalar metrics are summed over micro-batches and dp×cp ranks and returned on
@@ -39,13 +44,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatron_r1.ckpt.hf import model_state, shard_of
+from megatron_r1.ckpt.hf import model_state
 from megatron_r1.config import Config, ConfigError
 from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
 from megatron_r1.model.gpt import CausalLM
 from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
 from megatron_r1.parallel.mesh import stage_layer_counts
 from megatron_r1.parallel.pipeline import run_pipeline
+from megatron_r1.parallel.placement import materialize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,47 +69,42 @@ def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, first: int | 
     return [list(range((v * pp + pp_rank) * per, (v * pp + pp_rank + 1) * per)) for v in range(vpp)]
 
 
-def build_parallel_model(cfg: Config, mesh, seed: int | None = None) -> list[CausalLM]:
-    """This rank's model chunks, initialised layout-independently from `seed` (default cfg.train.seed)."""
+def build_parallel_model(cfg: Config, mesh, seed: int | None = None, init: bool = True) -> list[CausalLM]:
+    """This rank's model chunks on `mesh.device`, initialised layout-independently from `seed` (default
+    cfg.train.seed). `init=False` leaves the values undefined (a checkpoint or HF weights fill them)."""
     m, pp, vpp = cfg.model, mesh.pp, mesh.vpp
-    chunks = []
     par = cfg.parallel
+    dtype = DTYPES[cfg.train.params_dtype]
+    chunks = []
     for v, layers in enumerate(chunk_layers(m.num_hidden_layers, pp, vpp, mesh.pp_rank, par.first_stage_layers,
                                             par.last_stage_layers)):
         j = v * pp + mesh.pp_rank
-        chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1)
-        emb = getattr(chunk.model, "embed_tokens", None)
-        if emb is not None and pp > 1 and m.num_nextn_predict_layers > 0:
-            emb.weight.embed_shared = True
-            if not chunk.pre_process:
-                emb.weight.embed_copy = True  # MTP's copy of stage 0's embedding
-        chunks.append(chunk)
-    init_parameters(chunks, mesh, cfg.train.seed if seed is None else seed, cfg.model.initializer_range)
-    dtype = DTYPES[cfg.train.params_dtype]
-    for c in chunks:  # parameters only: rope frequencies and the expert bias stay float32
-        for p in c.parameters():
+        with torch.device("meta"):
+            chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1)
+        for p in chunk.parameters():  # parameters only: rope frequencies and the expert bias stay float32
             p.data = p.data.to(dtype)
+        chunks.append(materialize(chunk, mesh.device))
+    if init:
+        init_parameters(chunks, mesh, cfg.train.seed if seed is None else seed)
     return chunks
 
 
-def _full_shape(p: torch.Tensor, mesh) -> list[int]:
-    shape = list(p.shape)
-    d = getattr(p, "tp_shard_dim", None)
-    if d is not None and mesh.tp > 1:
-        shape[d] *= mesh.tp
-    return shape
-
-
 @torch.no_grad()
-def init_parameters(chunks: list[nn.Module], mesh, seed: int, std: float) -> None:
-    """2-D weights ~ N(0, param.init_std or `std`) drawn at full shape from a (seed, name) generator."""
+def init_parameters(chunks: list[nn.Module], mesh, seed: int) -> None:
+    """Each parameter as its placement says: N(0, std) drawn at full shape from a (seed, name) generator
+    on the parameter's device, then this rank's shard; or ones / zeros."""
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            if p.dim() < 2:
-                continue  # norms (ones) and biases (zeros) are deterministic already
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = torch.randn(_full_shape(p, mesh), generator=g, dtype=torch.float32) * getattr(p, "init_std", std)
-            p.copy_(shard_of(full, p, mesh))
+            init = chunk.placement[name].init
+            if p.device.type == "meta":
+                continue
+            if isinstance(init, str):
+                p.fill_({"ones": 1.0, "zeros": 0.0}[init])
+                continue
+            g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            place = chunk.placement[name]
+            full = torch.randn(place.full_shape(p.shape, mesh), generator=g, dtype=torch.float32, device=p.device)
+            p.copy_(place.shard(full * init, mesh))
 
 
 def build_optimizer(chunks: list[nn.Module], cfg: Config, mesh) -> DistributedAdamW:
@@ -114,13 +115,13 @@ def build_optimizer(chunks: list[nn.Module], cfg: Config, mesh) -> DistributedAd
 
 
 # ----------------------------------------------------------------------------------- full states
-def _local_state(chunks, mesh) -> dict[str, torch.Tensor]:
+def _local_state(chunks) -> dict[str, tuple[torch.Tensor, object]]:
+    """{name: (tensor, placement)} of this rank's chunks; the MTP's embedding copy is left out."""
     out = {}
     for c in chunks:
         for k, t in model_state(c).items():
-            if getattr(t, "embed_copy", False):
-                continue
-            out[k] = t
+            if c.placement[k].primary:
+                out[k] = (t, c.placement[k])
     return out
 
 
@@ -131,29 +132,29 @@ def shard_from_full(chunks: list[nn.Module], full_state: dict[str, torch.Tensor]
         for k, t in model_state(c).items():
             if k not in full_state:
                 raise KeyError(f"shard_from_full: '{k}' missing from the full state")
-            t.copy_(shard_of(full_state[k], t, mesh).to(t.dtype))
+            t.copy_(c.placement[k].shard(full_state[k], mesh).to(t.device, t.dtype))
 
 
-def _tp_full(t: torch.Tensor, mesh) -> torch.Tensor:
-    d = getattr(t, "tp_shard_dim", None)
-    if d is None or mesh.tp == 1:
+def _tp_full(t: torch.Tensor, place, mesh) -> torch.Tensor:
+    if not place.tp_sharded(mesh):
         return t.detach().clone(memory_format=torch.contiguous_format)
     parts = [torch.empty_like(t) for _ in range(mesh.tp)]
     dist.all_gather(parts, t.detach().contiguous(), group=mesh.tp_group)
-    return torch.cat(parts, dim=d)
+    return torch.cat(parts, dim=place.shard_dim)
 
 
 @torch.no_grad()
-def iter_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_state(chunks: list[nn.Module], mesh, grads: GradBuffers | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter and persistent buffer of the model, on every rank.
 
-    Collective over the world: all ranks must iterate to the end. grads=True yields `main_grad`
-    (the reduced gradients; call `GradBuffers.gather_reduced_grads()` first under ZeRO-1) of parameters."""
-    local = _local_state(chunks, mesh)
-    if grads:
-        local = {k: t for k, t in local.items() if isinstance(t, nn.Parameter)}
-    meta = [(k, tuple(_full_shape(t, mesh)) if not getattr(t, "is_expert", False) else tuple(t.shape),
-             torch.float32 if grads else t.dtype) for k, t in local.items()]
+    Collective over the world: all ranks must iterate to the end. With `grads` (the optimizer's
+    GradBuffers) it yields the parameters' reduced float32 gradients instead (call
+    `grads.gather_reduced_grads()` first under ZeRO-1)."""
+    local = _local_state(chunks)
+    if grads is not None:
+        local = {k: (grads.main_grad(t), pl) for k, (t, pl) in local.items() if isinstance(t, nn.Parameter)}
+    meta = [(k, pl.full_shape(t.shape, mesh), t.dtype) for k, (t, pl) in local.items()]
     world = dist.get_world_size() if dist.is_initialized() else 1
     tables = [meta]
     if world > 1:
@@ -164,66 +165,69 @@ def iter_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> Itera
         for k, shape, dtype in tab:
             owner.setdefault(k, (r, shape, dtype))
     rank = dist.get_rank() if world > 1 else 0
-    # receive buffers live where the model does (NCCL broadcasts need device tensors)
-    device = next((t.device for t in local.values()), torch.device("cpu"))
     for k in sorted(owner):
         src_rank, shape, dtype = owner[k]
         full = None
         if k in local:
-            t = local[k]
-            src = t.main_grad if grads else t
-            if grads and hasattr(t, "tp_shard_dim"):
-                src = src.clone()
-                src.tp_shard_dim = t.tp_shard_dim
-            full = _tp_full(src, mesh) if not getattr(t, "is_expert", False) else src.detach().contiguous().clone()
+            t, pl = local[k]
+            full = _tp_full(t, pl, mesh)
         if world > 1:
-            if rank != src_rank:
-                full = torch.empty(shape, dtype=dtype, device=device)
+            if rank != src_rank:  # receive buffers live where the model does (NCCL broadcasts need device tensors)
+                full = torch.empty(shape, dtype=dtype, device=mesh.device)
             dist.broadcast(full, src=src_rank)
         yield k, full
 
 
-def gather_full_state(chunks: list[nn.Module], mesh, grads: bool = False) -> dict[str, torch.Tensor]:
+def gather_full_state(chunks: list[nn.Module], mesh, grads: GradBuffers | None = None) -> dict[str, torch.Tensor]:
     """Every full tensor of the model (tp shards, experts of every ep rank, every stage) on every rank."""
     return dict(iter_full_state(chunks, mesh, grads))
 
 
 # ------------------------------------------------------------------------------------------ steps
+def to_device(micro_batches: list[dict], device) -> list[dict]:
+    """The micro-batches' tensors on `device` (the host-to-device copy of the step's inputs)."""
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+            for mb in micro_batches]
+
+
 def _set_aux_normalizer(chunks, micro_batches, mesh) -> None:
     """MoE's sequence-balance loss is normalised by the global number of sequences in the step."""
-    n = torch.tensor(float(sum(mb["input_ids"].shape[0] for mb in micro_batches)))
+    n = torch.tensor(float(sum(mb["input_ids"].shape[0] for mb in micro_batches)), device=mesh.device)
     if mesh.dp_group is not None:
         dist.all_reduce(n, group=mesh.dp_group)
     for c in chunks:
         for mod in c.modules():
             if isinstance(mod, MoE):
-                mod.aux_normalizer = float(n)
+                mod.aux_normalizer = n  # a device tensor: the loss divides by it without a host sync
 
 
-def _reduce_metrics(results: list, mesh) -> dict:
-    """Sum loss and scalar metrics over micro-batches and dp×cp; broadcast from the last stage."""
+def _reduce_metrics(results: list, mesh) -> tuple[list[str], torch.Tensor]:
+    """Sum loss and scalar metrics over micro-batches and dp×cp; broadcast from the last stage.
+    Returns the names and a float64 device tensor of the values (no host sync of the values)."""
     keys: list[str] = []
-    vals: list[float] = []
-    if results:
-        agg: dict[str, float] = {"loss": 0.0}
-        for loss, metrics in results:
-            agg["loss"] += float(loss)
-            for k, v in metrics.items():
-                if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float)):
-                    agg[k] = agg.get(k, 0.0) + float(v)
-        keys, vals = sorted(agg), [agg[k] for k in sorted(agg)]
-    if mesh.pp > 1:
+    agg: dict[str, torch.Tensor] = {}
+    for loss, metrics in results:
+        for k, v in [("loss", loss)] + list(metrics.items()):
+            if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float)):
+                v = v.detach().reshape(()).to(mesh.device, torch.float64) if torch.is_tensor(v) else float(v)
+                agg[k] = agg.get(k, torch.zeros((), dtype=torch.float64, device=mesh.device)) + v
+    keys = sorted(agg)
+    if mesh.pp > 1:  # metric names exist on the last stage only: a pickled list, once per step
         box = [keys]
         dist.broadcast_object_list(box, src=mesh.pp_rank_of(mesh.pp - 1), group=mesh.pp_group)
         keys = box[0]
-        if not results:
-            vals = [0.0] * len(keys)
-    t = torch.tensor(vals, dtype=torch.float64)
+    t = (torch.stack([agg[k] for k in keys]) if results and keys else
+         torch.zeros(len(keys), dtype=torch.float64, device=mesh.device))
     if mesh.dp_cp_group is not None:
         dist.all_reduce(t, group=mesh.dp_cp_group)
     if mesh.pp > 1:
         dist.broadcast(t, src=mesh.pp_rank_of(mesh.pp - 1), group=mesh.pp_group)
-    return dict(zip(keys, t.tolist()))
+    return keys, t
+
+
+def _to_host(keys: list[str], values: torch.Tensor) -> dict:
+    # the step's one device-to-host transfer: its scalar metrics, after everything else was queued
+    return dict(zip(keys, values.tolist()))
 
 
 def check_micro_batches(chunks: list[nn.Module], micro_batches: list[dict], mesh) -> None:
@@ -240,10 +244,9 @@ def check_micro_batches(chunks: list[nn.Module], micro_batches: list[dict], mesh
                               f"{'tp' if split_tp else ''} = {need}; pad sequences to a multiple of {need}")
 
 
-def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
-                     loss_fn: Callable, mesh) -> dict:
-    """Zero grads, run the schedule, reduce gradients (left in the buffers). Returns summed metrics."""
+def _forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh) -> tuple[list[str], torch.Tensor]:
     check_micro_batches(chunks, micro_batches, mesh)
+    micro_batches = to_device(micro_batches, mesh.device)
     optimizer.zero_grad()
     for c in chunks:
         c.train()
@@ -253,19 +256,28 @@ def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro
     return _reduce_metrics(results, mesh)
 
 
+def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
+                     loss_fn: Callable, mesh) -> dict:
+    """Zero grads, run the schedule, reduce gradients (left in the buffers). Returns summed metrics."""
+    return _to_host(*_forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh))
+
+
 def train_step(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
                loss_fn: Callable, mesh) -> dict:
-    """One optimizer step on `micro_batches` (this dp rank's share of the global batch).
+    """One optimizer step on `micro_batches` (this dp rank's share of the global batch; moved to
+    `mesh.device` here, and loss_fn sees them there).
 
     Returns metrics on every rank: summed `loss` and loss_fn's scalar metrics, `grad_norm`, `clip_coef`,
     `moe_max_violation`. The gradient buffers keep this step's reduced gradients until the next step."""
-    metrics = forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh)
-    metrics.update(optimizer.step())
-    viol = 0.0
+    keys, values = _forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh)
+    stats = optimizer.step()
+    viol = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for c in chunks:
-        viol = max(viol, update_expert_bias(c, mesh, c.cfg.bias_update_speed)["moe_max_violation"])
-    metrics["moe_max_violation"] = viol
-    return metrics
+        v = update_expert_bias(c, mesh, c.cfg.bias_update_speed)["moe_max_violation"]
+        viol = torch.maximum(viol, torch.as_tensor(v, dtype=torch.float64, device=mesh.device))
+    extra = [stats["grad_norm"], stats["clip_coef"], viol]
+    values = torch.cat([values, torch.stack([x.to(torch.float64) for x in extra])])
+    return _to_host(keys + ["grad_norm", "clip_coef", "moe_max_violation"], values)
 
 
 @torch.no_grad()
@@ -273,6 +285,7 @@ def forward_only(chunks: list[nn.Module], micro_batches: list[dict], fn: Callabl
                  broadcast: bool = False) -> list:
     """fn(stage_output, micro_batch) per micro-batch, no grad. Results on the last stage (see module doc)."""
     check_micro_batches(chunks, micro_batches, mesh)
+    micro_batches = to_device(micro_batches, mesh.device)
     was = [c.training for c in chunks]
     for c in chunks:
         c.eval()

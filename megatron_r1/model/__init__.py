@@ -36,15 +36,12 @@ def from_hf(path: str, dtype=torch.float32, mesh=None, progress: bool = False) -
         if not any(n.startswith(prefix) for n in checkpoint_files(path)):
             warnings.warn(f"{path}: no MTP layer ({prefix}*) in the checkpoint; building without MTP")
             cfg.num_nextn_predict_layers = 0
+    from megatron_r1.parallel.placement import materialize
     with torch.device("meta"):
         model = CausalLM(cfg, mesh)
-    model = model.to_empty(device="cpu").to(dtype)
-    for m in model.modules():  # buffers computed at init (rope frequencies) are not in checkpoints
-        if hasattr(m, "inv_freq"):
-            from megatron_r1.model.common import rope_frequencies
-            inv, _ = rope_frequencies(m.inv_freq.numel() * 2, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-            m.inv_freq = inv
-        if hasattr(m, "tokens_per_expert"):
-            m.tokens_per_expert.zero_()
+    for p in model.parameters():  # parameters only: rope frequencies and the expert bias stay float32
+        p.data = p.data.to(dtype)
+    # this rank's shards on its device; buffers computed at init (rope frequencies) are not in checkpoints
+    materialize(model, model.mesh.device)
     load_hf_weights(model, path, cfg, model.mesh, progress=progress)
     return model

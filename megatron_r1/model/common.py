@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit, untag
+from megatron_r1.parallel.placement import Spec
+from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit
 
 
 class RMSNorm(nn.Module):
@@ -24,6 +25,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.specs = {"weight": Spec(init="ones")}
 
     def forward(self, x):
         dtype = x.dtype
@@ -37,9 +39,10 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int,
+                     device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] and the cos/sin amplitude factor (YaRN's attention factor)."""
-    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
     if not scaling or scaling.get("type", scaling.get("rope_type")) in (None, "default"):
         return 1.0 / pos_freqs, 1.0
     factor = scaling.get("factor") or max_pos / scaling["original_max_position_embeddings"]
@@ -53,7 +56,7 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int)
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1.0 - ramp
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     attn = scaling.get("attention_factor")
@@ -66,9 +69,14 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int)
 class Rotary(nn.Module):
     def __init__(self, dim: int, theta: float, scaling: dict | None, max_pos: int, interleaved: bool):
         super().__init__()
-        inv, self.amplitude = rope_frequencies(dim, theta, scaling, max_pos)
+        self._args = (dim, theta, scaling, max_pos)
+        inv, self.amplitude = rope_frequencies(*self._args)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.interleaved = interleaved
+
+    def reset_buffers(self):
+        """After materialising from `meta` (parallel/placement.py): the frequencies, on their device."""
+        self.inv_freq = rope_frequencies(*self._args, device=self.inv_freq.device)[0]
 
     def cos_sin(self, pos: torch.Tensor):  # pos: [B, S] global positions -> [B, S, D/2] each
         ang = pos.unsqueeze(-1).float() * self.inv_freq
@@ -104,8 +112,6 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh)
         self.up_proj = ColumnParallelLinear(hidden, inner, self.mesh)
         self.down_proj = RowParallelLinear(inner, hidden, self.mesh, std=out_std)
-        if not parallel:
-            untag(self)
 
     def forward(self, x):
         x = tp_enter(x, self.mesh)

@@ -27,12 +27,15 @@ from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_m
 from megatron_r1.parallel.context import gather_kv, gather_positions
 from megatron_r1.parallel.expert import moe_dispatch_combine
 from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, _all_reduce, copy_to_region,
-                                         gather_from_region, mark_tp_partial, reduce_from_region,
-                                         scatter_to_region, tp_enter, tp_exit)
+                                         gather_from_region, reduce_from_region, scatter_to_region, tp_enter,
+                                         tp_exit)
 
 
 # -------------------------------------------------------------------------------------------- MLA
 class MLA(nn.Module):
+    # replicated over tp; each tp rank back-propagates only its heads' share into them (partial gradients)
+    TP_PARTIAL = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
+
     def __init__(self, cfg: ModelConfig, mesh, out_std: float):
         super().__init__()
         self.mesh, self.cfg = mesh, cfg
@@ -42,16 +45,12 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * cfg.qk_head_dim, mesh)
-            mark_tp_partial(self.q_a_proj, mesh)
-            mark_tp_partial(self.q_a_layernorm, mesh)
         else:
             self.q_proj = ColumnParallelLinear(h, nh * cfg.qk_head_dim, mesh)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), mesh)
         self.o_proj = RowParallelLinear(nh * cfg.v_head_dim, h, mesh, std=out_std)
-        mark_tp_partial(self.kv_a_proj_with_mqa, mesh)
-        mark_tp_partial(self.kv_a_layernorm, mesh)
         for lin in (getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=cfg.initializer_range)
@@ -99,6 +98,11 @@ class Router(nn.Module):
         # tokens routed to each expert since the last bias update (this rank only; summed at update time)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
 
+    def reset_buffers(self):
+        """After materialising from `meta` (parallel/placement.py): no bias, no counts yet."""
+        self.e_score_correction_bias.zero_()
+        self.tokens_per_expert.zero_()
+
     def forward(self, x):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
@@ -131,6 +135,9 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class MoE(nn.Module):
+    TP_PARTIAL = ("gate", "shared_experts")  # replicated over tp, each tp rank routes a different token shard
+    EXPERTS = ("experts",)  # whole on their ep rank, reduced over the expert-data-parallel group
+
     def __init__(self, cfg: ModelConfig, mesh, out_std: float):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh
@@ -142,12 +149,8 @@ class MoE(nn.Module):
                                                   out_std=out_std) for i in self.local_ids})
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, mesh,
                                    parallel=False, out_std=out_std) if cfg.n_shared_experts else None)
-        # replicated over tp but each tp rank routes a different token shard
-        mark_tp_partial(self.gate, mesh)
-        if self.shared_experts is not None:
-            mark_tp_partial(self.shared_experts, mesh)
-        self.aux_normalizer = 1.0  # global number of sequences; set by the trainer each step
-        self.last_aux_loss = torch.zeros(())
+        self.aux_normalizer = 1.0  # global number of sequences (a device tensor); set by the runtime each step
+        self.last_aux_loss = None  # the last forward's sequence-balance loss (detached), when it is on
 
     def forward(self, x):  # x: [B, S_l, H] residual layout
         split = self.mesh.tp > 1 and not self.mesh.sp  # replicated tokens: each tp rank takes a shard
@@ -175,10 +178,11 @@ class MoE(nn.Module):
         cfg, mesh = self.cfg, self.mesh
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         group = mesh.group("tp_cp")
-        counts = torch.zeros(idx.shape[0], e).scatter_add_(1, idx.reshape(idx.shape[0], -1),
-                                                          torch.ones(idx.shape[0], idx.shape[1] * k))
+        dev = scores.device
+        counts = torch.zeros(idx.shape[0], e, device=dev).scatter_add_(
+            1, idx.reshape(idx.shape[0], -1), torch.ones(idx.shape[0], idx.shape[1] * k, device=dev))
         probs = (scores / scores.sum(-1, keepdim=True)).sum(1)  # [B, E] partial sums over local tokens
-        tokens = torch.tensor(float(idx.shape[1]))
+        tokens = torch.full((), float(idx.shape[1]), device=dev)
         counts, tokens = _all_reduce(counts, group), _all_reduce(tokens, group)
         probs = copy_to_region(reduce_from_region(probs, group), group)
         f = counts * e / (k * tokens)
@@ -193,14 +197,16 @@ class MoE(nn.Module):
 def update_expert_bias(model: nn.Module, mesh, speed: float) -> dict:
     """Aux-loss-free balancing step: bias_i += γ·sign(mean load − load_i), loads over the whole stage.
 
-    Returns the max-violation of the loads before the update (max load / mean load − 1), for logging."""
-    stats = []
+    Returns the max-violation of the loads before the update (max load / mean load − 1), for logging, as a
+    0-d device tensor: no host sync here (a router that saw no token is left alone, on the device too)."""
+    worst = None
     for m in model.modules():
         if isinstance(m, Router):
             load = _all_reduce(m.tokens_per_expert.clone(), mesh.stage_group)
-            if load.sum() > 0:
-                stats.append((load.max() / load.mean() - 1).item())
-                if speed > 0:
-                    m.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+            seen = load.sum() > 0
+            viol = torch.where(seen, load.max() / load.mean() - 1, 0.0)
+            worst = viol if worst is None else torch.maximum(worst, viol)
+            if speed > 0:
+                m.e_score_correction_bias += torch.where(seen, speed * torch.sign(load.mean() - load), 0.0)
             m.tokens_per_expert.zero_()
-    return {"moe_max_violation": max(stats) if stats else 0.0}
+    return {"moe_max_violation": worst if worst is not None else 0.0}

@@ -3,8 +3,10 @@
 Notable features
 - Parameter names ARE the Hugging Face names (`model.layers.3.self_attn.q_b_proj.weight`,
   `model.layers.5.mlp.experts.17.up_proj.weight`, `lm_head.weight`); a tensor-parallel parameter holds
-  a contiguous slice (`param.tp_shard_dim`), an expert-parallel rank holds only its experts. So
-  `ckpt/hf.py` maps names once for loading, conversion and vLLM weight sync alike.
+  a contiguous slice, an expert-parallel rank holds only its experts. So `ckpt/hf.py` maps names once
+  for loading, conversion and vLLM weight sync alike. Each model (chunk) carries its placement table
+  (`model.placement`, parallel/placement.py: shard dim, reduction group, init, primary copy of each
+  parameter), built once at construction from the layers' declarations.
 - One class serves a whole model (pp=1) or one pipeline chunk: `layers` names the global layer
   indices it owns, `pre_process` adds the embedding, `post_process` the final norm, head and MTP.
 - Multi-token prediction (DeepSeek-V3 §2.2), depth D, at `model.layers.{L+k-1}` like the release
@@ -25,6 +27,7 @@ from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention
 from megatron_r1.model.deepseek_v3 import MLA, MoE
 from megatron_r1.parallel.context import cp_positions, gather_kv, gather_positions
 from megatron_r1.parallel.mesh import ParallelMesh
+from megatron_r1.parallel.placement import build_placement
 from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          init_std_scaled, tp_enter, tp_exit)
 
@@ -60,14 +63,14 @@ class GQA(nn.Module):
 
 
 def _residual_norm(dim: int, cfg: ModelConfig, mesh) -> RMSNorm:
-    """A norm applied in the residual layout: under SP it sees a token shard, so its grad is partial."""
-    n = RMSNorm(dim, cfg.rms_norm_eps)
-    if mesh.sp:
-        n.weight.tp_partial = True
-    return n
+    """A norm applied in the residual layout: under SP it sees a token shard, so its grad is partial
+    (its owner lists it in `SP_PARTIAL`)."""
+    return RMSNorm(dim, cfg.rms_norm_eps)
 
 
 class Block(nn.Module):
+    SP_PARTIAL = ("input_layernorm", "post_attention_layernorm")  # residual layout: a token shard under SP
+
     def __init__(self, cfg: ModelConfig, mesh, layer: int):
         super().__init__()
         out_std = init_std_scaled(cfg.initializer_range, cfg.num_hidden_layers)
@@ -83,6 +86,8 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
+    SP_PARTIAL = ("norm",)
+
     def __init__(self, cfg, mesh):
         super().__init__()
         self.norm = _residual_norm(cfg.hidden_size, cfg, mesh)
@@ -90,6 +95,7 @@ class SharedHead(nn.Module):
 
 class MTPLayer(Block):
     """One MTP module: the projection of [embedding of the token k ahead; previous depth's hidden] + a block."""
+    SP_PARTIAL = Block.SP_PARTIAL + ("enorm", "hnorm", "eh_proj")
 
     def __init__(self, cfg: ModelConfig, mesh, layer: int):
         super().__init__(cfg, mesh, layer)
@@ -97,8 +103,6 @@ class MTPLayer(Block):
         self.hnorm = _residual_norm(cfg.hidden_size, cfg, mesh)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         nn.init.normal_(self.eh_proj.weight, std=cfg.initializer_range)
-        if mesh.sp:
-            self.eh_proj.weight.tp_partial = True
         self.shared_head = SharedHead(cfg, mesh)
 
     def forward(self, h_prev, emb, pos):
@@ -115,6 +119,8 @@ class StageOutput:
 
 
 class CausalLM(nn.Module):
+    SP_PARTIAL = ("model.norm",)
+
     def __init__(self, cfg: ModelConfig, mesh: ParallelMesh | None = None, layers: list[int] | None = None,
                  pre_process: bool = True, post_process: bool = True):
         super().__init__()
@@ -139,16 +145,11 @@ class CausalLM(nn.Module):
                 if not pre_process:
                     raise ValueError("tie_word_embeddings with pipeline parallelism is not supported")
                 self.lm_head.weight = self.model.embed_tokens.weight
-        self._tag_shards()
-
-    def _tag_shards(self):
-        """`param.is_expert`: routed-expert weights, reduced over the expert-data-parallel group."""
-        for p in self.parameters():
-            p.is_expert = False
-        for mod in self.modules():
-            if isinstance(mod, MoE):
-                for p in mod.experts.parameters():
-                    p.is_expert = True
+        # with MTP and pp > 1 the last stage keeps a copy of the embedding: initialised identically, its
+        # gradient summed with stage 0's over the "embed" group; stage 0's is the primary
+        shared = ("model.embed_tokens.weight",) if needs_embed and mesh.pp > 1 and cfg.num_nextn_predict_layers else ()
+        self.placement = build_placement(self, mesh, cfg.initializer_range, shared=shared,
+                                         copies=shared if not pre_process else ())
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, with_mtp: bool = True):
@@ -156,7 +157,7 @@ class CausalLM(nn.Module):
 
         Returns hidden [B, S_l, H] on a non-last stage, else a StageOutput."""
         mesh = self.mesh
-        pos = cp_positions(input_ids.shape[1], mesh)  # [S/cp]
+        pos = cp_positions(input_ids.shape[1], mesh, device=input_ids.device)  # [S/cp]
         pos_b = pos.unsqueeze(0).expand(input_ids.shape[0], -1)
         if self.pre_process:
             h = self.model.embed_tokens(input_ids[:, pos])

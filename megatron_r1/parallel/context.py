@@ -15,16 +15,18 @@ import torch
 from megatron_r1.parallel.tensor import _all_gather, all_gather_rs
 
 
-def cp_positions(seq_len: int, mesh) -> torch.Tensor:
-    """Global positions [S/cp] of this rank's two chunks."""
+def cp_positions(seq_len: int, mesh, device=None) -> torch.Tensor:
+    """Global positions [S/cp] of this rank's two chunks, on `device` (default: the mesh's)."""
+    device = mesh.device if device is None else device
     if mesh.cp == 1:
-        return torch.arange(seq_len)
+        return torch.arange(seq_len, device=device)
     n = 2 * mesh.cp
     if seq_len % n:
         raise ValueError(f"sequence length {seq_len} is not divisible by 2·cp = {n}")
     c = seq_len // n
     r = mesh.cp_rank
-    return torch.cat([torch.arange(r * c, (r + 1) * c), torch.arange((n - 1 - r) * c, (n - r) * c)])
+    return torch.cat([torch.arange(r * c, (r + 1) * c, device=device),
+                      torch.arange((n - 1 - r) * c, (n - r) * c, device=device)])
 
 
 def gather_kv(x: torch.Tensor, mesh, dim: int) -> torch.Tensor:

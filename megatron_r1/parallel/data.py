@@ -3,21 +3,23 @@
 Notable choices
 - Every gradient reduction is a SUM: each rank's loss is already divided by the *global* token count
   (model/gpt.py `lm_loss`), so micro-batches, dp and cp ranks just add up.
-- A parameter's reduction group follows from how the model uses it (no per-layout code):
-    routed experts (`param.is_expert`)         -> "edp"   (the other holders of the same experts)
-    replicated over tp, partial grads          -> "stage" (= tp × cp × dp: the dp·cp sum and the tp sum at once)
-      (`param.tp_partial`: norms under SP, MLA low-rank projections, router, shared experts)
+- A parameter's reduction group is its placement's (`chunk.placement[name].group`, parallel/placement.py):
+    routed experts                              -> "edp"   (the other holders of the same experts)
+    replicated over tp, partial grads           -> "stage" (= tp × cp × dp: the dp·cp sum and the tp sum at once)
+      (norms under SP, MLA low-rank projections, router, shared experts)
     everything else                             -> "dp_cp"
   The same group is the one the parameter is replicated over, so ZeRO-1 shards its optimizer state
   over exactly that group: reduce-scatter the grads, update the owned slice, all-gather the params.
-- The MTP module's copy of the embedding on the last pipeline stage (`param.embed_copy`) and stage 0's
-  embedding are first summed over the "embed" group; their bucket is reduced after backward ends.
-- Gradients accumulate in float32 `main_grad` buffers (one flat buffer per bucket) via
+- The MTP module's copy of the embedding on the last pipeline stage (not primary) and stage 0's
+  embedding ("embed" group) are first summed over the "embed" group; their bucket is reduced after
+  backward ends.
+- Gradients accumulate in float32 buffers (one flat buffer per bucket; `GradBuffers.main_grad(p)` is a
+  parameter's view) via
   post-accumulate-grad hooks, so bf16 parameters train without loss scaling and without bf16
   accumulation error. On the last micro-batch a bucket's reduction is launched asynchronously as soon
   as all its parameters have their gradient, in bucket order (every rank of a group launches the same
   collectives in the same order, even when an expert got no tokens and never fires its hook).
-- Canonical element order: a parameter with `tp_shard_dim = d` is stored in the buffers with dim d moved
+- Canonical element order: a parameter with shard dim d is stored in the buffers with dim d moved
   first, so its slice is a contiguous range of the *full* tensor's canonical order. An optimizer piece is
   then one range [offset, offset + n) of the flattened canonical full tensor, whatever the layout
   (see `DistributedAdamW.sharded_state_dict`).
@@ -26,15 +28,19 @@ Notable choices
   (norms, biases, the expert-bias buffer is not a parameter), as in Megatron.
 - Gradient clipping by the true global norm: each element of each unique parameter counted once
   (`primary` pieces only: a replica over tp or the MTP embedding copy is not primary).
+- Everything is allocated on the parameters' device, and a step never waits on the host: the norm and
+  the clip factor stay 0-d device tensors (the caller reads them once, with the step's other metrics).
 """
 from __future__ import annotations
 
-import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from megatron_r1.parallel.placement import GROUPS
 
 
 def _gsize(group) -> int:
@@ -45,21 +51,18 @@ def _grank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def canonical_dim(p: torch.Tensor) -> int:
-    return getattr(p, "tp_shard_dim", 0) if p.dim() else 0
-
-
-def canonical_view(flat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """View of a flat [numel] tensor with p's shape, laid out with p's shard dim first."""
-    d = canonical_dim(p)
+def canonical_view(flat: torch.Tensor, p: torch.Tensor, dim: int) -> torch.Tensor:
+    """View of a flat [numel] tensor with p's shape, laid out with dim `dim` (the canonical dim) first."""
+    if not p.dim():
+        return flat.view(p.shape)
     shape = list(p.shape)
-    shape.insert(0, shape.pop(d))
-    return flat.view(shape).movedim(0, d)
+    shape.insert(0, shape.pop(dim))
+    return flat.view(shape).movedim(0, dim)
 
 
-def canonical_flat(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """t (shaped like p) flattened in canonical order."""
-    return t.movedim(canonical_dim(p), 0).reshape(-1)
+def canonical_flat(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t flattened in canonical order (dim `dim` first)."""
+    return t.reshape(-1) if not t.dim() else t.movedim(dim, 0).reshape(-1)
 
 
 @dataclass
@@ -73,41 +76,48 @@ class Piece:
     global_offset: int  # where element `lo` sits in the full tensor's canonical order
     global_numel: int
     primary: bool  # counted in the grad norm and saved (False for replicas)
+    dim: int  # the parameter's canonical dim
 
 
 class Bucket:
-    def __init__(self, params: list[tuple[str, nn.Parameter]], group, zero1: bool, mesh, kind: str):
-        self.params, self.group, self.zero1, self.kind = params, group, zero1, kind
+    def __init__(self, params: list[tuple[str, nn.Parameter, object]], group, zero1: bool, mesh, kind: str):
+        """params: (name, parameter, Placement) in bucket order."""
+        self.params = [(name, p) for name, p, _ in params]
+        self.group, self.zero1, self.kind = group, zero1, kind
+        self.place = {id(p): pl for _, p, pl in params}
+        device = params[0][1].device
         self.size, self.rank = _gsize(group), _grank(group)
         self.offsets = {}
         n = 0
-        for name, p in params:
+        for name, p in self.params:
             self.offsets[id(p)] = n
             n += p.numel()
         n = -(-n // self.size) * self.size  # pad so every rank owns an equal slice
         self.numel = n
-        self.grad = torch.zeros(n, dtype=torch.float32, device=params[0][1].device)
+        self.grad = torch.zeros(n, dtype=torch.float32, device=device)
         shard = n // self.size if zero1 else n
         self.lo = self.rank * shard if zero1 else 0
         self.hi = self.lo + shard
-        self.grad_shard = self.grad[self.lo:self.hi] if not zero1 or self.size == 1 else torch.zeros(shard)
+        self.grad_shard = (self.grad[self.lo:self.hi] if not zero1 or self.size == 1 else
+                           torch.zeros(shard, dtype=torch.float32, device=device))
         self.pending: set[int] = set()
         self.handle = None
         self.launched = False
         self.pieces: list[Piece] = []
-        for name, p in params:
+        for name, p, pl in params:
             off = self.offsets[id(p)]
             lo, hi = max(off, self.lo), min(off + p.numel(), self.hi)
             if lo >= hi:
                 continue
-            tp_sharded = getattr(p, "tp_shard_dim", None) is not None and mesh.tp > 1 and not p.is_expert
+            tp_sharded = pl.tp_sharded(mesh)
             base = mesh.tp_rank * p.numel() if tp_sharded else 0
             replica = (kind == "dp_cp" and mesh.tp > 1 and not tp_sharded and mesh.tp_rank != 0)
-            primary = not replica and not getattr(p, "embed_copy", False) and (zero1 or self.rank == 0)
+            primary = not replica and pl.primary and (zero1 or self.rank == 0)
             self.pieces.append(Piece(name, p, lo - off, hi - off, lo - self.lo, base + lo - off,
-                                     p.numel() * (mesh.tp if tp_sharded else 1), primary))
-        for _, p in params:
-            p.main_grad = canonical_view(self.grad[self.offsets[id(p)]:self.offsets[id(p)] + p.numel()], p)
+                                     p.numel() * (mesh.tp if tp_sharded else 1), primary, pl.canonical_dim))
+        # each parameter's float32 gradient: a view of the flat buffer in the parameter's shape
+        self.main_grad = {id(p): canonical_view(self.grad[self.offsets[id(p)]:self.offsets[id(p)] + p.numel()], p,
+                                                 self.place[id(p)].canonical_dim) for _, p in self.params}
 
     def reset(self):
         self.grad.zero_()
@@ -130,6 +140,11 @@ class Bucket:
             self.handle = None
 
 
+# the hook that feeds a parameter's gradient into its buffers, per parameter: a new GradBuffers over the
+# same parameters removes the previous one's (weak keys: the registry never keeps a model alive)
+_HOOKS: "weakref.WeakKeyDictionary[torch.Tensor, object]" = weakref.WeakKeyDictionary()
+
+
 class GradBuffers:
     """fp32 gradient buffers for a rank's model chunks, with bucketed, hook-driven reduction."""
 
@@ -143,24 +158,18 @@ class GradBuffers:
         # buckets never span chunks: with interleaved pipelining the chunks finish their backward at
         # different times. Later chunks first: their backward ends first.
         for c in reversed(range(len(chunks))):
-            by_kind: dict[str, list[tuple[str, nn.Parameter]]] = {"edp": [], "stage": [], "dp_cp": [], "embed": []}
+            by_kind: dict[str, list] = {kind: [] for kind in GROUPS}
             # reverse order of definition ~ the order in which backward produces gradients
             for name, p in reversed(list(chunks[c].named_parameters())):
                 if not p.requires_grad:
                     continue
                 self.chunk_of[id(p)] = c
-                if getattr(p, "embed_copy", False) or getattr(p, "embed_shared", False):
-                    by_kind["embed"].append((name, p))
-                elif p.is_expert:
-                    by_kind["edp"].append((name, p))
-                elif getattr(p, "tp_partial", False):
-                    by_kind["stage"].append((name, p))
-                else:
-                    by_kind["dp_cp"].append((name, p))
+                place = chunks[c].placement[name]
+                by_kind[place.group].append((name, p, place))
             for kind in ("dp_cp", "stage", "edp", "embed"):
                 cur, size = [], 0
-                for name, p in by_kind[kind]:
-                    cur.append((name, p))
+                for name, p, place in by_kind[kind]:
+                    cur.append((name, p, place))
                     size += p.numel()
                     if size >= cap and kind != "embed":
                         self.buckets.append(Bucket(cur, groups[kind], zero1, mesh, kind))
@@ -168,16 +177,17 @@ class GradBuffers:
                 if cur:
                     self.buckets.append(Bucket(cur, groups[kind], zero1, mesh, kind))
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
+        self._main_grad = {k: v for b in self.buckets for k, v in b.main_grad.items()}
         self.ready_chunks: set[int] = set()  # chunks running the backward of their last micro-batch
         self._next = 0  # index of the next bucket to launch (launch order is bucket order on every rank)
         self.early_launches = 0  # buckets launched from a hook, during backward (overlap), in this step
         for b in self.buckets:
             for _, p in b.params:
                 # a parameter feeds one set of buffers: a new optimizer over the same chunks replaces the old
-                old = getattr(p, "_grad_buffer_hook", None)
+                old = _HOOKS.pop(p, None)
                 if old is not None:
                     old.remove()
-                p._grad_buffer_hook = p.register_post_accumulate_grad_hook(self._hook)
+                _HOOKS[p] = p.register_post_accumulate_grad_hook(self._hook)
         self.zero_grad()
 
     def zero_grad(self):
@@ -187,8 +197,13 @@ class GradBuffers:
         self.early_launches = 0
         self.ready_chunks = set()
 
+    def main_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """p's float32 gradient (shaped like p): accumulated over micro-batches, reduced after `finish`
+        (under ZeRO-1 only the owned slice is, until `gather_reduced_grads`)."""
+        return self._main_grad[id(p)]
+
     def _hook(self, p: torch.Tensor):
-        p.main_grad.add_(p.grad)
+        self._main_grad[id(p)].add_(p.grad)
         p.grad = None
         if self.chunk_of[id(p)] not in self.ready_chunks:
             return
@@ -214,7 +229,7 @@ class GradBuffers:
             b.wait()
 
     def gather_reduced_grads(self):
-        """Make every `p.main_grad` the full reduced gradient (ZeRO-1 only reduces the owned slice).
+        """Make every `main_grad(p)` the full reduced gradient (ZeRO-1 only reduces the owned slice).
 
         For checks and debugging: it costs an all-gather of all gradients."""
         for b in self.buckets:
@@ -247,7 +262,7 @@ class DistributedAdamW:
           "optim.step"                   (0-d tensor)
       `piece_meta()` -> {key: (global_offset, global_numel)}: the tensor is elements
           [global_offset, global_offset + numel) of the FULL parameter flattened in canonical order
-          (the full tensor with its `tp_shard_dim` moved first, then row-major; no moving for tensors
+          (the full tensor with its shard dim (placement) moved first, then row-major; no moving for tensors
           without a shard dim). This order does not depend on tp/ep/pp/dp/cp, so a piece saved under one
           layout can be assembled into pieces of another. A rank holds at most one piece per key.
           Only primary pieces are returned (each element saved by exactly one rank).
@@ -267,9 +282,9 @@ class DistributedAdamW:
         self.step_count = 0
         self.state = []  # per bucket: dict(master, exp_avg, exp_avg_sq) over the owned shard
         for b in grads.buckets:
-            master = torch.zeros(b.hi - b.lo, dtype=torch.float32)
+            master = torch.zeros(b.hi - b.lo, dtype=torch.float32, device=b.grad.device)
             for pc in b.pieces:
-                master[pc.shard_at:pc.shard_at + pc.hi - pc.lo] = canonical_flat(pc.param.detach(), pc.param)[pc.lo:pc.hi].float()
+                master[pc.shard_at:pc.shard_at + pc.hi - pc.lo] = canonical_flat(pc.param.detach(), pc.dim)[pc.lo:pc.hi].float()
             self.state.append({"master": master, "exp_avg": torch.zeros_like(master),
                                "exp_avg_sq": torch.zeros_like(master)})
 
@@ -277,8 +292,9 @@ class DistributedAdamW:
         self.grads.zero_grad()
 
     @torch.no_grad()
-    def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, a 0-d float64 tensor on the device."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         for b in self.grads.buckets:
             for pc in b.pieces:
                 if pc.primary:
@@ -286,20 +302,23 @@ class DistributedAdamW:
                     sq += g.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
-        return math.sqrt(sq.item())
+        return sq.sqrt()
 
     @torch.no_grad()
     def step(self) -> dict:
-        """Clip by the global norm, AdamW on owned slices, all-gather the updated parameters."""
+        """Clip by the global norm, AdamW on owned slices, all-gather the updated parameters.
+
+        Returns {"grad_norm", "clip_coef"} as 0-d device tensors (no host sync)."""
         norm = self.grad_norm()
-        coef = 1.0
+        coef = torch.ones((), dtype=torch.float32, device=norm.device)
         if self.clip_grad > 0:
-            # as torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1
-            coef = min(1.0, float(torch.tensor(self.clip_grad / (norm + 1e-6), dtype=torch.float32)))
+            # as torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1; a factor of
+            # exactly 1 multiplies exactly, so no branch on the host is needed
+            coef = (self.clip_grad / (norm + 1e-6)).float().clamp(max=1.0)
         self.step_count += 1
         beta1, beta2 = self.betas
         for b, st in zip(self.grads.buckets, self.state):
-            g_all = b.grad_shard * coef if coef != 1.0 else b.grad_shard
+            g_all = b.grad_shard * coef
             for pc in b.pieces:
                 s = slice(pc.shard_at, pc.shard_at + pc.hi - pc.lo)
                 wd = self.weight_decay if pc.param.dim() >= 2 else 0.0
@@ -312,14 +331,14 @@ class DistributedAdamW:
         """Owned master slices -> every replica's parameters."""
         dtype = b.params[0][1].dtype
         if b.zero1 and b.size > 1:
-            full = torch.empty(b.numel, dtype=dtype)
+            full = torch.empty(b.numel, dtype=dtype, device=master.device)
             dist.all_gather(list(full.chunk(b.size)), master.to(dtype), group=b.group)
             for _, p in b.params:
                 off = b.offsets[id(p)]
-                p.data.copy_(canonical_view(full[off:off + p.numel()], p))
+                p.data.copy_(canonical_view(full[off:off + p.numel()], p, b.place[id(p)].canonical_dim))
         else:  # unsharded: the pieces are whole parameters
             for pc in b.pieces:
-                pc.param.data.copy_(canonical_view(master[pc.shard_at:pc.shard_at + pc.hi - pc.lo], pc.param))
+                pc.param.data.copy_(canonical_view(master[pc.shard_at:pc.shard_at + pc.hi - pc.lo], pc.param, pc.dim))
 
     # ------------------------------------------------------------------------------ checkpointing
     def _pieces(self, primary_only: bool):
@@ -350,7 +369,7 @@ class DistributedAdamW:
                 t = sd.get(f"optim.{k}.{pc.name}")
                 if t is None:
                     if k == "master":
-                        t = canonical_flat(pc.param.detach(), pc.param)[pc.lo:pc.hi]
+                        t = canonical_flat(pc.param.detach(), pc.dim)[pc.lo:pc.hi]
                     else:
                         raise KeyError(f"optimizer state 'optim.{k}.{pc.name}' missing from the checkpoint")
                 elif t.numel() == pc.global_numel and t.numel() != n:

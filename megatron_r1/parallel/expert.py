@@ -56,7 +56,9 @@ def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.
         # regroup by expert: row index of every (source, expert) block, expert-major
         starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
         blocks = [(int(starts[s * local + e]), int(recv_counts[s, e])) for e in range(local) for s in range(ep)]
-        perm = torch.cat([torch.arange(a, a + c) for a, c in blocks]) if blocks else torch.zeros(0, dtype=torch.long)
+        dev = x.device
+        perm = (torch.cat([torch.arange(a, a + c, device=dev) for a, c in blocks]) if blocks
+                else torch.zeros(0, dtype=torch.long, device=dev))
         y_by_expert = experts_kernel(recv[perm], recv_counts.sum(0).tolist(), local_experts)
         y_recv = torch.empty_like(y_by_expert).index_copy(0, perm, y_by_expert) if perm.numel() else y_by_expert
         y = _AllToAll.apply(y_recv, in_splits, out_splits, mesh.ep_group)

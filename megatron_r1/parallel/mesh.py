@@ -9,11 +9,14 @@ Notable choices
 - No globals: one `ParallelMesh` object is passed to whatever needs a group (STYLE.md item 4).
   A group of size 1 is `None`, and every collective in `parallel/` is the identity on `None`.
 - Degrees are validated once, here, with the arithmetic in the message.
+- The mesh carries the device every tensor of this rank lives on (`mesh.device`): the current CUDA
+  device under NCCL, the CPU under gloo, or what the caller asks for (`meta` to build without memory).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
@@ -91,6 +94,14 @@ def validate_layout(world_size: int, par: ParallelConfig, model: ModelConfig | N
     return dp
 
 
+def default_device() -> torch.device:
+    """The current CUDA device when collectives run on NCCL (or, without a process group, when a GPU is
+    visible); else the CPU (gloo's collectives take CPU tensors)."""
+    if dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @dataclass
 class ParallelMesh:
     """Degrees, this rank's coordinates, and the groups (None where the group has one rank)."""
@@ -109,6 +120,7 @@ class ParallelMesh:
     pp_rank: int = 0
     ep_rank: int = 0
     edp_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank's tensors live
     groups: dict = field(default_factory=dict)  # name -> ProcessGroup | None
     ranks: dict = field(default_factory=dict)  # name -> list[int] (this rank's group members)
 
@@ -151,17 +163,20 @@ class ParallelMesh:
         return self.ranks["pp"][pp_rank]
 
     @classmethod
-    def single(cls, sp: bool = False) -> "ParallelMesh":
-        return cls(sp=sp, ranks={k: [0] for k in ("tp", "cp", "dp", "pp", "ep", "edp", "dp_cp", "tp_cp", "stage", "embed")})
+    def single(cls, sp: bool = False, device=None) -> "ParallelMesh":
+        return cls(sp=sp, device=torch.device(device or "cpu"),
+                   ranks={k: [0] for k in ("tp", "cp", "dp", "pp", "ep", "edp", "dp_cp", "tp_cp", "stage", "embed")})
 
     @classmethod
-    def build(cls, par: ParallelConfig, model: ModelConfig | None = None) -> "ParallelMesh":
-        """Create every group. Collective: all ranks must call it with the same arguments."""
+    def build(cls, par: ParallelConfig, model: ModelConfig | None = None, device=None) -> "ParallelMesh":
+        """Create every group. Collective: all ranks must call it with the same arguments.
+        `device`: default `default_device()`."""
+        device = torch.device(device) if device is not None else default_device()
         if not dist.is_initialized():
             if par.tp * par.cp * par.pp * par.ep > 1:
                 raise ConfigError("a parallel layout > 1 needs torch.distributed initialised "
                                   "(megatron_r1.parallel.launch.init_distributed)")
-            return cls.single(sp=par.sp)
+            return cls.single(sp=par.sp, device=device)
         world, rank = dist.get_world_size(), dist.get_rank()
         dp = validate_layout(world, par, model)
         tp, cp, pp, ep = par.tp, par.cp, par.pp, par.ep
@@ -200,7 +215,8 @@ class ParallelMesh:
             # the MTP module on the last stage keeps a copy of the embedding (grads summed with stage 0)
             families["embed"].append(sorted({r, r + (pp - 1) * stage_size}))
 
-        mesh = cls(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, vpp=par.vpp, sp=par.sp and tp > 1, rank=rank, world_size=world)
+        mesh = cls(tp=tp, cp=cp, dp=dp, pp=pp, ep=ep, vpp=par.vpp, sp=par.sp and tp > 1, rank=rank, world_size=world,
+                   device=device)
         mesh.tp_rank, mesh.cp_rank, mesh.dp_rank, mesh.pp_rank = coord(rank)
         local = rank % stage_size
         mesh.ep_rank, mesh.edp_rank = local % ep, local // ep

@@ -104,7 +104,7 @@ class _P2P:
         self.pending.append((dist.isend(t, dst, tag=tag), t))
 
     def recv(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype, device=self.mesh.device)
         dist.recv(t, src, tag=tag)
         return t
 

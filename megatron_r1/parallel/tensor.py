@@ -7,8 +7,9 @@ Notable choices
   backward); with SP it is sequence-sharded (all-gather forward, reduce-scatter backward). Leaving it:
   all-reduce, or reduce-scatter with SP. `tp_enter`/`tp_exit` pick the right pair.
 - Parameters that are replicated over tp but only see part of the work (norms under SP, MLA's low-rank
-  projections, the router and shared experts that run on a token shard) get *partial* gradients. They
-  are tagged `param.tp_partial = True` and their gradients are summed over tp by the gradient sync.
+  projections, the router and shared experts that run on a token shard) get *partial* gradients: their
+  modules list them (`TP_PARTIAL` / `SP_PARTIAL`, parallel/placement.py) and the gradient sync sums them
+  over tp. Each layer here declares its parameters' shard dim and init in `specs`.
 - The sequence dimension is dim 1 everywhere: activations are [B, S, H] (B batch, S sequence, H hidden).
 - Vocab-parallel cross-entropy never gathers full logits.
 """
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megatron_r1.parallel.placement import Spec
 
 SEQ_DIM = 1
 
@@ -173,34 +176,9 @@ def tp_exit(x: torch.Tensor, mesh) -> torch.Tensor:
     return reduce_from_region(x, mesh.tp_group)
 
 
-def mark_tp_partial(module: nn.Module, mesh) -> None:
-    """Tag `module`'s parameters: replicated over tp, partial gradients (summed over tp by the grad sync)."""
-    if mesh.tp > 1:
-        for p in module.parameters():
-            p.tp_partial = True
-
-
 # ------------------------------------------------------------------------------------------- layers
 def _init_(w: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.normal_(w, mean=0.0, std=std)
-
-
-def _tag(module: nn.Module, mesh, dim: int, std: float) -> None:
-    """`param.tp_shard_dim`: the dimension along which this parameter is a contiguous tp slice.
-
-    Set at tp=1 too: the dimension is part of the layer's definition, and the optimizer orders a
-    parameter's elements by it (parallel/data.py), so its state does not depend on the layout.
-    `param.init_std`: the normal init of the weight, for layout-independent initialisation."""
-    for name, p in module.named_parameters(recurse=False):
-        p.tp_shard_dim = 0 if name == "bias" else dim
-    module.weight.init_std = std
-
-
-def untag(module: nn.Module) -> None:
-    """For a layer used whole on each rank (routed/shared experts): no tp slicing."""
-    for p in module.parameters():
-        if hasattr(p, "tp_shard_dim"):
-            del p.tp_shard_dim
 
 
 class ColumnParallelLinear(nn.Module):
@@ -213,7 +191,9 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(_init_(torch.empty(out_features // mesh.tp, in_features), std))
         self.bias = nn.Parameter(torch.zeros(out_features // mesh.tp)) if bias else None
-        _tag(self, mesh, 0, std)
+        # the shard dim is part of the layer's definition, stated at tp = 1 too: ZeRO orders a
+        # parameter's elements by it, so optimizer state does not depend on the layout
+        self.specs = {"weight": Spec(0, std), "bias": Spec(0, "zeros")}
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -230,7 +210,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(_init_(torch.empty(out_features, in_features // mesh.tp), std))
         # a bias would be added tp times by the reduction: none of our models has one here
         assert not bias
-        _tag(self, mesh, 1, std)
+        self.specs = {"weight": Spec(1, std)}
 
     def forward(self, x):
         return F.linear(x, self.weight)
@@ -244,7 +224,7 @@ class VocabParallelEmbedding(nn.Module):
         per = vocab // mesh.tp
         self.start = mesh.tp_rank * per
         self.weight = nn.Parameter(_init_(torch.empty(per, hidden), std))
-        _tag(self, mesh, 0, std)
+        self.specs = {"weight": Spec(0, std)}
 
     def forward(self, ids):  # ids: [B, S] (full sequence of this cp rank)
         if self.mesh.tp == 1:

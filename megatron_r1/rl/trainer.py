@@ -125,7 +125,7 @@ class GRPOTrainer:
         if rl.beta > 0:
             from megatron_r1.ckpt.hf import load_hf_weights
             from megatron_r1.engine.runtime import DTYPES, build_parallel_model
-            self.ref_chunks = build_parallel_model(cfg, mesh)
+            self.ref_chunks = build_parallel_model(cfg, mesh, init=False)  # filled from init_hf below
             for c in self.ref_chunks:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
                 c.requires_grad_(False)

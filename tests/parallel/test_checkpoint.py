@@ -126,16 +126,13 @@ PROBE_SEED = 9
 def perturb(chunks, mesh):
     """Layout-independent non-trivial weights and expert bias (drawn at full shape per name, then sliced)."""
     import zlib
-    from megatron_r1.ckpt.hf import model_state, shard_of
+    from megatron_r1.ckpt.hf import model_state
     for c in chunks:
         for name, t in model_state(c).items():
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            full_shape = list(t.shape)
-            d = getattr(t, "tp_shard_dim", None)
-            if d is not None and mesh.tp > 1:
-                full_shape[d] *= mesh.tp
-            full = torch.randn(full_shape, generator=g) * (0.5 if "bias" in name else 0.05)
-            t.add_(shard_of(full, t, mesh))
+            place = c.placement[name]
+            full = torch.randn(place.full_shape(t.shape, mesh), generator=g) * (0.5 if "bias" in name else 0.05)
+            t.add_(place.shard(full, mesh))
 
 
 def _save_model(save_dir, par):

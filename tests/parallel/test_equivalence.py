@@ -4,15 +4,23 @@ step and the router bias after its update, float32, within 1e-5 relative (max|a-
 The single-rank reference is plain PyTorch (`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`),
 see megatron_r1/engine/check.py. Global batch: 8 micro-batches of [2, 16] with a random loss mask, so
 each rank accumulates over ≥ 4 micro-batches (> pp). Layouts of one world size share one spawn.
+
+Every check runs with `strict_device=True` (`check-parallel --strict-device`): each rank's step fails if
+it creates a tensor without an explicit device or moves data to the host off the allow-list
+(megatron_r1/engine/strict.py), so these layouts are also the proof that a step stays on the device.
 """
 import pytest
 
-from megatron_r1.engine.check import check_layouts
+from megatron_r1.engine.check import check_layouts as _check_layouts
 
 TWO_RANKS = ["tp2", "tp2,sp", "cp2", "ep2", "pp2", "pp2,vpp2", "dp2", "dp2,nozero", "tp2,ep2", "cp2,ep2",
              "pp2,first3"]  # uneven stages (Megatron's first/last_pipeline_num_layers), as 671B needs
 FOUR_RANKS = ["tp2,pp2", "pp2,dp2", "tp2,sp,cp2,ep2", "pp2,vpp2,dp2,ep2", "tp2,pp2,last3"]
 EIGHT_RANKS = ["tp2,pp2,dp2", "tp2,cp2,pp2,ep2", "tp2,sp,cp2,pp2,vpp2,ep2"]
+
+
+def check_layouts(*args, **kw):
+    return _check_layouts(*args, strict_device=True, **kw)
 
 
 def _assert_all_ok(reports):
@@ -32,7 +40,7 @@ def test_moe_eight_ranks():
     _assert_all_ok(check_layouts("tiny-moe", EIGHT_RANKS))
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama"])
 def test_dense_student(preset):
     _assert_all_ok(check_layouts(preset, ["tp2,pp2", "tp2,sp,dp2"]))
 

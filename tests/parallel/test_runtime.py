@@ -90,7 +90,7 @@ def test_runtime_api_two_ranks():
     from megatron_r1.model.gpt import CausalLM
     from megatron_r1.engine.runtime import init_parameters
     model = CausalLM(cfg.model)
-    init_parameters([model], ParallelMesh.single(), cfg.train.seed, cfg.model.initializer_range)
+    init_parameters([model], ParallelMesh.single(), cfg.train.seed)
     for i, mb in enumerate(batch[:4]):
         ids = mb["input_ids"]
         lp = torch.log_softmax(model.full_logits(ids).float(), -1)
