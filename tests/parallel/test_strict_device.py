@@ -15,11 +15,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_r1.engine.check import default_batch, make_config, parse_layout, target_count
-from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, train_step
+from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, forward_only, train_step
 from megatron_r1.engine.strict import StrictDevice, StrictDeviceError
 from megatron_r1.model.gpt import lm_loss
 from megatron_r1.parallel.mesh import ParallelMesh
 from megatron_r1.parallel.spawn import RankError
+from megatron_r1.parallel.tensor import vocab_parallel_logprobs
 from tests.parallel.harness import run_ranks
 
 HERE = os.path.relpath(__file__, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -33,8 +34,8 @@ def _line(marker: str) -> int:
 
 
 def _step(plant: bool):
-    """One training step of tiny-moe (MTP on) at tp2·ep2 under the guard; with `plant`, the loss
-    function creates a tensor without a device and reads a value to the host."""
+    """One training step of tiny-moe (MTP on) at tp2·ep2 under the guard, then a forward-only pass; with
+    `plant`, the loss function creates a tensor without a device and reads a value to the host."""
     cfg = make_config("tiny-moe")
     cfg.parallel, _ = parse_layout("tp2,ep2")
     mesh = ParallelMesh.build(cfg.parallel, cfg.model)
@@ -52,7 +53,17 @@ def _step(plant: bool):
         return loss, metrics
 
     with StrictDevice():
-        return train_step(chunks, opt, batch, loss_fn, mesh)["loss"]
+        loss = train_step(chunks, opt, batch, loss_fn, mesh)["loss"]
+    if plant:
+        return loss
+
+    def logprobs(out, mb):  # GRPO's forward-only pass (old / reference log-probabilities)
+        ids = mb["input_ids"]
+        return vocab_parallel_logprobs(out.logits, ids[:, (out.positions + 1).clamp(max=ids.shape[1] - 1)], mesh)
+
+    with StrictDevice():
+        lp = forward_only(chunks, batch, logprobs, mesh)
+    return loss, len(lp)
 
 
 def test_guard_catches_planted_tensor_and_item():
@@ -66,8 +77,8 @@ def test_guard_catches_planted_tensor_and_item():
 
 
 def test_guard_passes_the_same_step_without_them():
-    losses = run_ranks(_step, 2, False, timeout=240)
-    assert losses[0] == losses[1] and torch.isfinite(torch.tensor(losses[0]))
+    out = run_ranks(_step, 2, False, timeout=240)
+    assert out[0] == out[1] and torch.isfinite(torch.tensor(out[0][0])) and out[0][1] == 2
 
 
 def test_guard_unit():
