@@ -122,7 +122,7 @@ class TrainSession:
 
     def should_stop(self) -> bool:
         """True on every rank once any rank has been signalled (collective: call once per step)."""
-        flag = torch.tensor(float(self._signalled))
+        flag = torch.tensor(float(self._signalled), device=self.mesh.device)  # NCCL reduces device tensors only
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
