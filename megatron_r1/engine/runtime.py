@@ -95,16 +95,15 @@ def init_parameters(chunks: list[nn.Module], mesh, seed: int) -> None:
     on the parameter's device, then this rank's shard; or ones / zeros."""
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            init = chunk.placement[name].init
-            if p.device.type == "meta":
+            place = chunk.placement[name]
+            if p.device.type == "meta":  # nothing to fill (a model built to be inspected or planned)
                 continue
-            if isinstance(init, str):
-                p.fill_({"ones": 1.0, "zeros": 0.0}[init])
+            if isinstance(place.init, str):
+                p.fill_({"ones": 1.0, "zeros": 0.0}[place.init])
                 continue
             g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            place = chunk.placement[name]
             full = torch.randn(place.full_shape(p.shape, mesh), generator=g, dtype=torch.float32, device=p.device)
-            p.copy_(place.shard(full * init, mesh))
+            p.copy_(place.shard(full * place.init, mesh))
 
 
 def build_optimizer(chunks: list[nn.Module], cfg: Config, mesh) -> DistributedAdamW:
