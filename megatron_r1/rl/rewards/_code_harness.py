@@ -1,91 +1,157 @@
 """Assert-test harness, run inside the sandbox as ``python -I harness.py CHANNEL_FD CHECK.json``
 (stdlib only; copied into the sandbox's working directory by code.py).
 
-It runs the program's definitions, then ONE test, and writes one JSON line to the channel fd
-(never to stdout, which belongs to the program):
+The verdict must not come from a process that ran model code, so the harness splits in two:
 
-- ``{"value": V}`` for a *value test* (``assert f(x) == <literal>``): V is the tagged encoding of
-  ``f(x)``. The literal never enters the sandbox; the parent compares, so a program cannot pass
-  by printing, exiting early, or returning an object whose ``__eq__`` says yes (only plain
-  built-in data can be encoded).
-- ``{"ok": true}`` for a *truth test* (any other assert): the assert ran with every comparison,
-  ``not``, ``and``/``or`` and the final truth value forced through ``_mr1_cmp``/``_mr1_truth``,
-  which accept plain built-in data only, and with pristine builtins (a program that replaced
-  ``builtins.sorted`` does not change what the test calls).
-- ``{"error": "..."}`` when the test raised.
+- **Judge** (this process): marks itself non-dumpable (another process of the same uid can
+  then neither ptrace it nor open its ``/proc/PID/fd`` or ``mem``), forks the runner, and runs
+  the test's statements. Every name the program defined is, on the judge's side, a proxy: a
+  call sends its (plain-data) arguments to the runner and returns the (plain-data) result, so
+  the judge never executes model code and an object whose ``__eq__`` always says yes cannot
+  even cross over. The verdict, ``{"ok": true}`` or ``{"error": ...}``, goes to CHANNEL_FD,
+  which only the judge holds (the runner closes it before any model code runs).
+- **Runner** (the child): runs the program's definitions (a ``SystemExit`` or any exception at
+  its top level does not stop the tests; they judge what got defined), reports its global
+  names, then serves calls. Whatever it answers counts as what the function returned: forging
+  a reply is the same as hard-coding a return value, which tests catch or not on their merits.
 
-A ``SystemExit`` (or any exception) in the program's own top level does not stop the test: the
-test then runs against whatever the program had defined.
+Limits, stated: values crossing the boundary are plain built-in data (None, bool, int, float,
+str, bytes, list, tuple, dict, set, frozenset, exact types); a test that needs the program's
+own objects (a class instance) fails, and a function that mutates its arguments is not seen
+by the test. Stdin/stdout tests have no such limits.
 """
 
 import builtins
+import ctypes
+import importlib
 import json
 import os
 import sys
 
-_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
-_PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
+PR_SET_DUMPABLE = 4
 _MAX_DEPTH = 64
-_write, _exit, _dumps, _type, _len = os.write, os._exit, json.dumps, type, len
-
-
-def _plain(v, depth=0) -> bool:
-    t = _type(v)
-    if t in _PLAIN_SCALARS:
-        return True
-    if depth > _MAX_DEPTH or t not in _PLAIN_CONTAINERS:
-        return False
-    if t is dict:
-        return all(_plain(k, depth + 1) and _plain(x, depth + 1) for k, x in v.items())
-    return all(_plain(x, depth + 1) for x in v)
+_SCALARS = {type(None): "N", bool: "b", int: "i", float: "f", str: "s", bytes: "y"}
+_CONTAINERS = {list: "l", tuple: "t", set: "S", frozenset: "F"}
 
 
 def encode(v, depth=0):
-    t = _type(v)
+    t = type(v)
     if depth > _MAX_DEPTH:
         raise ValueError("value nested too deeply")
-    if t is type(None):
-        return ["N"]
-    if t is bool:
-        return ["b", v]
-    if t is int:
-        return ["i", str(v)]  # str() refuses > 4300 digits: a test error, not a hang
-    if t is float:
-        return ["f", repr(v)]
-    if t is str:
-        return ["s", v]
-    if t is bytes:
-        return ["y", v.hex()]
+    if t in _SCALARS:
+        tag = _SCALARS[t]
+        payload = None if t is type(None) else v.hex() if t is bytes else repr(v) if t is float else \
+            str(v) if t is int else v  # str(int) refuses > 4300 digits: an error, not a hang
+        return [tag, payload]
     if t is dict:
         return ["d", [[encode(k, depth + 1), encode(x, depth + 1)] for k, x in v.items()]]
-    tag = {list: "l", tuple: "t", set: "S", frozenset: "F"}.get(t)
-    if tag is None:
-        raise TypeError(f"test value of type {t.__name__!r} is not plain data")
-    return [tag, [encode(x, depth + 1) for x in v]]
+    if t in _CONTAINERS:
+        return [_CONTAINERS[t], [encode(x, depth + 1) for x in v]]
+    raise TypeError(f"a {t.__name__} is not plain data")
 
 
-_OPS = {
-    "Eq": lambda a, b: a == b, "NotEq": lambda a, b: a != b, "Lt": lambda a, b: a < b,
-    "LtE": lambda a, b: a <= b, "Gt": lambda a, b: a > b, "GtE": lambda a, b: a >= b,
-    "Is": lambda a, b: a is b, "IsNot": lambda a, b: a is not b,
-    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
-}
+_DECODE_SCALAR = {"N": lambda p: None, "b": bool, "i": int, "f": float, "s": str, "y": bytes.fromhex}
+_DECODE_CONTAINER = {"l": list, "t": tuple, "S": set, "F": frozenset}
 
 
-def _mr1_cmp(ops, operands):
-    for v in operands:
-        if not _plain(v):
-            raise AssertionError(f"compared a {_type(v).__name__}, not plain data")
-    for op, a, b in zip(ops, operands, operands[1:]):
-        if not _OPS[op](a, b):
-            return False
-    return True
+def decode(v):
+    tag, payload = v
+    if tag in _DECODE_SCALAR:
+        if tag == "b" and type(payload) is not bool or tag == "s" and type(payload) is not str:
+            raise ValueError("malformed value")
+        return _DECODE_SCALAR[tag](payload)
+    if tag == "d":
+        return {decode(k): decode(x) for k, x in payload}
+    return _DECODE_CONTAINER[tag](decode(x) for x in payload)
 
 
-def _mr1_truth(v):
-    if not _plain(v):
-        raise AssertionError(f"truth value of a {_type(v).__name__}, not plain data")
-    return bool(v)
+class _Pipe:
+    """JSON lines over a pair of pipe fds."""
+
+    def __init__(self, rfd: int, wfd: int):
+        self.rfd, self.wfd, self.buf = rfd, wfd, b""
+
+    def send(self, obj) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        while data:
+            data = data[os.write(self.wfd, data):]
+
+    def recv(self):
+        while b"\n" not in self.buf:
+            chunk = os.read(self.rfd, 1 << 16)
+            if not chunk:
+                raise EOFError("the program's process ended")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+# ------------------------------------------------------------------------------- runner
+def serve(program: str, pipe: _Pipe) -> None:
+    g = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        exec(compile(program, "solution.py", "exec"), g)
+    except BaseException:  # noqa: BLE001 - the tests judge what got defined
+        pass
+    manifest = {}
+    for name, value in list(g.items()):
+        if name.startswith("__"):
+            continue
+        if type(value) is type(sys):
+            manifest[name] = ["module", value.__name__]
+        elif callable(value):
+            manifest[name] = ["callable"]
+        else:
+            try:
+                manifest[name] = ["value", encode(value)]
+            except (TypeError, ValueError, RecursionError):
+                pass
+    pipe.send(manifest)
+    while True:
+        name, args, kwargs = pipe.recv()
+        try:
+            result = g[name](*decode(args), **decode(kwargs))
+            reply = ["ok", encode(result)]
+        except BaseException as e:  # noqa: BLE001 - reported to the judge as the call's exception
+            reply = ["raise", type(e).__name__, str(e)[:200]]
+        pipe.send(reply)
+
+
+# -------------------------------------------------------------------------------- judge
+def _proxy(pipe: _Pipe, name: str):
+    def call(*args, **kwargs):
+        pipe.send([name, encode(args), encode(kwargs)])
+        reply = pipe.recv()
+        if reply[0] == "ok":
+            return decode(reply[1])
+        exc = getattr(builtins, str(reply[1]), None)
+        if not (isinstance(exc, type) and issubclass(exc, Exception)):
+            exc = RuntimeError
+        raise exc(f"{name}: {reply[2]}")
+
+    call.__name__ = name
+    return call
+
+
+def judge(check: dict, pipe: _Pipe) -> dict:
+    try:
+        manifest = pipe.recv()
+        ns = {"__name__": "tests", "__builtins__": builtins}
+        for name, entry in manifest.items():
+            if entry[0] == "module":
+                try:
+                    ns[name] = importlib.import_module(entry[1])
+                except ImportError:
+                    pass
+            elif entry[0] == "callable":
+                ns[name] = _proxy(pipe, name)
+            else:
+                ns[name] = decode(entry[1])
+        exec(compile(check["setup"], "tests.py", "exec"), ns)
+        exec(compile(check["source"], "tests.py", "exec"), ns)
+        return {"ok": True}
+    except BaseException as e:  # noqa: BLE001 - any failure is a failed test
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def main() -> None:
@@ -94,32 +160,26 @@ def main() -> None:
         check = json.load(f)
     with open(check["program"], encoding="utf-8") as f:
         program = f.read()
-    pristine = dict(builtins.__dict__)
-    g = {"__name__": "solution", "__builtins__": builtins}
-    try:
-        exec(compile(program, "solution.py", "exec"), g)
-    except BaseException:  # noqa: BLE001 - the tests judge what got defined
-        pass
-    tg = dict(g)
-    tg["__builtins__"] = pristine
-    tg["_mr1_cmp"], tg["_mr1_truth"] = _mr1_cmp, _mr1_truth
-    try:
-        exec(compile(check["setup"], "tests.py", "exec"), tg)
-        if check["kind"] == "value":
-            reply = {"value": encode(eval(compile(check["source"], "tests.py", "eval"), tg))}
-        else:
-            exec(compile(check["source"], "tests.py", "exec"), tg)
-            reply = {"ok": True}
-    except BaseException as e:  # noqa: BLE001 - any failure is a failed test
-        reply = {"error": f"{_type(e).__name__}: {e}"[:300]}
-    try:
-        line = _dumps(reply) + "\n"
-    except BaseException as e:  # noqa: BLE001
-        line = _dumps({"error": f"unencodable result: {_type(e).__name__}"}) + "\n"
-    data = line.encode("utf-8", "replace")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+    to_runner_r, to_runner_w = os.pipe()
+    to_judge_r, to_judge_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (channel, to_runner_w, to_judge_r):
+                os.close(fd)
+            serve(program, _Pipe(to_runner_r, to_judge_w))
+        finally:
+            os._exit(0)
+    for fd in (to_runner_r, to_judge_w):
+        os.close(fd)
+    reply = judge(check, _Pipe(to_judge_r, to_runner_w))
+    data = (json.dumps(reply) + "\n").encode("utf-8", "replace")
     while data:
-        data = data[_write(channel, data):]
-    _exit(0)
+        data = data[os.write(channel, data):]
+    os._exit(0)
 
 
 if __name__ == "__main__":

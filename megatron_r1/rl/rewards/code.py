@@ -11,20 +11,17 @@ Notable choices:
     up to trailing whitespace on each line and trailing blank lines. The expected output never
     enters the sandbox.
   * a string of Python ``assert`` statements run after the program's definitions: each
-    top-level assert is one test, in a fresh process, after the non-assert statements above it
-    (imports, helpers). ``assert EXPR == <literal>`` is a *value test*: only EXPR runs in the
-    sandbox and its value comes back as plain data (an object whose ``__eq__`` always says yes
-    cannot be encoded), the literal stays here. Other asserts are *truth tests*: comparisons
-    inside them accept plain built-in data only (see _code_harness.py). Without top-level
-    asserts (HumanEval's ``def check(candidate): ...; check(f)``) the whole string is one truth
-    test.
+    top-level assert is one test, in a fresh sandbox, after the non-assert statements above it
+    (imports, helpers). Without top-level asserts (HumanEval's ``def check(candidate): ...``
+    then ``check(f)``) the whole string is one test.
   * JSON text of either, or ``{"tests": ..., "language": ...}``; the data loader keeps answers
     as strings, so JSON text is how a training row carries pairs.
-- Results come from the harness's private channel fd or from the parent's own comparison,
-  never from the program's stdout: printing "all tests passed" or ``sys.exit(0)`` before the
-  asserts earns nothing. A truth test's reply is written by code in the program's own process,
-  so a program that deliberately writes a forged reply to that fd is not prevented (value and
-  stdin/stdout tests do not have this hole); this is stated in benchmarks/reliability.md.
+- Verdicts never come from the program's stdout or from a process that ran model code: for
+  stdin/stdout tests the parent compares; for asserts, the harness's judge process runs the
+  test and calls the program, which runs in a separate runner process, through plain-data
+  proxies, and writes its verdict on a fd only it holds (_code_harness.py). Printing "all
+  tests passed", ``sys.exit(0)`` before the asserts, an ``__eq__`` that always says yes, or
+  writing fake verdicts to every fd earns nothing.
 - ``all_or_nothing=True`` scores 1 only when every test passes; else the fraction passed.
 - All tests of a batch run concurrently, ``workers`` at a time (default: the CPU count).
 """
@@ -70,11 +67,8 @@ class StdioTest:
 
 @dataclass(frozen=True)
 class AssertTest:
-    kind: str  # "value" | "truth"
-    setup: str  # statements that precede it (imports, helpers)
-    source: str  # value: the expression run in the sandbox; truth: the rewritten assert
-    expected: Any = None  # value tests: the literal, never sent to the sandbox
-    op: str = "Eq"  # value tests: "Eq" or "Is"
+    setup: str  # the statements above it (imports, helpers, constants)
+    source: str  # the assert (or, without top-level asserts, the whole test string)
 
 
 def parse_reference(reference: Any, language: str = "python") -> tuple[list, str]:
@@ -107,71 +101,6 @@ def parse_reference(reference: Any, language: str = "python") -> tuple[list, str
                      f"got {type(reference).__name__}")
 
 
-class _StrictAsserts(ast.NodeTransformer):
-    """Inside asserts: comparisons, ``not``, ``and``/``or`` and the truth value go through the
-    harness's plain-data-only helpers."""
-
-    def __init__(self):
-        self.depth = 0
-
-    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
-        self.depth += 1
-        test = self.visit(node.test)
-        self.depth -= 1
-        return ast.copy_location(ast.Assert(test=_call("_mr1_truth", [test]), msg=node.msg), node)
-
-    def visit_Compare(self, node: ast.Compare) -> ast.AST:
-        node = self.generic_visit(node)
-        if not self.depth:
-            return node
-        ops = ast.List([ast.Constant(type(op).__name__) for op in node.ops], ast.Load())
-        operands = ast.List([node.left, *node.comparators], ast.Load())
-        return ast.copy_location(_call("_mr1_cmp", [ops, operands]), node)
-
-    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
-        node = self.generic_visit(node)
-        if self.depth and isinstance(node.op, ast.Not):
-            node.operand = _call("_mr1_truth", [node.operand])
-        return node
-
-    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
-        node = self.generic_visit(node)
-        if self.depth:
-            node.values = [_call("_mr1_truth", [v]) for v in node.values]
-        return node
-
-
-def _call(name: str, args: list) -> ast.Call:
-    return ast.Call(ast.Name(name, ast.Load()), args, [])
-
-
-def _strict(node: ast.AST) -> str:
-    tree = ast.Module([_StrictAsserts().visit(node)], type_ignores=[])
-    return ast.unparse(ast.fix_missing_locations(tree))
-
-
-def _literal(node: ast.AST) -> tuple[bool, Any]:
-    try:
-        return True, ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False, None
-
-
-def _value_test(node: ast.Assert, setup: str) -> AssertTest | None:
-    t = node.test
-    if not (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], (ast.Eq, ast.Is))):
-        return None
-    left, right = t.left, t.comparators[0]
-    (lok, lval), (rok, rval) = _literal(left), _literal(right)
-    if lok == rok:
-        return None
-    expr, expected = (right, lval) if lok else (left, rval)
-    op = type(t.ops[0]).__name__
-    if op == "Is" and expected not in (None, True, False):
-        return None
-    return AssertTest("value", setup, ast.unparse(expr), expected, op)
-
-
 def parse_asserts(source: str) -> list[AssertTest]:
     try:
         tree = ast.parse(source)
@@ -180,30 +109,13 @@ def parse_asserts(source: str) -> list[AssertTest]:
     tests, setup = [], []
     for stmt in tree.body:
         if isinstance(stmt, ast.Assert):
-            prefix = "\n".join(setup)
-            tests.append(_value_test(stmt, prefix) or AssertTest("truth", prefix, _strict(stmt)))
+            tests.append(AssertTest("\n".join(setup), ast.unparse(stmt)))
         else:
-            setup.append(_strict(stmt))
-    if not tests:
-        tests.append(AssertTest("truth", "", "\n".join(setup)))
-    return tests
+            setup.append(ast.unparse(stmt))
+    return tests or [AssertTest("", source)]
 
 
 # ------------------------------------------------------------------------------------ judging
-_TAGS = {"N": lambda v: None, "b": bool, "i": int, "f": float, "s": str, "y": bytes.fromhex}
-
-
-def decode(v: Any) -> Any:
-    """Inverse of the harness's ``encode``; plain built-in data only."""
-    tag = v[0]
-    if tag in _TAGS:
-        return _TAGS[tag](v[1]) if tag != "N" else None
-    if tag == "d":
-        return {decode(k): decode(x) for k, x in v[1]}
-    items = [decode(x) for x in v[1]]
-    return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
-
-
 def _normalize_stdout(text: str) -> list[str]:
     lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").split("\n")]
     while lines and not lines[-1]:
@@ -218,30 +130,14 @@ def judge(test, result: RunResult) -> bool:
         if result.exit_code != 0:
             return False
         return _normalize_stdout(result.stdout.decode("utf-8", "replace")) == _normalize_stdout(test.stdout)
-    lines = result.channel.split(b"\n")
-    if len(lines) != 2 or lines[1]:  # exactly one reply line: anything else was tampered with
-        return False
-    try:
-        reply = json.loads(lines[0])
-        if test.kind == "truth":
-            return reply == {"ok": True}
-        if set(reply) != {"value"}:
-            return False
-        got = decode(reply["value"])
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError):
-        return False
-    if test.op == "Is":
-        return got is test.expected
-    try:
-        return bool(got == test.expected)
-    except RecursionError:
-        return False
+    # exactly one verdict line, written by the judge process that never ran model code
+    return result.channel == b'{"ok": true}\n'
 
 
 def make_program(program: str, test) -> Program:
     if isinstance(test, StdioTest):
         return Program({"solution.py": program}, ["{python}", "-I", "solution.py"], stdin=test.stdin)
-    check = {"program": "solution.py", "kind": test.kind, "setup": test.setup, "source": test.source}
+    check = {"program": "solution.py", "setup": test.setup, "source": test.source}
     files = {"solution.py": program, "harness.py": HARNESS.read_text(), "check.json": json.dumps(check)}
     return Program(files, ["{python}", "-I", "harness.py", "{channel}", "check.json"])
 

@@ -292,21 +292,47 @@ class Sandbox:
 
     @staticmethod
     def _kill(proc: subprocess.Popen, namespaced: bool) -> None:
-        if proc.poll() is None and not namespaced:
-            # plain mode: let the subreaper launcher kill its (possibly setsid) descendants first
-            try:
+        if proc.poll() is None:
+            if namespaced:
+                # SIGKILL the namespace's PID 1, not unshare: the kernel then kills the namespace
+                # and PID 1's exit completes only once every process in it is gone, so when
+                # unshare has reaped it nothing is left (a group SIGKILL would return at once,
+                # with processes still dying on a busy machine)
+                for pid in _children(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            else:
+                # plain mode: the subreaper launcher kills its (possibly setsid) descendants
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=2.0)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                pass
+            try:
+                proc.wait(timeout=30.0)
+            except subprocess.TimeoutExpired:
+                logger.warning("sandbox pid %d did not end 30 s after the kill", proc.pid)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group; in a namespace its PID 1 too
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (none in the usual case)
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Host pids whose parent is ``pid`` (a /proc scan: CONFIG_PROC_CHILDREN is often off)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(name))
+    return out
 
 
 def describe(sandbox: Sandbox) -> dict:
