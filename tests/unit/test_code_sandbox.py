@@ -72,7 +72,7 @@ def test_parse_reference_formats():
                      AssertTest("import math\nx = 3", "assert f(x) == [1, (2, 3)]")]
     humaneval = "def check(candidate):\n    assert candidate(2) == 4\ncheck(square)"
     assert parse_reference(humaneval)[0] == [AssertTest("", humaneval)]
-    for bad in ([], [{"stdin": 1, "stdout": "x"}], ["x"], {"cases": []}, "assert (", 5):
+    for bad in ([], [{"stdin": 1, "stdout": "x"}], ["x"], {"cases": []}, "assert (", 5, "4", "f(1)"):
         with pytest.raises(ValueError):
             parse_reference(bad)
 

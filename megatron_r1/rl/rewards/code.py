@@ -106,6 +106,8 @@ def parse_asserts(source: str) -> list[AssertTest]:
         tree = ast.parse(source)
     except SyntaxError as e:
         raise ValueError(f"code tests do not parse: {e}") from None
+    if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+        raise ValueError("code tests contain no assert statement")
     tests, setup = [], []
     for stmt in tree.body:
         if isinstance(stmt, ast.Assert):
