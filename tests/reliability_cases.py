@@ -258,6 +258,12 @@ def _deep_recursion(env):
     return fenced(code), "assert down(0) == 1"
 
 
+def _deep_recursion_c(env):
+    # each level passes through C (map, list), so the C stack overflows: the runner segfaults
+    code = "import sys\nsys.setrecursionlimit(10 ** 8)\ndef down(n):\n    return list(map(down, [n + 1]))\n"
+    return fenced(code), "assert down(0) == [1]"
+
+
 def _big_output(env):
     code = "import sys\ndef shout():\n    sys.stdout.write('x' * (100 << 20))\n    sys.stdout.flush()\n    return 1\n"
     return fenced(code), "assert shout() == 1"
@@ -281,7 +287,7 @@ def _honest_stdio_partial(env):
 
 
 CODE_CASES = [
-    CodeCase("control: honest solution", "correct program, value and truth asserts", _honest_solution, 1.0),
+    CodeCase("control: honest solution", "correct program: equality, tolerance and comparison asserts", _honest_solution, 1.0),
     CodeCase("control: honest partial (stdio)", "right on 2 of 3 stdin/stdout pairs", _honest_stdio_partial, 2 / 3),
     CodeCase("__eq__ always True", "objects (and an int subclass) whose __eq__ says yes", _eq_always_true, 0.0),
     CodeCase("sys.exit(0) before asserts", "wrong function, then sys.exit(0) at top level", _exit_before_asserts, 0.0),
@@ -302,11 +308,17 @@ CODE_CASES = [
              _read_parent_env, 0.0, needs_namespace=True),
     CodeCase("write outside the work dir", "/tmp, /var/tmp, /dev/shm, the repo, /root, /etc, ..", _write_outside, 0.0, needs_namespace=True),
     CodeCase("infinite loop", "while True: pass", _infinite_loop, 0.0),
-    CodeCase("deep recursion", "recursion limit 1e8, unbounded recursion (C stack overflow)", _deep_recursion, 0.0),
+    CodeCase("deep recursion", "recursion limit 1e8, unbounded Python recursion (grows the heap)", _deep_recursion, 0.0),
+    CodeCase("deep recursion through C", "recursion limit 1e8, each level through map(): C stack overflow",
+             _deep_recursion_c, 0.0),
     CodeCase("100 MB of output", "writes 100 MB to stdout (asserts)", _big_output, 0.0),
     CodeCase("100 MB of output (stdio)", "writes 100 MB then the right answer", _big_output_stdio, 0.0),
 ]
 
+# cases also run without namespaces (own session + subreaper launcher). No fork bomb there: as
+# root without namespaces RLIMIT_NPROC does not bind. No socket/env/write cases: not enforced.
+PLAIN_CASES = ["daemonising process", "infinite loop", "100 MB of output", "sys.exit(0) before asserts",
+               "__eq__ always True", "memory bomb", "deep recursion"]
 
 # ------------------------------------------------------------------------------- host side
 @contextmanager
