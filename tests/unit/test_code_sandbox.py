@@ -148,7 +148,8 @@ def test_scrubbed_env_and_isolation(sandbox, clean):
         del os.environ["MEGATRON_R1_TEST_TOKEN"]
     env_keys = eval(res.stdout.decode().splitlines()[0])
     assert "MEGATRON_R1_TEST_TOKEN" not in env_keys and set(env_keys) <= {
-        "PATH", "HOME", "TMPDIR", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING"}
+        "PATH", "HOME", "TMPDIR", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
+        "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
     if sandbox.drop_uid:
         assert int(res.stdout.decode().splitlines()[1]) >= sandbox.uid_base
 

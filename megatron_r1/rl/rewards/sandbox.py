@@ -13,7 +13,7 @@ Notable choices:
   on the host: RLIMIT_NPROC then binds (it never binds root) and only the private tmpfs dirs
   are writable. ``PR_SET_NO_NEW_PRIVS`` keeps setuid binaries from raising it back.
 - rlimits on CPU seconds, address space, processes, file size and open files; a scrubbed
-  environment (PATH, HOME, LANG: nothing of ours); stdin from a file or /dev/null; fds 0-2 plus
+  environment (PATH, HOME, LANG, one-thread BLAS: nothing of ours); stdin from a file or /dev/null; fds 0-2 plus
   the harness channel only.
 - The parent enforces a wall clock on the whole process group (SIGKILL), caps what it reads of
   stdout/stderr (over the cap: killed, ``status="output_limit"``), and removes its staging dir.
@@ -196,7 +196,10 @@ class Sandbox:
 
     def _env(self, workdir: str, program: Program) -> dict[str, str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
+               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+               # threads count against RLIMIT_NPROC: a BLAS sizing its pool to a 128-core node
+               # would fail to start its threads, so numeric libraries get one
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env.update(program.extra_env)
         return env
 
