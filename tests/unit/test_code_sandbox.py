@@ -16,7 +16,7 @@ from megatron_r1.rl.rewards.code import (
     get_sandbox,
     parse_reference,
 )
-from megatron_r1.rl.rewards.sandbox import Limits, Program, Sandbox
+from megatron_r1.rl.rewards.sandbox import Program, Sandbox
 from tests.reliability_cases import (
     CODE_CASES,
     LIMITS,
@@ -137,6 +137,17 @@ def test_pool_is_bounded(clean):
     sb.run_many(progs, workers=4)
     parallel = time.monotonic() - t0
     assert serial >= 4.0 and parallel < serial - 1.5, (serial, parallel)
+
+
+def test_isolation_modes():
+    with pytest.raises(ValueError, match="choose auto, namespace or plain"):
+        Sandbox(LIMITS, isolation="none")
+    auto = Sandbox(LIMITS)
+    if auto.isolation == "namespace":
+        assert Sandbox(LIMITS, isolation="namespace").isolation == "namespace"
+    else:
+        with pytest.raises(RuntimeError, match="namespaces unavailable"):
+            Sandbox(LIMITS, isolation="namespace")
 
 
 def test_scrubbed_env_and_isolation(sandbox, clean):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -39,8 +38,6 @@ from typing import Any, Sequence
 
 from megatron_r1.rl.rewards.registry import register_reward
 from megatron_r1.rl.rewards.sandbox import Limits, Program, RunResult, Sandbox
-
-logger = logging.getLogger(__name__)
 
 HARNESS = Path(__file__).with_name("_code_harness.py")
 LANGUAGES = {"python": ("python", "py", "python3", "py3")}  # language -> fence tags accepted

@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ class Program:
     files: dict[str, str]
     argv: list[str]
     stdin: str | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def _others_can_reach(path: str) -> bool:
@@ -139,12 +138,12 @@ class Sandbox:
     """``Sandbox(limits).run(program)``; ``isolation``: "auto" (namespaced if the probe
     passes, else plain), "namespace" (fail if unavailable) or "plain"."""
 
-    def __init__(self, limits: Limits | None = None, isolation: str = "auto", uid_base: int | None = None):
+    def __init__(self, limits: Limits | None = None, isolation: str = "auto"):
         if isolation not in ("auto", "namespace", "plain"):
             raise ValueError(f"isolation={isolation!r}: choose auto, namespace or plain")
         self.limits = limits or Limits()
         # uids nobody on the host owns; distinct per process so concurrent trainers do not share NPROC
-        self.uid_base = uid_base if uid_base is not None else 200_000 + (os.getpid() % 20_000) * MAX_SLOTS
+        self.uid_base = 200_000 + (os.getpid() % 20_000) * MAX_SLOTS
         self.is_root = os.geteuid() == 0
         if isolation == "plain":
             self.isolation, self.reason = "plain", "isolation='plain' requested"
@@ -194,14 +193,13 @@ class Sandbox:
                                 thread_name_prefix="sandbox") as pool:
             return list(pool.map(self.run, programs))
 
-    def _env(self, workdir: str, program: Program) -> dict[str, str]:
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+    @staticmethod
+    def _env(workdir: str) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
                # threads count against RLIMIT_NPROC: a BLAS sizing its pool to a 128-core node
                # would fail to start its threads, so numeric libraries get one
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.update(program.extra_env)
-        return env
 
     def _run(self, program: Program, slot: int) -> RunResult:
         lim = self.limits
@@ -219,7 +217,7 @@ class Sandbox:
                       "nofile": lim.open_files, "core": 0}
             if uid is not None or not self.is_root:
                 limits["nproc"] = lim.processes
-            spec = {"workdir": workdir, "files": program.files, "argv": argv, "env": self._env(workdir, program),
+            spec = {"workdir": workdir, "files": program.files, "argv": argv, "env": self._env(workdir),
                     "uid": uid, "limits": limits, "mounts": _mount_plan(lim) if namespaced else None,
                     "keep_fds": [chan_w]}
             spec_path = os.path.join(stage, "spec.json")
