@@ -80,7 +80,8 @@ def run_code(isolation: str) -> list[tuple]:
             if own_threads() != threads:
                 problems.append("threads leaked")
             statuses = ",".join(sorted(set(details[0]["statuses"]))) if details else ""
-            rows.append((case, score, elapsed, "; ".join(problems) or f"ok ({statuses})"))
+            rows.append((case, score, elapsed, ("; ".join(problems) + f" ({statuses})") if problems
+                         else f"ok ({statuses})"))
     return rows
 
 
@@ -223,8 +224,8 @@ def main() -> int:
     md += table(code_ns, f"### Namespaced ({info['isolation']})")
     md += table(code_plain, "### Plain fallback (isolation='plain'), the cases it covers")
     md += ["## Math verifier", "",
-           f"Symbolic checks in killable worker processes, {MATH_TIMEOUT_S:g} s timeout per check here "
-           f"(default 5 s). Worker stats after the cases: {math_stats}.", ""]
+           f"Symbolic checks in killable worker processes (2 workers), {MATH_TIMEOUT_S:g} s timeout per check. "
+           f"Worker stats after the cases: {math_stats}.", ""]
     md += table(math_rows, "### Cases")
     if threads:
         b, f = threads["before"], threads["after"]
