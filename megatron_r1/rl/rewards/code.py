@@ -164,8 +164,9 @@ def code_reward_batch(
     limits: Limits | None = None,
     details: list | None = None,
 ) -> list[float]:
-    """Scores in [0, 1]; ``details``, when given, receives one dict per sample
-    (tests, passed, statuses) for the score command and the battery."""
+    """Scores in [0, 1]. ``timeout`` / ``memory_mb`` set the per-test wall clock and address
+    space (``limits`` replaces all limits); ``details``, when given, receives one dict per
+    sample (tests, passed, per-test statuses) for the reliability battery."""
     limits = limits or replace(Limits(), wall_seconds=float(timeout), cpu_seconds=max(1, int(timeout)),
                                memory_bytes=int(memory_mb) << 20)
     sandbox = get_sandbox(limits, isolation)
