@@ -5,8 +5,9 @@
 
 Notable choices
 - Same engine and rewards as GRPO: `rollout.engine.RolloutEngine` generates (rl.template, rl.temperature,
-  rl.top_p, rl.max_response_len, rollout.*), `rl.rewards.RewardCombiner` scores with `rl.rewards`. So "correct"
-  means exactly what it meant during RL.
+  rl.top_p, rl.max_response_len, rollout.*), and `rl.score.Scorer` (the trainer's `RewardCombiner` over
+  `rl.rewards`, which `megatron-r1 score` runs too) scores. So "correct" means exactly what it meant during RL,
+  and `megatron-r1 score --config CFG --input OUT` reproduces each row's `rewards`.
 - Acceptance is per reward component: a sample is kept when every configured reward reaches its
   threshold (`--min-score NAME=X`; default 1.0 = perfect on every rule: right answer, right format, one
   language). Truncated samples (finish_reason "length") are dropped: an unfinished chain of thought is not
@@ -90,7 +91,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
     from megatron_r1.data.prompts import load_prompts
     from megatron_r1.data.templates import render_prompt
     from megatron_r1.data.tokenizer import load_tokenizer
-    from megatron_r1.rl.rewards import RewardCombiner
+    from megatron_r1.rl.score import Scorer
     from megatron_r1.rollout.engine import RolloutEngine
     rl = cfg.rl
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -103,7 +104,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
     if limit:
         examples = examples[:limit]
     tok = load_tokenizer(cfg.data.tokenizer or init_hf)
-    rewards = RewardCombiner(rl.rewards)
+    rewards = Scorer.from_config(rl.rewards)
     engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                            max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed, tensor_parallel_size=tp,
                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)

@@ -50,6 +50,15 @@ def test_rejection_sample_writes_sft_rows(tmp_path, policy):
         assert row["prompt"].startswith("A conversation between User and Assistant") and row["prompt"].endswith("Assistant:")
         assert set(row["rewards"]) == {"accuracy", "format"} and isinstance(row["response"], str)
     assert "rejection-sample done" in r.stdout and not (tmp_path / "sft.jsonl.tmp").exists()
+    # offline scoring of its output with the same config reproduces every row's rewards exactly
+    rescored = tmp_path / "rescored.jsonl"
+    s = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "score", "--config", str(REPO / "examples/r1_zero_tiny.yaml"),
+                        "--input", str(out), "--output", str(rescored), "--no-progress"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert s.returncode == 0, s.stdout + s.stderr
+    again = [json.loads(line) for line in rescored.read_text().splitlines()]
+    assert [x["rewards"] for x in again] == [row["rewards"] for row in rows]
+    assert [x["reward"] for x in again] == [row["reward"] for row in rows]
 
 
 def test_eval_cli_both_modes_and_dump(tmp_path, policy):

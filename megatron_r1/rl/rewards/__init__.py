@@ -1,4 +1,4 @@
-"""Rule-based rewards (R1-Zero): math accuracy, format, language consistency.
+"""Rule-based rewards (R1-Zero): math accuracy, format, language consistency, code execution.
 
 Importing this package registers every built-in reward; ``RewardCombiner`` turns a weights
 config into per-component and total scores for a rollout batch.
@@ -12,6 +12,7 @@ from megatron_r1.rl.rewards.registry import (
     register_reward,
 )
 from megatron_r1.rl.rewards.accuracy import accuracy_reward, accuracy_reward_batch, extract_answer
+from megatron_r1.rl.rewards.code import code_reward, code_reward_batch
 from megatron_r1.rl.rewards.formatting import format_reward
 from megatron_r1.rl.rewards.language import language_reward
 from megatron_r1.rl.rewards.verifier import SymbolicVerifier
@@ -22,6 +23,8 @@ __all__ = [
     "SymbolicVerifier",
     "accuracy_reward",
     "accuracy_reward_batch",
+    "code_reward",
+    "code_reward_batch",
     "extract_answer",
     "format_reward",
     "get_reward",

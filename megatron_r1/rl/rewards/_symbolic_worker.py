@@ -9,6 +9,7 @@ process when a reply is late, so nothing here needs to be interruptible.
 import json
 import logging
 import os
+import re
 import resource
 import sys
 
@@ -32,6 +33,22 @@ def _math_verify_equal(pred: str, gold: str, soft_timeout: int) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout))
 
 
+# sympy's parse_expr is eval(): without math-verify, a plain (non-LaTeX) answer reaches it only
+# when it is made of digits, operators, single-letter symbols and these names, so an answer
+# such as "__import__('os').system(...)" or "open(chr(47)+...)" is refused, never run.
+_PLAIN_EXPR_RE = re.compile(r"[0-9A-Za-z\s+\-*/^().,=]*")
+_PLAIN_NAMES = frozenset("sqrt pi sin cos tan cot sec csc asin acos atan sinh cosh tanh log ln exp "
+                         "abs Abs oo E I factorial binomial gcd lcm floor ceiling".split())
+
+
+def _check_plain_expr(s: str) -> None:
+    if not _PLAIN_EXPR_RE.fullmatch(s):
+        raise ValueError("not a plain math expression")
+    for name in re.findall(r"[A-Za-z]{2,}", s):
+        if name not in _PLAIN_NAMES:
+            raise ValueError(f"name {name[:20]!r} is not allowed in a plain math expression")
+
+
 def _sympy_equal(pred: str, gold: str) -> bool:
     import sympy
     from sympy.parsing.sympy_parser import (
@@ -46,6 +63,7 @@ def _sympy_equal(pred: str, gold: str) -> bool:
             from sympy.parsing.latex import parse_latex
 
             return parse_latex(s, backend="lark")  # the antlr backend pins antlr4 4.11
+        _check_plain_expr(s)
         transformations = standard_transformations + (convert_xor, implicit_multiplication_application)
         return parse_expr(s, transformations=transformations)
 

@@ -12,12 +12,20 @@ Notable choices:
 - Two plain numbers that differ are wrong without asking sympy; numbers compare exactly (no
   rounding), so ``0.333`` is not ``1/3``.
 - A symbolic check that times out or crashes scores 0 and is logged by the verifier.
+- Hedging earns nothing: several different ``\\boxed{}`` in the final answer (the last
+  ``<answer>``, or the text after ``</think>``) is no answer, and an answer joining
+  alternatives (``3 \\lor 4``, ``3 \\text{ or } 4``, ``\\mid``, ``\\cup``, ``\\\\``) is wrong unless the
+  reference has the same connective (math-verify would otherwise compare its last part).
+  Without answer tags or ``</think>``, intermediate boxes are allowed and the last one counts.
+- Extraction is linear in the response length (``rfind``, no backtracking regex): a 1 MB
+  response of unclosed tags takes milliseconds, not minutes.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from fractions import Fraction
 from typing import Sequence
 
@@ -27,20 +35,24 @@ from megatron_r1.rl.rewards.verifier import SymbolicVerifier
 MAX_SYMBOLIC_CHARS = 1000  # longer "answers" are rambling, not math; don't feed them to sympy
 _MAX_NUMBER_CHARS = 64
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOX_CMDS = ("\\boxed", "\\fbox")
+_HEDGE_RE = re.compile(r"\\(?:lor|vee|land|wedge|mid|cup)(?![a-zA-Z])|\\\\|\b(?:or|and)\b")
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{…}`` / ``\\fbox{…}`` (nested braces ok), or of
     ``\\boxed 5``; None if there is none or its braces never close."""
     start, cmd = max((text.rfind(c), c) for c in _BOX_CMDS)
-    if start < 0:
-        return None
+    return _box_at(text, start, cmd) if start >= 0 else None
+
+
+_BARE_RE = re.compile(r"[^\s$]*")
+
+
+def _box_at(text: str, start: int, cmd: str) -> str | None:
     i = start + len(cmd)
     if text.startswith(" ", i) and not text.startswith(" {", i):  # "\boxed 5"
-        rest = text[i + 1 :]
-        return re.split(r"[\s$]", rest, maxsplit=1)[0] or None
+        return _BARE_RE.match(text, i + 1).group() or None
     while i < len(text) and text[i].isspace():
         i += 1
     if i >= len(text) or text[i] != "{":
@@ -56,11 +68,41 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _all_boxed(text: str, limit: int = 16) -> list[str]:
+    """The closed boxes of ``text``, last first; at most ``limit`` tried (linear time)."""
+    out, end = [], len(text)
+    for _ in range(limit):
+        start, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_CMDS)
+        if start < 0:
+            break
+        box = _box_at(text, start, cmd)
+        if box is not None:
+            out.append(box)
+        end = start
+    return out
+
+
+def _final_box(region: str) -> str | None:
+    """The box of a final-answer region; None when it hedges between different boxes."""
+    normalized = [normalize_answer(b) for b in _all_boxed(region)]
+    boxes = {v if (v := parse_number(n)) is not None else n for n in normalized}  # 1/2 and 0.5 agree
+    return last_boxed(region) if len(boxes) <= 1 else None
+
+
 def extract_answer(response: str) -> str | None:
-    tagged = _ANSWER_RE.findall(response)
-    if tagged:
-        boxed = last_boxed(tagged[-1])
-        return (boxed if boxed is not None else tagged[-1]).strip()
+    end = response.rfind("</answer>")
+    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
+    if start >= 0:
+        tagged = response[start + len("<answer>"):end]
+        if len(_all_boxed(tagged)) > 1:
+            boxed = _final_box(tagged)
+            return boxed.strip() if boxed is not None else None
+        boxed = last_boxed(tagged)
+        return (boxed if boxed is not None else tagged).strip()
+    think_end = response.rfind("</think>")
+    if think_end >= 0 and len(_all_boxed(response[think_end:])) > 1:
+        boxed = _final_box(response[think_end:])
+        return boxed.strip() if boxed is not None else None
     boxed = last_boxed(response)
     return boxed.strip() if boxed is not None else None
 
@@ -135,19 +177,23 @@ def fast_match(pred: str, gold: str) -> bool | None:
         return p_num == g_num
     if len(pred) > MAX_SYMBOLIC_CHARS:
         return False
+    if _HEDGE_RE.search(pred) and not _HEDGE_RE.search(gold):
+        return False
     return None
 
 
 _default: tuple[int, SymbolicVerifier] | None = None
+_default_lock = threading.Lock()  # threads scoring at once must not each start a worker
 
 
 def default_verifier() -> SymbolicVerifier:
     """One single-worker verifier per process, made on first use (a forked data-loader
     worker gets its own: pipes to the parent's workers are not shared)."""
     global _default
-    if _default is None or _default[0] != os.getpid():
-        _default = (os.getpid(), SymbolicVerifier(num_workers=1))
-    return _default[1]
+    with _default_lock:
+        if _default is None or _default[0] != os.getpid():
+            _default = (os.getpid(), SymbolicVerifier(num_workers=1))
+        return _default[1]
 
 
 def accuracy_reward_batch(

@@ -14,6 +14,7 @@ Notable choices:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -64,6 +65,7 @@ class RewardOutput:
     total: list[float]  # weighted sum per sample, [N]
     components: dict[str, list[float]]  # unweighted score per reward per sample, [N] each
     errors: dict[str, int] = field(default_factory=dict)  # samples whose reward raised
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each reward on the batch
 
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
         """Batch means for logging."""
@@ -94,13 +96,15 @@ class RewardCombiner:
     def __call__(self, responses: Sequence[str], references: Sequence[str]) -> RewardOutput:
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        components, errors = {}, {}
+        components, errors, seconds = {}, {}, {}
         for name in self.weights:
             spec = get_reward_spec(name)
+            t0 = time.perf_counter()
             scores, errors[name] = self._score(spec, responses, references, self.kwargs[name])
+            seconds[name] = time.perf_counter() - t0
             components[name] = scores
         total = [sum(self.weights[k] * components[k][i] for k in components) for i in range(len(responses))]
-        return RewardOutput(total, components, {k: c for k, c in errors.items() if c})
+        return RewardOutput(total, components, {k: c for k, c in errors.items() if c}, seconds)
 
     @staticmethod
     def _score(spec: RewardSpec, responses, references, kwargs) -> tuple[list[float], int]:

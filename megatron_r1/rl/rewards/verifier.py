@@ -113,7 +113,8 @@ class SymbolicVerifier:
         self, pairs: list[tuple[str, str]], batch_timeout: float | None = None
     ) -> list[bool | None]:
         """Check ``(pred, gold)`` pairs across the pool. Never takes longer than
-        ``batch_timeout`` (default ``ceil(len/num_workers) * timeout`` plus worker start-up)."""
+        ``batch_timeout`` (default ``ceil(len/num_workers) * timeout`` plus worker start-up)
+        once it holds the pool; concurrent callers queue for it."""
         if os.getpid() != self._owner_pid:
             raise RuntimeError("SymbolicVerifier was created in another process; make one per process")
         results: list[bool | None] = [None] * len(pairs)
@@ -122,8 +123,10 @@ class SymbolicVerifier:
         if batch_timeout is None:
             rounds = math.ceil(len(pairs) / self.num_workers)
             batch_timeout = rounds * self.timeout + 10.0  # 10 s: a worker may still be importing
-        batch_deadline = time.monotonic() + batch_timeout
         with self._lock:
+            # the clock starts once we hold the workers: time spent waiting behind another
+            # thread's batch must not turn this batch's right answers into timeouts
+            batch_deadline = time.monotonic() + batch_timeout
             self.stats["calls"] += len(pairs)
             todo = deque(range(len(pairs)))
             sel = selectors.DefaultSelector()
