@@ -48,6 +48,9 @@ ALLOWED_HOST_SYNCS = {
     ("megatron_r1/engine/runtime.py", "_to_host"): "the step's metrics, once per step",
     # metric names exist only on the last pipeline stage: pickled to the others once per step
     ("megatron_r1/engine/runtime.py", "_reduce_metrics"): "metric names broadcast (pp > 1), once per step",
+    # GRPO: the vLLM-vs-trainer mismatch statistics and the policy-ratio extrema, once per step each
+    ("megatron_r1/rl/trainer.py", "_reduce_last_stage"): "GRPO mismatch metrics, once per step",
+    ("megatron_r1/rl/trainer.py", "_ratio_extrema"): "GRPO ratio min/max, once per step",
 }
 
 

@@ -144,7 +144,7 @@ class GRPOTrainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.replicas = self.world // cfg.rollout.tp
         self.replica = s.env.rank // cfg.rollout.tp
-        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64)  # max ratio, -min ratio (update())
+        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64, device=mesh.device)  # see update()
         # vLLM's CPU worker implements sleep as a no-op, so only a GPU engine sleeps between phases
         self.sleeps = cfg.rollout.sleep_between_steps and self.engine.on_gpu
 
@@ -241,7 +241,8 @@ class GRPOTrainer:
         n, k = len(batch["input_ids"]), self.cfg.rl.updates_per_batch
         shares = update_shares(n, k, self.mesh.dp, self.mesh.dp_rank)
         rows = torch.cat([torch.arange(a, b) for a, b in shares])
-        data = {key: batch[key][rows] for key in ROW_KEYS}
+        # the batch is built on the host from the rollout's token lists; this rank's rows go to its device once
+        data = {key: batch[key][rows].to(self.mesh.device) for key in ROW_KEYS}
         minis, at = [], 0
         for a, b in shares:
             minis.append(torch.arange(at, at + b - a))
@@ -273,15 +274,17 @@ class GRPOTrainer:
     def logprobs(self, chunks, mbs: list[dict], with_stats: bool) -> list:
         def fn(out, mb):
             lp, tgt, valid = self._target_logprobs(out, mb)
-            full = torch.zeros_like(mb["mask"])
-            keep = valid > 0  # the last position has no target; its clamped index must not overwrite one
-            full[:, tgt[keep]] = lp[:, keep]
-            res = {"logp": full}
+            b, s_ = mb["mask"].shape
+            # the last position has no target: its clamped index goes to a spare column, dropped below,
+            # so it cannot overwrite a real one (a scatter, not boolean indexing: no host sync)
+            index = torch.where(valid > 0, tgt, torch.full_like(tgt, s_)).expand(b, -1)
+            full = torch.zeros(b, s_ + 1, dtype=mb["mask"].dtype, device=mb["mask"].device)
+            full.scatter_(1, index, lp.to(full.dtype))
+            res = {"logp": full[:, :s_]}
             if with_stats:
                 m = mb["mask"][:, tgt] * valid
                 ent = vocab_parallel_entropy(out.logits.float() / self.cfg.rl.temperature, self.mesh)
-                res["entropy_sum"] = float((ent * m).sum())
-                res["tokens"] = float(m.sum())
+                res["entropy_sum"] = (ent * m).sum()  # a device scalar; reduced once per step
             return res
         return forward_only(chunks, mbs, fn, self.mesh)
 
@@ -323,7 +326,7 @@ class GRPOTrainer:
                 rb.data["ref_logp"] = torch.zeros_like(rb.data["mask"])
                 for (idx, _), r in zip(views, ref):
                     rb.data["ref_logp"][idx] = r["logp"]
-            stats = self._mismatch(rb, sum(o["entropy_sum"] for o in old))
+            stats = self._mismatch(rb, torch.stack([o["entropy_sum"] for o in old]).sum())
         return self._reduce_last_stage(stats)
 
     def update(self, rb: RankBatch, step: int) -> dict:
@@ -332,7 +335,7 @@ class GRPOTrainer:
         same rows."""
         s, k, epochs = self.session, len(rb.minis), self.cfg.rl.ppo_epochs
         out: dict = {}
-        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64)
+        self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64, device=self.mesh.device)
         for _ in range(epochs):  # μ passes over the rollout batch (PPO epochs), each of k mini-batch updates
             for u in range(k):
                 s.set_lr(step)
@@ -340,11 +343,26 @@ class GRPOTrainer:
                                self.mesh)
                 for key, v in r.items():
                     out[key] = out.get(key, 0.0) + v / (k * epochs)
+        out["ratio_max"], out["ratio_min"] = self._ratio_extrema()
+        return out
+
+    def _ratio_extrema(self) -> tuple[float, float]:
+        """Max and min policy ratio over the step's updates and all ranks: one collective, one host read."""
         ext = self._ratio_ext
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ext, op=dist.ReduceOp.MAX)
-        out["ratio_max"], out["ratio_min"] = ext[0].item(), -ext[1].item()
-        return out
+        hi, neg_lo = ext.tolist()
+        return hi, -neg_lo
+
+    def learn(self, rb: RankBatch, step: int, t: dict) -> tuple[dict, dict]:
+        """The device part of the step: old (and reference) logprobs, then the updates. Everything in it runs
+        on the mesh device; its host reads are the per-step metrics (tests run it under --strict-device's
+        guard)."""
+        metrics = self.old_logprobs(rb)
+        t["logprob"] = time.time()
+        train_metrics = self.update(rb, step)
+        t["train"] = time.time()
+        return metrics, train_metrics
 
     def sync_weights(self):
         """Push the updated weights into vLLM (on GPU, waking the engine first when it slept)."""
@@ -363,12 +381,9 @@ class GRPOTrainer:
         if self.sleeps:  # free the KV cache (and offload vLLM's weights) while the trainer uses the GPU
             self.engine.sleep()
         t["rollout"] = time.time()
-        batch = self.build_batch(ro)
-        rb = self.rank_batch(batch)
-        metrics = self.old_logprobs(rb)
-        t["logprob"] = time.time()
-        train_metrics = self.update(rb, step)
-        t["train"] = time.time()
+        batch = self.build_batch(ro)  # host: the rollout's token lists become tensors
+        rb = self.rank_batch(batch)  # this rank's rows, on its device
+        metrics, train_metrics = self.learn(rb, step, t)
         sync = self.sync_weights()
         t["sync"] = time.time()
         metrics.update(self._step_metrics(ro, batch, train_metrics, sync, t))
@@ -408,18 +423,18 @@ class GRPOTrainer:
         })
         return metrics
 
-    def _mismatch(self, rb: RankBatch, entropy_sum: float) -> dict:
+    def _mismatch(self, rb: RankBatch, entropy_sum: torch.Tensor) -> dict:
         """Trainer vs vLLM logprobs of the sampled tokens (the same weights produced both), and the rollout
-        importance weights when `rl.rollout_is` asks for them (stored per row in `rb`). Local sums and maxima."""
+        importance weights when `rl.rollout_is` asks for them (stored per row in `rb`). Local sums and maxima,
+        device scalars (masked reductions, no data-dependent shapes: no host sync)."""
         rl = self.cfg.rl
         mask = rb.data["mask"]
-        m = mask > 0
-        d = (rb.data["old_logp"] - rb.data["vllm_logprobs"])[m]
+        d = (rb.data["old_logp"] - rb.data["vllm_logprobs"]) * mask
         ratio = torch.exp(d)
-        tok = m.sum()
-        sums = {"d": d.abs().sum(), "ratio": ratio.sum(), "ratio_sq": (ratio - 1).pow(2).sum(), "tokens": tok,
-                "entropy": torch.tensor(entropy_sum, dtype=torch.float64)}
-        maxes = {"d": d.abs().max() if d.numel() else torch.tensor(0.0)}
+        tok = mask.sum()
+        sums = {"d": d.abs().sum(), "ratio": (ratio * mask).sum(), "ratio_sq": ((ratio - 1).pow(2) * mask).sum(),
+                "tokens": tok, "entropy": entropy_sum}
+        maxes = {"d": d.abs().max() if d.numel() else tok * 0}
         if rl.rollout_is != "none":
             w, met = grpo.rollout_is_weights(rb.data["old_logp"], rb.data["vllm_logprobs"], mask, rl.rollout_is,
                                              rl.rollout_is_level, rl.rollout_is_cap)
@@ -430,16 +445,15 @@ class GRPOTrainer:
 
     def _reduce_last_stage(self, m: dict) -> dict:
         """Sum (and max) the mismatch statistics over the last stage's dp ranks (one tp/cp rank each), share
-        with all ranks: two collectives, one host transfer."""
+        with all ranks: two collectives on the mesh device, one host transfer."""
         rl, mesh = self.cfg.rl, self.mesh
         sum_keys = ["d", "ratio", "ratio_sq", "tokens", "entropy"] + (["is_weight", "is_clipped"]
                                                                        if rl.rollout_is != "none" else [])
         max_keys = ["d"] + (["is_ratio_max", "is_ratio_neg_min"] if rl.rollout_is != "none" else [])
         counts = bool(m) and mesh.tp_rank == 0 and mesh.cp_rank == 0 and mesh.is_last_stage
-        sums = torch.stack([m["sums"][k].double() if counts else torch.tensor(0.0, dtype=torch.float64)
-                            for k in sum_keys])
-        maxes = torch.stack([m["maxes"][k].double() if m else torch.tensor(-torch.inf, dtype=torch.float64)
-                             for k in max_keys])
+        zero = torch.zeros((), dtype=torch.float64, device=mesh.device)
+        sums = torch.stack([m["sums"][k].double() if counts else zero for k in sum_keys])
+        maxes = torch.stack([m["maxes"][k].double() if m else zero - torch.inf for k in max_keys])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX)

@@ -18,7 +18,7 @@ def _digits(response, reference=None):
     return sum(c.isdigit() for c in response) / max(len(response), 1)
 
 
-def _one_step(hf_dir, train_path, run_dir, overrides):
+def _one_step(hf_dir, train_path, run_dir, overrides, strict=False):
     from megatron_r1.config import load_config
     from megatron_r1.rl.rewards import register_reward
     from megatron_r1.rl.trainer import GRPOTrainer
@@ -30,6 +30,14 @@ def _one_step(hf_dir, train_path, run_dir, overrides):
         "rl.rewards={test_digits: 1.0, format: 0.5}", f"data.train_path={train_path}", f"run_dir={run_dir}",
         "rollout.max_model_len=256", *overrides])
     trainer = GRPOTrainer(cfg, hf_dir)
+    if strict:  # the step's device part (logprobs, updates) under check-parallel's --strict-device guard
+        from megatron_r1.engine.strict import StrictDevice
+        learn = trainer.learn
+
+        def guarded(*args):
+            with StrictDevice():
+                return learn(*args)
+        trainer.learn = guarded
     m = trainer.train_step(0)
     state = {k: v.detach().clone() for k, v in trainer.session.full_state()}
     ro = trainer.last_rollout
@@ -64,11 +72,13 @@ def test_update_shares_cover_every_row_once():
 
 def test_dp2_and_uneven_micro_batches_equal_dp1(tiny_policy, tmp_path):
     hf_dir, info = tiny_policy
-    run = lambda world, name, ovr: run_ranks(_one_step, world, hf_dir, info["train"], str(tmp_path / name), ovr,  # noqa: E731
-                                             timeout=600, start_method="spawn")
+    run = lambda world, name, ovr, strict=False: run_ranks(  # noqa: E731
+        _one_step, world, hf_dir, info["train"], str(tmp_path / name), ovr, strict, timeout=600, start_method="spawn")
     (ref,) = run(1, "dp1", ["train.micro_batch_size=4"])
     assert ref["metrics"]["kl"] > 0 and ref["metrics"]["grad_norm"] > 0  # both updates moved the policy
-    dp2 = run(2, "dp2", ["train.micro_batch_size=4"])
+    # dp 2 also runs its logprob pass and updates under the --strict-device guard: no tensor made off the
+    # device, no host read but the allow-listed per-step metrics
+    dp2 = run(2, "dp2", ["train.micro_batch_size=4"], strict=True)
     _assert_same(dp2[0], ref, "dp2")
     _assert_same(dp2[1], ref, "dp2 rank 1")
     # 8 rows per mini-batch in micro-batches of 3, 3, 2
