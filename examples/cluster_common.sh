@@ -77,8 +77,9 @@ print(f'Y_TP={p.tp} Y_CP={p.cp} Y_EP={p.ep} Y_PP={p.pp} Y_VPP={p.vpp}')")"
     fi
     LAYOUT=(parallel.tp="$TP" parallel.cp="$CP" parallel.ep="$EP" parallel.pp="$PP" parallel.vpp="$VPP")
 
-    # ---- plan-only knobs (the runtime has no such config yet; see the dry run's warnings)
-    RECOMPUTE=${RECOMPUTE:-full}
+    # activation recompute is the config's train.recompute (671B configs: full); RECOMPUTE=x overrides it
+    if [ -n "${RECOMPUTE:-}" ]; then LAYOUT+=(train.recompute="$RECOMPUTE"); fi
+    # ---- plan-only knob (the runtime dispatches in bf16 today; see the dry run's warning)
     DISPATCH_DTYPE=${DISPATCH_DTYPE:-fp8}
 
     # ---- directories: stable across requeues
@@ -120,7 +121,7 @@ mr1_preflight() {
     mr1_log "preflight: megatron-r1 $CMD --dry-run (planned world $WORLD ranks, not this allocation)"
     set +e
     "$MR1" "$CMD" --config "$CFG" "${CMD_ARGS[@]}" --dry-run --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" \
-        --recompute "$RECOMPUTE" --dispatch-dtype "$DISPATCH_DTYPE" --plan-json "$LOG_DIR/plan-$JOB.json" \
+        --dispatch-dtype "$DISPATCH_DTYPE" --plan-json "$LOG_DIR/plan-$JOB.json" \
         run_dir="$RUN_DIR" "${LAYOUT[@]}" "${OVERRIDES[@]}" "${PASS[@]}"
     local rc=$?
     set -e

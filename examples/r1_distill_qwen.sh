@@ -26,6 +26,6 @@ DEFAULT_NODES=1
 INIT_HF=${INIT_HF:-/ckpt/Qwen2.5-Math-1.5B}
 DATA=${DATA:-runs/r1_rejection_sampling_671b/sft_reasoning.jsonl}
 CMD_ARGS=(--init-hf "$INIT_HF" --data "$DATA")
-RECOMPUTE=${RECOMPUTE:-none}   # the student fits without it (the runtime has none anyway)
+RECOMPUTE=${RECOMPUTE:-none}   # the student fits without activation recompute
 source "${MR1_REPO:-${SLURM_SUBMIT_DIR:-.}}/examples/cluster_common.sh"
 mr1_main "$@"

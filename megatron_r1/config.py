@@ -242,6 +242,12 @@ class ParallelConfig:
 
 
 # ------------------------------------------------------------------------------------------ training
+RecomputeModule = Literal["core_attn", "mla_up_proj", "layernorm", "moe_act", "mlp", "shared_experts", "moe"]
+RECOMPUTE_MODULES: tuple[str, ...] = typing.get_args(RecomputeModule)
+# DeepSeek-V3's recipe (tech report §3.2.2): RMSNorms and MLA up-projections recomputed, + the experts' SwiGLU
+DEFAULT_RECOMPUTE_MODULES: tuple[str, ...] = ("layernorm", "mla_up_proj", "moe_act")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 1234
@@ -262,6 +268,10 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int = 0  # steps; 0 = only at the end
     keep_last: int = 3
+    # activation recompute, Megatron's names (parallel/recompute.py; the planner reads the same fields)
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_modules: list[RecomputeModule] | None = None  # selective; None: DEFAULT_RECOMPUTE_MODULES
+    recompute_num_layers: int | None = None  # full: blocks recomputed per model chunk (None: all)
 
 
 # ------------------------------------------------------------------------------------------------ RL
@@ -381,6 +391,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in choices and type(value) is type(choices[0]):
             return value
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -393,6 +408,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: X's own message says more (e.g. which list item is wrong)
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
@@ -527,6 +544,9 @@ def load_config(source: str | dict | None = None, overrides: list[str] | tuple =
 
     cfg = Config(**{k: _build(cls, sections.get(k, {}), k) for k, cls in _SECTIONS.items()}, run_dir=run_dir)
     cfg.model.validate()
+    if cfg.train.recompute_num_layers is not None and cfg.train.recompute_num_layers < 0:
+        raise ConfigError(f"train.recompute_num_layers={cfg.train.recompute_num_layers} must be >= 0 "
+                          f"(or null: every layer)")
     return cfg
 
 

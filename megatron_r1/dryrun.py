@@ -1,7 +1,7 @@
 """`--dry-run` for every entry point (grpo, sft, pretrain, rejection-sample): check a job on any machine.
 
     megatron-r1 grpo --config examples/r1_zero_671b.yaml --init-hf /ckpt/dsv3_bf16 --dry-run \\
-        --nodes 64 --gpus-per-node 8 --recompute full --dispatch-dtype fp8
+        --nodes 64 --gpus-per-node 8 --dispatch-dtype fp8        # recompute: train.recompute of the config
 
 Notable choices
 - Nothing is allocated and torch.distributed is never initialised: the config is built (with the same
@@ -14,12 +14,14 @@ Notable choices
     `missing:`  / `problem:` a path that does not exist, a vLLM that is absent or too old, a plan that does
                 not fit the GPU, a batch that does not split over the ranks -> exit 1 after the full report
                 (every problem at once, not one per submission);
-    `warning:`  what the runtime cannot do yet although the plan is valid (activation recompute, FP8
-                dispatch; a layer split that differs from the plan's) -> still exit 0, so a script can dry-run the 671B layout
+    `warning:`  what the runtime cannot do yet although the plan is valid (FP8 dispatch; a layer split
+                that differs from the plan's) -> still exit 0, so a script can dry-run the 671B layout
                 today and see, in one place, what stands between it and a real run.
 - The plan is the trainer's: seq length and global batch per optimizer step are derived from the config
   the way the trainer uses them (GRPO: prompt + response tokens, rollout batch / updates_per_batch).
-  Options the runtime does not have as config (recompute, FP8 dispatch, GPU memory) are plan-only flags.
+  Activation recompute is the config's (`train.recompute`, `recompute_modules`, `recompute_num_layers`:
+  the runtime runs what the plan assumes); `--recompute` is a shorthand for `train.recompute=`. Options
+  the runtime does not have as config (FP8 dispatch, GPU memory) are plan-only flags.
 - The co-located vLLM engine is outside the planner's model; the report adds its bf16 weights per GPU
   (parameters / rollout.tp) to the trainer's resident state, as a warning when they exceed the GPU.
 - `--plan-json PATH` writes `plan.plan_to_dict` plus the world and the verdict, for scripts and tests.
@@ -45,8 +47,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="nodes of the planned job (default: the Slurm allocation, else 1)")
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs (= ranks) per node (default: the Slurm allocation, else 1)")
-    g.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
-                   help="activation recompute assumed by the plan")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
+                   help="shorthand for train.recompute=... (default: the config's)")
     g.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], default="bf16", help="MoE dispatch dtype in the plan")
     g.add_argument("--gpu-mem-gb", type=float, default=80.0)
     g.add_argument("--plan-json", default=None, help="also write the plan and verdict as JSON here")
@@ -163,15 +165,13 @@ def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
         if list(runtime_split) != list(plan.split):
             r.warn(f"runtime: the config splits the layers as {_fmt_split(runtime_split)}, the plan as "
                    f"{_fmt_split(plan.split)}")
-    if a.recompute != "none" or (m.is_moe and a.dispatch_dtype != "bf16"):
+    if m.is_moe and a.dispatch_dtype != "bf16":
         import dataclasses
         from megatron_r1.parallel.plan import make_plan
-        today = make_plan(m, dataclasses.replace(plan.opts, recompute="none", dispatch_dtype="bf16"))
-        assumed = f"recompute={a.recompute}" + (f", dispatch={a.dispatch_dtype}" if m.is_moe else "")
-        r.warn(f"runtime: the plan assumes {assumed}; megatron_r1.parallel "
-               f"has no activation recompute and dispatches in bf16 today, which needs "
-               f"{today.worst.total_bytes / 1e9:.1f} GB on the worst stage (fits {a.gpu_mem_gb:g} GB: "
-               f"{'yes' if today.fits else 'no'})")
+        today = make_plan(m, dataclasses.replace(plan.opts, dispatch_dtype="bf16"))
+        r.warn(f"runtime: the plan assumes dispatch={a.dispatch_dtype}; megatron_r1.parallel dispatches in bf16 "
+               f"today, which needs {today.worst.total_bytes / 1e9:.1f} GB on the worst stage with "
+               f"recompute={plan.opts.recompute} (fits {a.gpu_mem_gb:g} GB: {'yes' if today.fits else 'no'})")
 
 
 def _rollout(r: Report, cfg: Config, world: int, resident_gb: float | None, gpu_mem_gb: float) -> None:
@@ -192,9 +192,13 @@ def _would_run(r: Report, command: str, argv: list[str], nodes: int, gpn: int) -
     strip = {"--dry-run"}
     with_value = {"--nodes", "--gpus-per-node", "--recompute", "--dispatch-dtype", "--gpu-mem-gb", "--plan-json"}
     keep, skip = [], False
-    for x in argv:
+    for i, x in enumerate(argv):
         if skip:
             skip = False
+            continue
+        if x.split("=", 1)[0] == "--recompute":  # not a flag of the real run: its config override
+            keep.append("train.recompute=" + (x.split("=", 1)[1] if "=" in x else argv[i + 1]))
+            skip = "=" not in x
             continue
         if x in strip:
             continue
@@ -226,6 +230,8 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
     r.line(f"world       PLANNED {nodes} nodes × {gpn} GPUs = {world} ranks ({src}); this dry run runs on "
            f"{socket.gethostname()} ({host_nodes} node{'s' if host_nodes != '1' else ''} allocated), "
            f"which does not change the plan")
+    if a.recompute is not None:
+        cfg.train.recompute = a.recompute
     par = cfg.parallel
     plan = None
     if seq_length is not None:
@@ -237,7 +243,9 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
         opts = PlanOptions(gpus=world, parallel=par, seq_length=seq_length,
                            first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
                            micro_batch_size=cfg.train.micro_batch_size, global_batch_size=global_batch_size,
-                           recompute=a.recompute, dispatch_dtype=a.dispatch_dtype,
+                           recompute=cfg.train.recompute, dispatch_dtype=a.dispatch_dtype,
+                           recompute_modules=cfg.train.recompute_modules,
+                           recompute_num_layers=cfg.train.recompute_num_layers,
                            param_dtype="fp32" if cfg.train.params_dtype == "float32" else "bf16",
                            gpu_mem_gb=a.gpu_mem_gb)
         plan = make_plan(cfg.model, opts, model_name=os.path.basename(str(a.config)))

@@ -209,6 +209,17 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
                        strict_device: bool = False) -> Report | None:
     """Collective: every rank runs one training step of `layout`; rank 0 returns the comparison.
     `strict_device`: the step runs under the device guard (engine/strict.py)."""
+    r = layout_step(cfg, layout, batch, strict_device)
+    if dist.get_rank() != 0 or ref is None:
+        return None
+    rep = compare(ref, r["loss"], r["grad_norm"], r["grads"], r["before"], r["after"], "", layout)
+    rep.mesh = r["mesh"]
+    return rep
+
+
+def layout_step(cfg: Config, layout: str, batch: list[dict], strict_device: bool = False) -> dict:
+    """Collective: one training step of `layout`; loss, grad_norm and full tensors (grads, before, after)
+    on every rank."""
     from megatron_r1.model.gpt import lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
     from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
@@ -240,12 +251,12 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
     opt.grads.gather_reduced_grads()
     grads = gather_full_state(chunks, mesh, grads=opt.grads)
     after = gather_full_state(chunks, mesh)
-    if dist.get_rank() != 0 or ref is None:
-        return None
-    rep = compare(ref, metrics["loss"], metrics["grad_norm"], grads, before, after, "", layout)
-    rep.mesh = (f"(tp{mesh.tp} cp{mesh.cp} ep{mesh.ep} pp{mesh.pp} vpp{mesh.vpp} dp{mesh.dp} edp{mesh.edp}"
-                f"{' sp' if mesh.sp else ''}{' zero1' if par.zero1 else ''}, {len(mine)} micro-batches/rank)")
-    return rep
+    rc = cfg.train.recompute
+    desc = (f"(tp{mesh.tp} cp{mesh.cp} ep{mesh.ep} pp{mesh.pp} vpp{mesh.vpp} dp{mesh.dp} edp{mesh.edp}"
+            f"{' sp' if mesh.sp else ''}{' zero1' if par.zero1 else ''}, {len(mine)} micro-batches/rank"
+            f"{', recompute=' + rc if rc != 'none' else ''})")
+    return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "grads": grads, "before": before,
+            "after": after, "mesh": desc}
 
 
 def run_layouts(cfg: Config, layouts: list[str], batch: list[dict], ref: dict, strict_device: bool = False) -> list:
@@ -313,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict-device", action="store_true",
                     help="fail on any tensor made in the step without an explicit device, and on host transfers "
                          "(.item(), .tolist(), .cpu(), ...) off the allow-list in megatron_r1/engine/strict.py")
+    ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                    help="activation recompute in the layout (the reference never recomputes); selective "
+                         "uses train.recompute_modules, full train.recompute_num_layers (overrides)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_hidden_layers=8")
     args = ap.parse_args(argv)
     try:
-        rep = check_layout(args.preset, args.layout, args.nproc, args.overrides, tol=args.tol,
+        overrides = [f"train.recompute={args.recompute}"] + list(args.overrides)
+        rep = check_layout(args.preset, args.layout, args.nproc, overrides, tol=args.tol,
                            strict_device=args.strict_device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -52,6 +52,7 @@ from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
 from megatron_r1.parallel.mesh import stage_layer_counts
 from megatron_r1.parallel.pipeline import run_pipeline
 from megatron_r1.parallel.placement import materialize
+from megatron_r1.parallel.recompute import Recompute
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,7 +81,8 @@ def build_parallel_model(cfg: Config, mesh, seed: int | None = None, init: bool 
                                             par.last_stage_layers)):
         j = v * pp + mesh.pp_rank
         with torch.device("meta"):
-            chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1)
+            chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1,
+                             recompute=Recompute.from_train(cfg.train))
         for p in chunk.parameters():  # parameters only: rope frequencies and the expert bias stay float32
             p.data = p.data.to(dtype)
         chunks.append(materialize(chunk, mesh.device))

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_r1.parallel.placement import Spec
+from megatron_r1.parallel.recompute import checkpoint_region
 from megatron_r1.parallel.tensor import ColumnParallelLinear, RowParallelLinear, tp_enter, tp_exit
 
 
@@ -103,10 +104,13 @@ class MLP(nn.Module):
     """SwiGLU FFN: down(silu(gate(x)) · up(x)).
 
     `parallel=True`: a tensor-parallel region (gate/up column-parallel, down row-parallel, one reduction).
-    `parallel=False`: whole weights on this rank (routed experts; shared experts on a token shard)."""
+    `parallel=False`: whole weights on this rank (routed experts; shared experts on a token shard).
+    `recompute_act`: the SwiGLU is recomputed in backward (Megatron's `moe_act`)."""
 
-    def __init__(self, hidden: int, inner: int, mesh, parallel: bool = True, out_std: float = 0.02):
+    def __init__(self, hidden: int, inner: int, mesh, parallel: bool = True, out_std: float = 0.02,
+                 recompute_act: bool = False):
         super().__init__()
+        self.recompute_act = recompute_act
         from megatron_r1.parallel.mesh import ParallelMesh
         self.mesh = mesh if parallel else ParallelMesh.single()
         self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh)
@@ -115,4 +119,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = tp_enter(x, self.mesh)
-        return tp_exit(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.mesh)
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = checkpoint_region(swiglu, g, u) if self.recompute_act else swiglu(g, u)
+        return tp_exit(self.down_proj(h), self.mesh)
+
+
+def swiglu(g, u):
+    return F.silu(g) * u

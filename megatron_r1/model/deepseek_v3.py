@@ -26,6 +26,7 @@ from megatron_r1.config import ModelConfig
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_mscale
 from megatron_r1.parallel.context import gather_kv, gather_positions
 from megatron_r1.parallel.expert import moe_dispatch_combine
+from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region, recomputing
 from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, _all_reduce, copy_to_region,
                                          gather_from_region, reduce_from_region, scatter_to_region, tp_enter,
                                          tp_exit)
@@ -36,9 +37,9 @@ class MLA(nn.Module):
     # replicated over tp; each tp rank back-propagates only its heads' share into them (partial gradients)
     TP_PARTIAL = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
         super().__init__()
-        self.mesh, self.cfg = mesh, cfg
+        self.mesh, self.cfg, self.rc = mesh, cfg, recompute
         h, nh = cfg.hidden_size, cfg.num_attention_heads
         self.n_local = nh // mesh.tp
         if cfg.q_lora_rank:
@@ -65,11 +66,21 @@ class MLA(nn.Module):
     def forward(self, x, pos):  # x: [B, S_l, H] residual layout; pos: [B, S] global positions of this cp rank
         cfg = self.cfg
         x = tp_enter(x, self.mesh)  # [B, S, H]
-        b, s, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q_lat = self.q_a_proj(x) if cfg.q_lora_rank else self.q_proj(x)  # [B, S, Cq] (or q itself)
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        if self.rc.selects("mla_up_proj"):  # keep the latents only: q, k, v are rebuilt, the attention re-run
+            o = checkpoint_region(self._up_and_attend, q_lat, kv_nope, k_rot, pos, False)
+        else:
+            o = self._up_and_attend(q_lat, kv_nope, k_rot, pos, self.rc.selects("core_attn"))
+        return tp_exit(self.o_proj(o), self.mesh)
+
+    def _up_and_attend(self, q_lat, kv_nope, k_rot, pos, recompute_core: bool):
+        """Latents -> norms, up-projections, RoPE, cp gather -> attention output [B, S, N·Dv]."""
+        cfg = self.cfg
+        b, s, _ = q_lat.shape
+        q = self.q_b_proj(self.q_a_layernorm(q_lat)) if cfg.q_lora_rank else q_lat
         q = q.view(b, s, self.n_local, cfg.qk_head_dim).transpose(1, 2)  # [B, N, S, Dqk]
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(kv_nope)  # [B, S, C] the compressed latent
         cos, sin = self.rotary.cos_sin(pos)
         q_rot = self.rotary.apply(q_rot, cos, sin)
@@ -81,9 +92,11 @@ class MLA(nn.Module):
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.n_local, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
-        o = attention(q, k, v, pos, k_pos, self.scale)  # [B, N, S, Dv]
-        o = o.transpose(1, 2).reshape(b, s, self.n_local * cfg.v_head_dim)
-        return tp_exit(self.o_proj(o), self.mesh)
+        if recompute_core:
+            o = checkpoint_region(attention, q, k, v, pos, k_pos, self.scale)
+        else:
+            o = attention(q, k, v, pos, k_pos, self.scale)  # [B, N, S, Dv]
+        return o.transpose(1, 2).reshape(b, s, self.n_local * cfg.v_head_dim)
 
 
 # -------------------------------------------------------------------------------------- router / MoE
@@ -116,7 +129,7 @@ class Router(nn.Module):
         w = scores.gather(1, idx)
         if cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not recomputing():
             self.tokens_per_expert += torch.bincount(idx.reshape(-1), minlength=e).to(self.tokens_per_expert.dtype)
         return w * cfg.routed_scaling_factor, idx, scores
 
@@ -138,17 +151,19 @@ class MoE(nn.Module):
     TP_PARTIAL = ("gate", "shared_experts")  # replicated over tp, each tp rank routes a different token shard
     EXPERTS = ("experts",)  # whole on their ep rank, reduced over the expert-data-parallel group
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
         super().__init__()
-        self.cfg, self.mesh = cfg, mesh
+        self.cfg, self.mesh, self.rc = cfg, mesh, recompute
         self.gate = Router(cfg)
         per = cfg.n_routed_experts // mesh.ep
         first = mesh.ep_rank * per
         self.local_ids = list(range(first, first + per))
         self.experts = nn.ModuleDict({str(i): MLP(cfg.hidden_size, cfg.moe_intermediate_size, mesh, parallel=False,
-                                                  out_std=out_std) for i in self.local_ids})
+                                                  out_std=out_std, recompute_act=recompute.selects("moe_act"))
+                                      for i in self.local_ids})
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, mesh,
-                                   parallel=False, out_std=out_std) if cfg.n_shared_experts else None)
+                                   parallel=False, out_std=out_std, recompute_act=recompute.selects("moe_act"))
+                               if cfg.n_shared_experts else None)
         self.aux_normalizer = 1.0  # global number of sequences (a device tensor); set by the runtime each step
         self.last_aux_loss = None  # the last forward's sequence-balance loss (detached), when it is on
 
@@ -162,7 +177,7 @@ class MoE(nn.Module):
         out = moe_dispatch_combine(flat, idx, w, [self.experts[str(i)] for i in self.local_ids],
                                    self.cfg.n_routed_experts, self.mesh)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self.rc.run("shared_experts", self.shared_experts, flat)
         out = out.view(b, s, h)
         if self.cfg.aux_loss_alpha > 0 and self.training and torch.is_grad_enabled():
             out = _AttachAuxLoss.apply(out, self._sequence_balance_loss(idx.view(b, s, -1), scores.view(b, s, -1)))

@@ -28,6 +28,7 @@ from megatron_r1.model.deepseek_v3 import MLA, MoE
 from megatron_r1.parallel.context import cp_positions, gather_kv, gather_positions
 from megatron_r1.parallel.mesh import ParallelMesh
 from megatron_r1.parallel.placement import build_placement
+from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region
 from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          init_std_scaled, tp_enter, tp_exit)
 
@@ -35,9 +36,9 @@ from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear
 class GQA(nn.Module):
     """Grouped-query attention (Qwen2: q/k/v bias; Llama: none), heads and kv-heads split over tp."""
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
         super().__init__()
-        self.mesh, d = mesh, cfg.dense_head_dim
+        self.mesh, d, self.rc = mesh, cfg.dense_head_dim, recompute
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d, self.nh, self.nkv = d, nh // mesh.tp, nkv // mesh.tp
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, nh * d, mesh, bias=cfg.attention_bias)
@@ -58,7 +59,8 @@ class GQA(nn.Module):
         k, v, k_pos = gather_kv(k, self.mesh, 2), gather_kv(v, self.mesh, 2), gather_positions(pos, self.mesh)
         rep = self.nh // self.nkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = attention(q, k, v, pos, k_pos, self.scale).transpose(1, 2).reshape(b, s, self.nh * self.d)
+        o = self.rc.run("core_attn", attention, q, k, v, pos, k_pos, self.scale)
+        o = o.transpose(1, 2).reshape(b, s, self.nh * self.d)
         return tp_exit(self.o_proj(o), self.mesh)
 
 
@@ -71,18 +73,21 @@ def _residual_norm(dim: int, cfg: ModelConfig, mesh) -> RMSNorm:
 class Block(nn.Module):
     SP_PARTIAL = ("input_layernorm", "post_attention_layernorm")  # residual layout: a token shard under SP
 
-    def __init__(self, cfg: ModelConfig, mesh, layer: int):
+    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE):
         super().__init__()
         out_std = init_std_scaled(cfg.initializer_range, cfg.num_hidden_layers)
+        self.rc = recompute
         self.input_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
-        self.self_attn = MLA(cfg, mesh, out_std) if cfg.is_mla else GQA(cfg, mesh, out_std)
+        self.self_attn = MLA(cfg, mesh, out_std, recompute) if cfg.is_mla else GQA(cfg, mesh, out_std, recompute)
         self.post_attention_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
-        self.mlp = MoE(cfg, mesh, out_std) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size,
-                                                                                mesh, out_std=out_std)
+        self.mlp = (MoE(cfg, mesh, out_std, recompute) if cfg.is_moe_layer(layer)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, mesh, out_std=out_std))
+        self.mlp_kind = "moe" if cfg.is_moe_layer(layer) else "mlp"  # its recompute module name
 
     def forward(self, x, pos):
-        x = x + self.self_attn(self.input_layernorm(x), pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        rc = self.rc
+        x = x + self.self_attn(rc.run("layernorm", self.input_layernorm, x), pos)
+        return x + rc.run(self.mlp_kind, self.mlp, rc.run("layernorm", self.post_attention_layernorm, x))
 
 
 class SharedHead(nn.Module):
@@ -97,8 +102,8 @@ class MTPLayer(Block):
     """One MTP module: the projection of [embedding of the token k ahead; previous depth's hidden] + a block."""
     SP_PARTIAL = Block.SP_PARTIAL + ("enorm", "hnorm", "eh_proj")
 
-    def __init__(self, cfg: ModelConfig, mesh, layer: int):
-        super().__init__(cfg, mesh, layer)
+    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE):
+        super().__init__(cfg, mesh, layer, recompute)
         self.enorm = _residual_norm(cfg.hidden_size, cfg, mesh)
         self.hnorm = _residual_norm(cfg.hidden_size, cfg, mesh)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -122,10 +127,10 @@ class CausalLM(nn.Module):
     SP_PARTIAL = ("model.norm",)
 
     def __init__(self, cfg: ModelConfig, mesh: ParallelMesh | None = None, layers: list[int] | None = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, recompute: Recompute = NO_RECOMPUTE):
         super().__init__()
         mesh = mesh or ParallelMesh.single()
-        self.cfg, self.mesh = cfg, mesh
+        self.cfg, self.mesh, self.rc = cfg, mesh, recompute
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_ids = list(range(cfg.num_hidden_layers)) if layers is None else list(layers)
         self.mtp_depth = cfg.num_nextn_predict_layers if post_process else 0
@@ -134,9 +139,9 @@ class CausalLM(nn.Module):
         needs_embed = pre_process or self.mtp_depth > 0
         if needs_embed:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh, cfg.initializer_range)
-        blocks = {str(i): Block(cfg, mesh, i) for i in self.layer_ids}
+        blocks = {str(i): Block(cfg, mesh, i, recompute) for i in self.layer_ids}
         for k in range(self.mtp_depth):
-            blocks[str(cfg.num_hidden_layers + k)] = MTPLayer(cfg, mesh, cfg.num_hidden_layers + k)
+            blocks[str(cfg.num_hidden_layers + k)] = MTPLayer(cfg, mesh, cfg.num_hidden_layers + k, recompute)
         self.model.layers = nn.ModuleDict(blocks)
         if post_process:
             self.model.norm = _residual_norm(cfg.hidden_size, cfg, mesh)
@@ -163,8 +168,9 @@ class CausalLM(nn.Module):
             h = self.model.embed_tokens(input_ids[:, pos])
         else:
             h = hidden
-        for i in self.layer_ids:
-            h = self.model.layers[str(i)](h, pos_b)
+        for j, i in enumerate(self.layer_ids):  # full recompute: a block keeps only its input
+            layer = self.model.layers[str(i)]
+            h = checkpoint_region(layer, h, pos_b) if self.rc.full_layer(j) else layer(h, pos_b)
         if not self.post_process:
             return h
         logits = self.lm_head(tp_enter(self.model.norm(h), mesh))
@@ -175,7 +181,8 @@ class CausalLM(nn.Module):
                 ahead = (pos + k).clamp(max=s - 1)  # the last k positions have no token k ahead (masked in the loss)
                 emb = self.model.embed_tokens(input_ids[:, ahead])
                 layer = self.model.layers[str(self.cfg.num_hidden_layers + k - 1)]
-                h = layer(h, emb, pos_b)
+                full = self.rc.full_layer(len(self.layer_ids) + k - 1)  # MTP blocks count after the chunk's own
+                h = checkpoint_region(layer, h, emb, pos_b) if full else layer(h, emb, pos_b)
                 mtp_logits.append(self.lm_head(tp_enter(layer.shared_head.norm(h), mesh)))
         return StageOutput(logits, mtp_logits, pos)
 

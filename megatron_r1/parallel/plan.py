@@ -50,11 +50,17 @@ Notable choices (the report states each formula it uses)
           Expert outputs are kept because expert.py applies the router weights after the combine.
     head  2h·t/r + 2h·t/r + 6·V·t/T (bf16 logits + the fp32 log-softmax of the cross-entropy), last stage
     MTP   per depth: 2·2h·t/r (enorm, hnorm in) + 4h·t (eh_proj in) + one MoE layer + a head's logits
-  recompute=selective is DeepSeek-V3's recipe (tech report: memory saving, low-precision storage): RMSNorm
-  outputs, MLA up-projections (q, k, v) and the SwiGLU product are recomputed, i.e. dropped from the sums
-  above; with dispatch_dtype=fp8 the dispatched copies are kept in FP8 as DeepSeek does. recompute=full keeps only
-  each layer's input (2h·t/r) and adds one layer's full activations as the backward working set;
-  the head and MTP's projections are not recomputed.
+  Recompute uses the runtime's setting and module list (train.recompute*, parallel/recompute.py).
+  recompute=selective drops the terms of each listed module: layernorm the norm outputs, mla_up_proj the
+  normed latents and q, k, v, core_attn the fp32 lse, moe_act the SwiGLU products of routed and shared
+  experts, mlp a dense FFN's, shared_experts the shared expert's, moe everything of the MoE but its input.
+  The default list (layernorm, mla_up_proj, moe_act) is DeepSeek-V3's recipe (tech report: memory saving,
+  low-precision storage); with dispatch_dtype=fp8 the dispatched copies are kept in FP8 as DeepSeek does.
+  recompute=full keeps only the input (2h·t/r) of the first recompute_num_layers blocks of each chunk (all
+  when unset; MTP blocks count after the chunk's own) and adds one layer's full activations as the
+  backward working set; the head and MTP's projections are not recomputed. The planner assumes fused
+  kernels (a norm keeps its input, flash attention no s² term): the torch reference norms hold float32
+  internals that `layernorm` recompute drops instead.
   Not modelled: activation gradients in flight, all-to-all and p2p buffers (covered by the reserve).
 - Pipeline bubble (idle fraction of a step): 1F1B (pp−1)/(m + pp − 1); interleaved with v = vpp
   ((pp−1)/v) / (m + (pp−1)/v) (Narayanan et al. 2021: the bubble time shrinks by v).
@@ -68,7 +74,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_r1.config import DEFAULT_RECOMPUTE_MODULES, RECOMPUTE_MODULES, ConfigError, ModelConfig, ParallelConfig
 from megatron_r1.parallel.mesh import stage_layer_counts, validate_layout
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -83,7 +89,9 @@ class PlanOptions:
     micro_batch_size: int = 1
     global_batch_size: int | None = None  # None: 4·pp micro-batches per data-parallel rank
     schedule: str | None = None  # 1f1b | interleaved; None: interleaved when vpp > 1
-    recompute: str = "none"  # none | selective | full
+    recompute: str = "none"  # none | selective | full (train.recompute)
+    recompute_modules: tuple | None = None  # selective: train.recompute_modules (None: the default list)
+    recompute_num_layers: int | None = None  # full: blocks recomputed per chunk (None: all)
     param_dtype: str = "bf16"
     grad_dtype: str = "fp32"  # Megatron's default main grads
     master_dtype: str = "fp32"
@@ -197,29 +205,36 @@ def _unique(p: Params, tp: int, ep: int) -> float:
 
 # ------------------------------------------------------------------------------------- activations
 def _layer_activation(m: ModelConfig, layer: int, t: float, tp: int, r: int, recompute: str,
-                      dispatch_bytes: int) -> float:
-    """Bytes one layer keeps for backward per micro-batch (formulas in the module docstring)."""
+                      dispatch_bytes: int, modules=None) -> float:
+    """Bytes one layer keeps for backward per micro-batch (formulas in the module docstring).
+
+    recompute=selective drops the tensors of the listed modules (config.RECOMPUTE_MODULES; None: the
+    runtime's default, config.DEFAULT_RECOMPUTE_MODULES); "full" is handled by the caller."""
     h, nh, T = m.hidden_size, m.num_attention_heads, tp
-    full = recompute == "none"  # tensors selective recompute drops
-    a = 2 * h * t / r + (2 * h * t / r if full else 0)  # input norm: input (+ output)
+    drop = set()
+    if recompute == "selective":
+        drop = set(DEFAULT_RECOMPUTE_MODULES if modules is None else modules)
+    kept = lambda module, x: 0 if module in drop else x  # noqa: E731  (x bytes unless `module` recomputes)
+    a = 2 * h * t / r + kept("layernorm", 2 * h * t / r)  # input norm: input (+ output)
     if m.is_mla:
         ql = m.q_lora_rank or 0
         a += 2 * (ql + m.kv_lora_rank + m.qk_rope_head_dim) * t  # latents before their norms
-        a += 2 * (ql + m.kv_lora_rank) * t if full else 0  # normed latents (up-projection inputs)
-        a += 2 * nh * (2 * m.qk_head_dim + m.v_head_dim) * t / T if full else 0  # q, k, v
-        a += 2 * nh * m.v_head_dim * t / T + 4 * nh * t / T  # attention output, fp32 lse
+        a += kept("mla_up_proj", 2 * (ql + m.kv_lora_rank) * t)  # normed latents (up-projection inputs)
+        a += kept("mla_up_proj", 2 * nh * (2 * m.qk_head_dim + m.v_head_dim) * t / T)  # q, k, v
+        a += 2 * nh * m.v_head_dim * t / T + kept("core_attn", 4 * nh * t / T)  # attention output, fp32 lse
     else:
         d, nkv = m.dense_head_dim, m.num_key_value_heads
-        a += 2 * (nh + 2 * nkv) * d * t / T + 2 * nh * d * t / T + 4 * nh * t / T
+        a += 2 * (nh + 2 * nkv) * d * t / T + 2 * nh * d * t / T + kept("core_attn", 4 * nh * t / T)
     a += 2 * h * t / r  # post-attention norm input
+    norm_out = kept("layernorm", 2 * h * t / r)
     if not m.is_moe_layer(layer):
         f = m.intermediate_size / T
-        return a + (2 * h * t / r if full else 0) + 4 * f * t + (2 * f * t if full else 0)
+        return a + norm_out + kept("mlp", 4 * f * t + 2 * f * t)
     k, fe, fs, tm = m.num_experts_per_tok, m.moe_intermediate_size, m.n_shared_experts * m.moe_intermediate_size, t / T
-    a += (2 * h * tm if full else 0) + 4 * m.n_routed_experts * tm
-    a += k * tm * (h * dispatch_bytes + 4 * fe + (2 * fe if full else 0) + 2 * h)
-    a += 4 * fs * tm + (2 * fs * tm if full else 0)
-    return a
+    moe = kept("layernorm", 2 * h * tm) + 4 * m.n_routed_experts * tm
+    moe += k * tm * (h * dispatch_bytes + 4 * fe + kept("moe_act", 2 * fe) + 2 * h)
+    moe += kept("shared_experts", 4 * fs * tm + kept("moe_act", 2 * fs * tm))
+    return a + kept("moe", moe)
 
 
 def _head_activation(m: ModelConfig, t: float, tp: int, r: int) -> float:
@@ -273,6 +288,9 @@ def _validate(m: ModelConfig, o: PlanOptions) -> tuple[int, str]:
             raise ConfigError(f"{name}={v!r}: expected one of {', '.join(DTYPE_BYTES)}")
     if o.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"recompute={o.recompute!r}: expected none, selective or full")
+    bad = [x for x in (o.recompute_modules or ()) if x not in RECOMPUTE_MODULES]
+    if bad:
+        raise ConfigError(f"recompute modules {', '.join(bad)}: expected some of {', '.join(RECOMPUTE_MODULES)}")
     if o.gpus < 1:
         raise ConfigError(f"gpus={o.gpus} must be >= 1")
     # the layer split is the planner's own (_splits); validate every other rule
@@ -325,11 +343,18 @@ def make_plan(model: ModelConfig, opts: PlanOptions, model_name: str = "model") 
         extras, p = [], Params()
         for i in layers:
             p = p + _layer_params(m, i)
-        act = sum(_layer_activation(m, i, t, tp, r, o.recompute, db) for i in layers)
+        per_chunk = max(len(layers) // vpp, 1)
+        n_full = (0 if o.recompute != "full" else float("inf") if o.recompute_num_layers is None
+                  else o.recompute_num_layers)  # recomputed blocks per chunk (the first ones)
+
+        def block_act(i: int, j: int) -> float:  # j: the block's index in its chunk
+            if j < n_full:
+                return 2 * m.hidden_size * t / r  # full recompute keeps the block's input only
+            return _layer_activation(m, i, t, tp, r, o.recompute, db, o.recompute_modules)
+
+        act = sum(block_act(i, j % per_chunk) for j, i in enumerate(layers))
         work = max((_layer_activation(m, i, t, tp, r, "none", db) for i in layers), default=0)
         moe = sum(m.is_moe_layer(i) for i in layers)
-        if o.recompute == "full":
-            act = len(layers) * 2 * m.hidden_size * t / r
         vh = m.vocab_size * m.hidden_size
         if first:
             extras.append("embedding")
@@ -343,10 +368,8 @@ def make_plan(model: ModelConfig, opts: PlanOptions, model_name: str = "model") 
                 extras.append("mtp")
                 h = m.hidden_size
                 p = p + _layer_params(m, i) + Params(replicated=2 * h + 2 * h * h + h)
-                block = _layer_activation(m, i, t, tp, r, o.recompute, db)
+                block = block_act(i, per_chunk + d)  # MTP blocks count after the last chunk's own
                 work = max(work, _layer_activation(m, i, t, tp, r, "none", db))
-                if o.recompute == "full":
-                    block = 2 * h * t / r
                 act += 4 * h * t / r + 4 * h * t + block + _head_activation(m, t, tp, r)
                 moe += m.is_moe_layer(i)
         shard = _shard(p, tp, ep)
@@ -365,7 +388,7 @@ def make_plan(model: ModelConfig, opts: PlanOptions, model_name: str = "model") 
             "grads": shard.total * gb_,
             "master": opt_p * mb_,
             "adam_mv": opt_p * 2 * ob,
-            "activations": inflight * act + (work if o.recompute == "full" else 0),
+            "activations": inflight * act + (work if n_full else 0),
             "reserved": o.reserved_gb * GB,
         }
         return StagePlan(s, list(layers), extras, shard, unique, inflight, act, memory, moe)
@@ -426,6 +449,14 @@ def _fmt_split(split: list) -> str:
     return "[" + ", ".join(out) + "]"
 
 
+def _recompute_desc(o: PlanOptions) -> str:
+    if o.recompute == "selective":
+        return "selective (" + ", ".join(o.recompute_modules or DEFAULT_RECOMPUTE_MODULES) + ")"
+    if o.recompute == "full" and o.recompute_num_layers is not None:
+        return f"full ({o.recompute_num_layers} blocks per chunk)"
+    return o.recompute
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
@@ -451,7 +482,7 @@ def format_plan(plan: Plan) -> str:
         + f"; per GPU {min(per_gpu) / 1e9:.2f}B..{max(per_gpu) / 1e9:.2f}B",
         "",
         f"memory per GPU, GB (1e9 B), worst stage {w.stage} ({len(w.layers)} layer{'' if len(w.layers) == 1 else 's'}"
-        + (", " + ", ".join(w.extras) if w.extras else "") + f"), recompute={o.recompute}:",
+        + (", " + ", ".join(w.extras) if w.extras else "") + f"), recompute={_recompute_desc(o)}:",
         f"  weights      {_gb(w.memory['weights']):>8}  {w.params.total / 1e9:.2f}B params × {o.param_dtype}",
         f"  grads        {_gb(w.memory['grads']):>8}  × {o.grad_dtype}",
         f"  master       {_gb(w.memory['master']):>8}  {o.master_dtype}, {sharding}"
@@ -503,6 +534,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "dtypes": {"param": o.param_dtype, "grad": o.grad_dtype, "master": o.master_dtype,
                    "optimizer": o.optimizer_dtype, "dispatch": o.dispatch_dtype},
         "recompute": o.recompute,
+        "recompute_modules": list(o.recompute_modules or DEFAULT_RECOMPUTE_MODULES) if o.recompute == "selective" else [],
+        "recompute_num_layers": o.recompute_num_layers,
         "layers_per_stage": plan.split,
         "split": plan.split_mode,
         "parameters": {"total": n["total"], "mtp": n["mtp"],

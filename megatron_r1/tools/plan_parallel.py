@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", choices=["1f1b", "interleaved"], default=None,
                     help="default: interleaved when --vpp > 1, else 1f1b")
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
-                    help="selective = DeepSeek-V3's (RMSNorm, MLA up-projections, SwiGLU product)")
+                    help="as train.recompute; selective default = DeepSeek-V3's (layernorm, mla_up_proj, moe_act)")
+    ap.add_argument("--recompute-modules", default=None,
+                    help="selective: comma-separated train.recompute_modules, e.g. core_attn,moe_act")
+    ap.add_argument("--recompute-num-layers", type=int, default=None, help="full: blocks recomputed per chunk")
     dtypes = list(DTYPE_BYTES)
     ap.add_argument("--param-dtype", choices=dtypes, default="bf16")
     ap.add_argument("--grad-dtype", choices=dtypes, default="fp32", help="main grads (Megatron default fp32)")
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = PlanOptions(
             gpus=a.gpus, parallel=par, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
             global_batch_size=a.global_batch_size, schedule=a.schedule, recompute=a.recompute,
+            recompute_modules=tuple(a.recompute_modules.split(",")) if a.recompute_modules else None,
+            recompute_num_layers=a.recompute_num_layers,
             param_dtype=a.param_dtype, grad_dtype=a.grad_dtype, master_dtype=a.master_dtype,
             optimizer_dtype=a.optimizer_dtype, dispatch_dtype=a.dispatch_dtype,
             first_stage_layers=a.first_stage_layers, last_stage_layers=a.last_stage_layers,

@@ -226,3 +226,24 @@ def test_dense_student_plan(capsys):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["fits"] and d["layout"]["dp"] == 4 and d["layout"]["sp"] is True
+
+
+def test_recompute_terms_follow_the_runtime_module_list():
+    """Each selective module drops its own terms; the default list is the runtime's default; full with a
+    layer count sits between full and none."""
+    from megatron_r1.config import DEFAULT_RECOMPUTE_MODULES, RECOMPUTE_MODULES
+
+    def act(stage=5, **kw):  # stage 5: MoE layers; stage 0: the dense ones
+        return make_plan(load_config("deepseek-v3-671b").model, PlanOptions(
+            gpus=2048, parallel=ParallelConfig(pp=16, ep=64), **kw)).stages[stage].act_per_microbatch
+
+    none = act(recompute="none")
+    for mod in RECOMPUTE_MODULES:
+        stage = 0 if mod == "mlp" else 5
+        assert act(stage, recompute="selective", recompute_modules=(mod,)) < act(stage, recompute="none"), mod
+    assert act(recompute="selective") == act(recompute="selective", recompute_modules=DEFAULT_RECOMPUTE_MODULES)
+    assert act(recompute="selective", recompute_modules=("moe",)) < act(recompute="selective",
+                                                                         recompute_modules=("moe_act",))
+    assert act(recompute="full") < act(recompute="full", recompute_num_layers=2) < none
+    with pytest.raises(ConfigError, match="recompute modules attn"):
+        act(recompute="selective", recompute_modules=("attn",))
