@@ -220,6 +220,7 @@ def run_layout_on_rank(cfg: Config, layout: str, batch: list[dict], ref: dict | 
 def layout_step(cfg: Config, layout: str, batch: list[dict], strict_device: bool = False) -> dict:
     """Collective: one training step of `layout`; loss, grad_norm and full tensors (grads, before, after)
     on every rank."""
+    from megatron_r1.kernels import report as kernel_report
     from megatron_r1.model.gpt import lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
     from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, gather_full_state, train_step
@@ -242,6 +243,7 @@ def layout_step(cfg: Config, layout: str, batch: list[dict], strict_device: bool
     def loss_fn(out, mb):
         return lm_loss(out, mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
 
+    kernel_report(reset=True)
     if strict_device:
         from megatron_r1.engine.strict import StrictDevice
         with StrictDevice():
@@ -254,7 +256,8 @@ def layout_step(cfg: Config, layout: str, batch: list[dict], strict_device: bool
     rc = cfg.train.recompute
     desc = (f"(tp{mesh.tp} cp{mesh.cp} ep{mesh.ep} pp{mesh.pp} vpp{mesh.vpp} dp{mesh.dp} edp{mesh.edp}"
             f"{' sp' if mesh.sp else ''}{' zero1' if par.zero1 else ''}, {len(mine)} micro-batches/rank"
-            f"{', recompute=' + rc if rc != 'none' else ''})")
+            f"{', recompute=' + rc if rc != 'none' else ''}; kernels "
+            f"{' '.join(f'{k}={v}' for k, v in kernel_report().items())})")
     return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "grads": grads, "before": before,
             "after": after, "mesh": desc}
 

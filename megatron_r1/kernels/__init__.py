@@ -2,9 +2,12 @@
 
 Notable choices
 - The torch reference backends run everywhere (CPU, tests); faster backends (Transformer Engine,
-  Triton, flash attention) register themselves when importable and are preferred on CUDA.
-- Numerics of every backend are checked against the torch reference in float32 (tests/unit/test_kernels.py).
-- `MEGATRON_R1_KERNELS=attention:torch,...` forces a backend, e.g. to compare two of them.
+  flex attention) register themselves when importable and are preferred on CUDA.
+- Numerics of every backend that runs here are checked against a reference in float32
+  (tests/unit/test_kernels.py); `report()` says which backend ran (check-parallel prints it).
+- `MEGATRON_R1_KERNELS=attention:torch,experts:grouped` forces a backend, e.g. to compare two of them.
+- Attention never builds an S² mask: causal SDPA when queries and keys are the same positions, and
+  for context parallelism the query chunks' offsets (each chunk sees a key prefix).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 _REGISTRY: dict[str, dict[str, tuple[int, Callable[[], bool], Callable]]] = {}
-_CHOSEN: dict[str, Callable] = {}
+_CHOSEN: dict[str, tuple[str, Callable]] = {}
+_RAN: dict[str, set] = {}  # kernel -> backends handed out by get_kernel since the last reset
 
 
 def register(name: str, backend: str, priority: int = 0, available: Callable[[], bool] = lambda: True):
@@ -31,22 +35,142 @@ def backends(name: str) -> list[str]:
 
 
 def get_kernel(name: str, backend: str | None = None) -> Callable:
-    if backend is not None:
-        return _REGISTRY[name][backend][2]
-    if name not in _CHOSEN:
-        forced = dict(kv.split(":") for kv in os.environ.get("MEGATRON_R1_KERNELS", "").split(",") if ":" in kv)
-        choice = forced.get(name) or backends(name)[0]
-        _CHOSEN[name] = _REGISTRY[name][choice][2]
-    return _CHOSEN[name]
+    if backend is None:
+        if name not in _CHOSEN:
+            forced = dict(kv.split(":") for kv in os.environ.get("MEGATRON_R1_KERNELS", "").split(",") if ":" in kv)
+            choice = forced.get(name) or backends(name)[0]
+            if choice not in _REGISTRY[name]:
+                from megatron_r1.config import ConfigError
+                raise ConfigError(f"MEGATRON_R1_KERNELS={name}:{choice}: no such backend; registered: "
+                                  f"{', '.join(_REGISTRY[name])} (available here: {', '.join(backends(name))})")
+            _CHOSEN[name] = (choice, _REGISTRY[name][choice][2])
+        backend, fn = _CHOSEN[name]
+    else:
+        fn = _REGISTRY[name][backend][2]
+    _RAN.setdefault(name, set()).add(backend)
+    return fn
+
+
+def report(reset: bool = False) -> dict[str, str]:
+    """Which backend ran for each kernel used since the last reset, e.g. {"attention": "torch"}."""
+    out = {k: ",".join(sorted(v)) for k, v in sorted(_RAN.items())}
+    if reset:
+        _RAN.clear()
+    return out
+
+
+def reset_choices() -> None:
+    """Forget the chosen backends (after changing MEGATRON_R1_KERNELS in-process, e.g. in tests)."""
+    _CHOSEN.clear()
+    _RAN.clear()
+
+
+# ---------------------------------------------------------------------------------------- attention
+# attention(q, k, v, scale, q_chunks) -> [B, N, Sq, Dv]. q: [B, N, Sq, Dqk], k: [B, N, Sk, Dqk],
+# v: [B, N, Sk, Dv], keys in position order. q_chunks None: q and k are the same positions (causal);
+# else ((offset, length), ...) of consecutive query rows, each row at global position offset + i and
+# seeing keys [0, offset + i] (context parallelism: a key prefix, causal aligned bottom-right).
+
+def _chunks(q, q_chunks):
+    """(query rows, number of visible keys) per chunk."""
+    start = 0
+    for off, n in q_chunks:
+        yield q[:, :, start:start + n], off + n
+        start += n
 
 
 @register("attention", "torch", priority=0)
-def attention_torch(q, k, v, q_pos, k_pos, scale):
-    """q: [B, N, Sq, Dq], k: [B, N, Sk, Dq], v: [B, N, Sk, Dv]; causal by global positions."""
-    mask = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)  # [B, Sq, Sk]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale)
+def attention_torch(q, k, v, scale, q_chunks=None):
+    """SDPA with is_causal, or per query chunk with a lower-right causal bias over its key prefix: no mask
+    tensor (flash / memory-efficient kernels on CUDA; on CPU SDPA picks its own)."""
+    if q_chunks is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    from torch.nn.attention.bias import causal_lower_right
+    return torch.cat([F.scaled_dot_product_attention(qc, k[:, :, :kv], v[:, :, :kv], scale=scale,
+                                                     attn_mask=causal_lower_right(qc.shape[2], kv))
+                      for qc, kv in _chunks(q, q_chunks)], dim=2)
 
 
+@register("attention", "dense_mask", priority=-1)
+def attention_dense_mask(q, k, v, scale, q_chunks=None):
+    """The reference: an explicit [Sq, Sk] boolean mask from global positions (what we had before)."""
+    sk = k.shape[2]
+    if q_chunks is None:
+        q_pos = torch.arange(q.shape[2], device=q.device) + (sk - q.shape[2])
+    else:
+        q_pos = torch.cat([torch.arange(off, off + n, device=q.device) for off, n in q_chunks])
+    mask = q_pos.unsqueeze(-1) >= torch.arange(sk, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+_FLEX: dict = {}
+
+
+def _flex_ok() -> bool:
+    # flex_attention refuses backward on CPU (torch 2.13: "FlexAttention does not support backward on
+    # CPU"), so it is a CUDA backend only
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@register("attention", "flex", priority=-1, available=_flex_ok)
+def attention_flex(q, k, v, scale, q_chunks=None):
+    """flex_attention with a block mask built from the chunk offsets (fully masked blocks skipped);
+    compiled once per process. Select with MEGATRON_R1_KERNELS=attention:flex."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    sq, sk = q.shape[2], k.shape[2]
+    key = (q_chunks or ((sk - sq, sq),), sq, sk, q.device)
+    if key not in _FLEX:
+        q_pos = torch.cat([torch.arange(off, off + n, device=q.device) for off, n in key[0]])
+
+        def causal(b, h, qi, ki):
+            return q_pos[qi] >= ki
+        _FLEX[key] = create_block_mask(causal, None, None, sq, sk, device=q.device)
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"](q, k, v, block_mask=_FLEX[key], scale=scale)
+
+
+def _te_ok() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return torch.cuda.is_available()
+
+
+_TE: dict = {}
+
+
+@register("attention", "te", priority=2, available=_te_ok)
+def attention_te(q, k, v, scale, q_chunks=None):
+    """Transformer Engine's DotProductAttention (cuDNN / flash), "causal" or "causal_bottom_right" per
+    query chunk; kv_channels (Dqk, Dv) for MLA's 192/128. Registered when TE imports on a CUDA machine;
+    not run on the CPU of the tests."""
+    import transformer_engine.pytorch as te
+    b, n, _, dqk = q.shape
+    dv = v.shape[-1]
+    key = (n, dqk, dv, scale)
+    if key not in _TE:
+        _TE[key] = te.DotProductAttention(n, (dqk, dv), qkv_format="bshd", softmax_scale=scale,
+                                          attn_mask_type="causal")
+    mod = _TE[key]
+
+    def run(qc, kc, vc, mask_type):
+        out = mod(qc.transpose(1, 2).contiguous(), kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous(),
+                  attn_mask_type=mask_type)  # [B, S, N·Dv]
+        return out.view(b, qc.shape[2], n, dv).transpose(1, 2)
+
+    if q_chunks is None:
+        return run(q, k, v, "causal")
+    return torch.cat([run(qc, k[:, :, :kv], v[:, :, :kv], "causal_bottom_right") for qc, kv in _chunks(q, q_chunks)],
+                     dim=2)
+
+
+# ------------------------------------------------------------------------------------------ experts
 @register("experts", "loop", priority=0)
 def experts_loop(x, counts, experts):
     """x: [T, H] rows grouped by local expert (counts[e] rows each); experts: list of MLP modules."""

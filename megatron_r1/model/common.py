@@ -94,10 +94,13 @@ class Rotary(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- attention
-def attention(q, k, v, q_pos, k_pos, scale: float):
-    """Causal attention by global positions. q: [B, N, Sq, D], k/v: [B, N, Sk, D], *_pos: [B, S*]."""
+def attention(q, k, v, scale: float, q_chunks=None):
+    """Causal attention. q: [B, N, Sq, Dqk], k: [B, N, Sk, Dqk], v: [B, N, Sk, Dv], keys in position order.
+
+    q_chunks: None when q and k are the same positions; else ((offset, length), ...) of the query rows
+    (context parallelism), each chunk seeing the key prefix up to its own positions."""
     from megatron_r1.kernels import get_kernel
-    return get_kernel("attention")(q, k, v, q_pos, k_pos, scale)
+    return get_kernel("attention")(q, k, v, scale, q_chunks)
 
 
 class MLP(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from megatron_r1.config import ModelConfig
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_mscale
-from megatron_r1.parallel.context import gather_kv, gather_positions
+from megatron_r1.parallel.context import gather_kv, query_chunks
 from megatron_r1.parallel.expert import moe_dispatch_combine
 from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region, recomputing
 from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, _all_reduce, copy_to_region,
@@ -86,16 +86,17 @@ class MLA(nn.Module):
         q_rot = self.rotary.apply(q_rot, cos, sin)
         k_rot = self.rotary.apply(k_rot.unsqueeze(1), cos, sin)  # [B, 1, S, Dr]
         # context parallel: every rank needs the latents of the whole sequence (small: C + Dr per token)
-        c_kv, k_rot, k_pos = gather_kv(c_kv, self.mesh, 1), gather_kv(k_rot, self.mesh, 2), gather_positions(pos, self.mesh)
+        c_kv, k_rot = gather_kv(c_kv, self.mesh, 1), gather_kv(k_rot, self.mesh, 2)
         sk = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(b, sk, self.n_local, cfg.qk_nope_head_dim + cfg.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.n_local, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
+        chunks = query_chunks(s, self.mesh)
         if recompute_core:
-            o = checkpoint_region(attention, q, k, v, pos, k_pos, self.scale)
+            o = checkpoint_region(attention, q, k, v, self.scale, chunks)
         else:
-            o = attention(q, k, v, pos, k_pos, self.scale)  # [B, N, S, Dv]
+            o = attention(q, k, v, self.scale, chunks)  # [B, N, S, Dv]
         return o.transpose(1, 2).reshape(b, s, self.n_local * cfg.v_head_dim)
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from megatron_r1.config import ModelConfig
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention
 from megatron_r1.model.deepseek_v3 import MLA, MoE
-from megatron_r1.parallel.context import cp_positions, gather_kv, gather_positions
+from megatron_r1.parallel.context import cp_positions, gather_kv, query_chunks
 from megatron_r1.parallel.mesh import ParallelMesh
 from megatron_r1.parallel.placement import build_placement
 from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region
@@ -56,10 +56,10 @@ class GQA(nn.Module):
         v = self.v_proj(x).view(b, s, self.nkv, self.d).transpose(1, 2)
         cos, sin = self.rotary.cos_sin(pos)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        k, v, k_pos = gather_kv(k, self.mesh, 2), gather_kv(v, self.mesh, 2), gather_positions(pos, self.mesh)
+        k, v = gather_kv(k, self.mesh, 2), gather_kv(v, self.mesh, 2)
         rep = self.nh // self.nkv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = self.rc.run("core_attn", attention, q, k, v, pos, k_pos, self.scale)
+        o = self.rc.run("core_attn", attention, q, k, v, self.scale, query_chunks(s, self.mesh))
         o = o.transpose(1, 2).reshape(b, s, self.nh * self.d)
         return tp_exit(self.o_proj(o), self.mesh)
 

@@ -6,13 +6,15 @@ Notable choices
 - Attention gathers keys and values over cp (all-gather forward, reduce-scatter backward). For MLA we
   gather the *compressed* latent (kv_lora_rank + rope dims per token, shared by all heads) and
   up-project after the gather, so the exchanged bytes do not grow with the number of heads.
-- Masks are built from global position ids, so the gathered order of keys does not matter.
+- Gathered keys are put back in position order (a permutation of 2·cp chunks), so each of this rank's
+  two query chunks attends to a key *prefix*: causal, aligned bottom-right. The attention kernel gets the
+  chunks' (offset, length), never an S² mask (kernels/: SDPA with a lower-right causal bias, flex, TE).
 """
 from __future__ import annotations
 
 import torch
 
-from megatron_r1.parallel.tensor import _all_gather, all_gather_rs
+from megatron_r1.parallel.tensor import all_gather_rs
 
 
 def cp_positions(seq_len: int, mesh, device=None) -> torch.Tensor:
@@ -30,10 +32,23 @@ def cp_positions(seq_len: int, mesh, device=None) -> torch.Tensor:
 
 
 def gather_kv(x: torch.Tensor, mesh, dim: int) -> torch.Tensor:
-    """Keys/values (or MLA latents) of the whole sequence, from every cp rank."""
-    return all_gather_rs(x, mesh.cp_group, dim)
+    """Keys/values (or MLA latents) of the whole sequence, from every cp rank, in position order."""
+    if mesh.cp_group is None:
+        return x
+    return to_position_order(all_gather_rs(x, mesh.cp_group, dim), mesh.cp, dim)
 
 
-def gather_positions(pos: torch.Tensor, mesh) -> torch.Tensor:
-    """pos: [B, S/cp] -> [B, S] in the same (rank-major) order as `gather_kv`."""
-    return pos if mesh.cp_group is None else _all_gather(pos, mesh.cp_group, dim=1)
+def to_position_order(x: torch.Tensor, cp: int, dim: int) -> torch.Tensor:
+    """Gathered (rank-major: rank r's chunks r and 2·cp−1−r) -> chunks 0, 1, ..., 2·cp−1 along `dim`."""
+    parts = x.chunk(2 * cp, dim)  # parts[2r + slot]
+    return torch.cat([parts[2 * j if j < cp else 2 * (2 * cp - 1 - j) + 1] for j in range(2 * cp)], dim)
+
+
+def query_chunks(seq_local: int, mesh) -> tuple[tuple[int, int], ...] | None:
+    """(global offset, length) of this rank's query chunks for the attention kernel; None when queries
+    and keys are the same positions (cp = 1: plain causal attention)."""
+    if mesh.cp == 1:
+        return None
+    c = seq_local // 2
+    r = mesh.cp_rank
+    return ((r * c, c), ((2 * mesh.cp - 1 - r) * c, c))

@@ -42,7 +42,7 @@ def test_moe_eight_ranks():
 
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama"])
 def test_dense_student(preset):
-    _assert_all_ok(check_layouts(preset, ["tp2,pp2", "tp2,sp,dp2"]))
+    _assert_all_ok(check_layouts(preset, ["tp2,pp2", "tp2,sp,dp2", "tp2,cp2"]))  # cp2: GQA over a key prefix
 
 
 def test_moe_sequence_balance_loss():
