@@ -12,7 +12,9 @@ Notable choices
   worst over its tensors. Quantities: `loss`, `grad` (reduced gradients, gathered to full tensors),
   `grad_norm` (the global norm used for clipping), `param` (after the step), `bias` (the router's
   e_score_correction_bias after its update).
-- Float32 throughout; default tolerance 1e-5. The reference runs single-threaded like the ranks.
+- Float32 throughout; default tolerance 1e-5. The reference runs single-threaded like the ranks, with the
+  reference kernels (per-expert loop, attention with an explicit mask) whatever MEGATRON_R1_KERNELS
+  selects for the layout (e.g. `MEGATRON_R1_KERNELS=experts:grouped megatron-r1 check-parallel ...`).
 - adam_eps=1e-3 in the check: on a first step Adam's update is lr·g/(|g|+eps), which for |g| ~ eps
   amplifies float32 summation-order noise in g by ~1/eps (no layout is bit-exact); a larger eps keeps
   the update proportional to g for small gradients, so a wrong gradient or clip factor still shows.
@@ -97,10 +99,12 @@ def target_count(batch: list[dict]) -> float:
 # ------------------------------------------------------------------------------------- reference
 def reference(cfg: Config, batch: list[dict]) -> dict:
     """One rank, plain PyTorch training step. Returns full tensors by name."""
+    from megatron_r1 import kernels
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same summation orders inside matmuls
     try:
-        return _reference(cfg, batch)
+        with kernels.using(experts="loop", attention="dense_mask"):  # the reference kernels, whatever is tested
+            return _reference(cfg, batch)
     finally:
         torch.set_num_threads(threads)
 

@@ -11,6 +11,7 @@ Notable choices
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -57,6 +58,18 @@ def report(reset: bool = False) -> dict[str, str]:
     if reset:
         _RAN.clear()
     return out
+
+
+@contextlib.contextmanager
+def using(**choice: str):
+    """Within the block, get_kernel(name) gives the named backend, e.g. using(experts="loop")."""
+    saved = dict(_CHOSEN)
+    _CHOSEN.update({k: (b, _REGISTRY[k][b][2]) for k, b in choice.items()})
+    try:
+        yield
+    finally:
+        _CHOSEN.clear()
+        _CHOSEN.update(saved)
 
 
 def reset_choices() -> None:
@@ -171,12 +184,26 @@ def attention_te(q, k, v, scale, q_chunks=None):
 
 
 # ------------------------------------------------------------------------------------------ experts
+# experts(x, counts, experts, counts_host) -> [T, H]: x [T, H] rows grouped by local expert, counts [L]
+# rows per expert (x's device), `experts` this rank's L expert MLPs (gate_proj, up_proj, down_proj
+# linears, recompute_act), counts_host the counts as a list (given when `fn.host_counts`).
+
+def _swiglu(g, u):
+    return F.silu(g) * u
+
+
+def _act(g, u, recompute: bool):
+    if recompute:
+        from megatron_r1.parallel.recompute import checkpoint_region
+        return checkpoint_region(_swiglu, g, u)
+    return _swiglu(g, u)
+
+
 @register("experts", "loop", priority=0)
-def experts_loop(x, counts, experts):
-    """x: [T, H] rows grouped by local expert (counts[e] rows each); experts: list of MLP modules."""
+def experts_loop(x, counts, experts, counts_host):
+    """The reference: one expert module at a time (needs the counts on the host)."""
     outs, start = [], 0
-    for e, n in enumerate(counts):
-        n = int(n)
+    for e, n in enumerate(counts_host):
         if n:
             outs.append(experts[e](x[start:start + n]))
         start += n
@@ -185,3 +212,51 @@ def experts_loop(x, counts, experts):
     # no rows at all: the empty result must still depend on x, or autograd would skip the backward of
     # the all-to-all that produced x on this rank while its expert-parallel peers wait in it
     return x[:0] * 0 + 0 * sum(p.sum() for m in experts for p in m.parameters())
+
+
+experts_loop.host_counts = True
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e] with torch._grouped_mm, and its backward as two grouped GEMMs:
+    dx = dy @ w[e]ᵀ per group, dw[e] = x[rows of e]ᵀ @ dy[rows of e] (the K-grouped form; an expert with
+    no rows gets a zero gradient). torch's own autograd formula fails on CPU (strides of the incoming
+    gradient), and the explicit form keeps both GEMMs grouped on GPU too."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):  # x: [T, K], w: [L, K, N], offs: [L] int32 cumulative row counts
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(x.t(), dy, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def _stack(experts, proj: str) -> torch.Tensor:
+    """[L, in, out] operand from the L experts' [out, in] weights (a copy: storage stays per expert)."""
+    return torch.stack([getattr(m, proj).weight for m in experts]).transpose(-2, -1)
+
+
+def _grouped_ok() -> bool:
+    # preferred on CUDA; on CPU it runs (tested against the loop) but only when asked for
+    return hasattr(torch, "_grouped_mm") and torch.cuda.is_available()
+
+
+@register("experts", "grouped", priority=1, available=_grouped_ok)
+def experts_grouped(x, counts, experts, counts_host=None):
+    """Grouped GEMMs (torch._grouped_mm), forward and backward; no host sync. bf16 needs H and F
+    multiples of 8 (16-byte strides). Select with MEGATRON_R1_KERNELS=experts:grouped. The weights are
+    stacked per call (their storage is still one module per expert)."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    x = x.contiguous()
+    g = _GroupedMM.apply(x, _stack(experts, "gate_proj"), offs)
+    u = _GroupedMM.apply(x, _stack(experts, "up_proj"), offs)
+    return _GroupedMM.apply(_act(g, u, experts[0].recompute_act).contiguous(), _stack(experts, "down_proj"), offs)
+
+
+experts_grouped.host_counts = False

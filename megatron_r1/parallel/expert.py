@@ -4,7 +4,8 @@ Notable choices
 - Token copies are sorted by expert id, so the rows for each destination rank are contiguous; one
   all-to-all with variable splits sends them (the per-expert counts go first, in a tiny all-to-all).
 - On arrival rows are grouped by (source rank, expert); they are regrouped by expert for the expert
-  kernel (`kernels` registry: a loop now, grouped GEMM backends later) and ungrouped afterwards.
+  kernel (`kernels` registry: the per-expert loop, or grouped GEMMs) and ungrouped afterwards. The
+  regrouping permutation is built on the device; the only host sync is the split sizes.
 - Router weights are applied on the token's home rank, after the combine, so the router's gradient
   never crosses ranks. Every collective is an autograd pair (the backward all-to-all reverses splits).
 Shapes: N tokens on this rank, K experts per token, H hidden, E experts in total, L = E / ep local experts.
@@ -36,31 +37,34 @@ def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.
                          local_experts: list, num_experts: int, mesh) -> torch.Tensor:
     """x: [N, H]; topk_idx, topk_w: [N, K]; local_experts: this rank's L experts in global order.
 
-    Returns Σ_k w[n,k] · expert_{idx[n,k]}(x[n]) as [N, H]."""
+    Returns Σ_k w[n,k] · expert_{idx[n,k]}(x[n]) as [N, H]. Host syncs: one with ep > 1 (the all-to-all
+    split sizes, which also give the loop kernel its counts); with ep = 1 one only if the expert kernel
+    needs host counts (the loop), none for the grouped kernel."""
     n, k = topk_idx.shape
     flat = topk_idx.reshape(-1)  # [N·K]
     order = torch.argsort(flat, stable=True)
     rows = x[order // k]  # [N·K, H], grouped by expert
     counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    experts_kernel = get_kernel("experts")
+    kernel = get_kernel("experts")
     if mesh.ep == 1:
-        y = experts_kernel(rows, counts.tolist(), local_experts)
+        y = kernel(rows, counts, local_experts, counts.tolist() if kernel.host_counts else None)
     else:
         ep, local = mesh.ep, num_experts // mesh.ep
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=mesh.ep_group)  # [ep·L]: per source, per local expert
-        recv_counts = recv_counts.view(ep, local)
-        in_splits = counts.view(ep, local).sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
+        # the one host sync: split sizes for both all-to-alls and the per-expert row counts
+        host = torch.cat([counts, recv_counts]).tolist()
+        sent, got = host[:num_experts], host[num_experts:]
+        in_splits = [sum(sent[r * local:(r + 1) * local]) for r in range(ep)]
+        out_splits = [sum(got[r * local:(r + 1) * local]) for r in range(ep)]
+        per_expert = [sum(got[r * local + e] for r in range(ep)) for e in range(local)]
         recv = _AllToAll.apply(rows, out_splits, in_splits, mesh.ep_group)  # grouped by (source, expert)
-        # regroup by expert: row index of every (source, expert) block, expert-major
-        starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
-        blocks = [(int(starts[s * local + e]), int(recv_counts[s, e])) for e in range(local) for s in range(ep)]
-        dev = x.device
-        perm = (torch.cat([torch.arange(a, a + c, device=dev) for a, c in blocks]) if blocks
-                else torch.zeros(0, dtype=torch.long, device=dev))
-        y_by_expert = experts_kernel(recv[perm], recv_counts.sum(0).tolist(), local_experts)
-        y_recv = torch.empty_like(y_by_expert).index_copy(0, perm, y_by_expert) if perm.numel() else y_by_expert
+        # regroup by expert, on the device: each received row's block (source s, expert e), sorted by (e, s)
+        blocks = torch.arange(ep * local, device=x.device)
+        block_of_row = torch.repeat_interleave(blocks, recv_counts, output_size=sum(out_splits))
+        perm = torch.argsort((block_of_row % local) * ep + block_of_row // local, stable=True)
+        y_by_expert = kernel(recv[perm], recv_counts.view(ep, local).sum(0), local_experts, per_expert)
+        y_recv = torch.empty_like(y_by_expert).index_copy(0, perm, y_by_expert)
         y = _AllToAll.apply(y_recv, in_splits, out_splits, mesh.ep_group)
     out = torch.empty_like(y).index_copy(0, order, y).view(n, k, -1)  # back to (token, slot) order
     return (out * topk_w.to(out.dtype).unsqueeze(-1)).sum(1)
