@@ -218,6 +218,18 @@ def test_reshard_optimizer_on_load(trained_tp2_dp2, world, par):
     torch.testing.assert_close(after, ref_after, atol=5e-5, rtol=1e-4)
 
 
+def test_reshard_stacked_expert_optimizer_state(tmp_path):
+    """Expert weights are stacked per rank ([L, H, F], model/experts.py); their ZeRO-1 state is saved as
+    rows of the global [E, ...] stack. Saved under ep2 (two stacks of 4), loaded on one rank (one of 8):
+    the next step matches the run that never stopped."""
+    d = str(tmp_path)
+    ref_before, ref_loss3, ref_after = run_ranks(_train_save_continue, 2, d, dict(ep=2))[0]
+    before, loss3, after, steps = run_ranks(_load_continue, 1, d, dict())[0]
+    torch.testing.assert_close(before, ref_before, atol=2e-5, rtol=1e-5)
+    assert steps == 3 and abs(loss3 - ref_loss3) < 1e-5, (loss3, ref_loss3)
+    torch.testing.assert_close(after, ref_after, atol=5e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- async
 def _async(save_dir):
     cfg = make_cfg(tp=2)
