@@ -95,7 +95,8 @@ def _chunks(q, q_chunks):
 @register("attention", "torch", priority=0)
 def attention_torch(q, k, v, scale, q_chunks=None):
     """SDPA with is_causal, or per query chunk with a lower-right causal bias over its key prefix: no mask
-    tensor (flash / memory-efficient kernels on CUDA; on CPU SDPA picks its own)."""
+    tensor on CUDA (torch passes the alignment to flash / memory-efficient attention); on CPU torch
+    materialises the chunk's [rows, prefix] bias (torch/nn/attention/bias.py), still not S²."""
     if q_chunks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     from torch.nn.attention.bias import causal_lower_right
