@@ -114,7 +114,8 @@ def _tflops(flops: float, s: float) -> dict:
 # ---------------------------------------------------------------------------------------- experts
 def section_experts(sec: Section, dev, smoke: bool, reps):
     from megatron_r1 import kernels
-    from megatron_r1.model.experts import GroupedExperts
+    from megatron_r1.model.common import MLP
+    from megatron_r1.parallel.mesh import ParallelMesh
     h, f = (64, 32) if smoke else (7168, 2048)
     rows_per_expert = 16 if smoke else 2048
     for n_local in ((4, 8) if smoke else (4, 8, 16, 32)):
@@ -124,7 +125,11 @@ def section_experts(sec: Section, dev, smoke: bool, reps):
         rest = total - total // 2
         for i in range(2, n_local):
             skewed[i] = rest // (n_local - 2) + (1 if i - 2 < rest % (n_local - 2) else 0)
-        ex = GroupedExperts(h, f, list(range(n_local)), 0.02, 0.02, device=dev).to(torch.bfloat16)
+        with torch.device(dev):
+            ex = [MLP(h, f, ParallelMesh.single(device=dev), parallel=False).to(torch.bfloat16) for _ in range(n_local)]
+        with torch.no_grad():
+            for p in (p for m in ex for p in m.parameters()):
+                p.normal_(std=0.02)
         for routing, counts in (("balanced", balanced), ("skewed", skewed)):
             x = torch.randn(total, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
             c = torch.tensor(counts, device=dev)
@@ -133,7 +138,7 @@ def section_experts(sec: Section, dev, smoke: bool, reps):
                     fn = kernels.get_kernel("experts", backend)
 
                     def step():
-                        y = fn(x, c, ex, counts if backend == "loop" else None)
+                        y = fn(x, c, ex, counts)
                         y.backward(torch.ones_like(y))
                     s = timeit(step, dev, *reps)
                     return _tflops(3 * 2 * 3 * total * h * f, s)  # 3 GEMMs, forward + 2× backward
@@ -185,22 +190,16 @@ def slice_config(smoke: bool):
     return load_config("deepseek-v3-671b", over), (64 if smoke else 4096)
 
 
-def _to_device(chunks, dev):
-    for c in chunks:
-        c.to(dev)
-
-
 def section_slice(sec: Section, dev, smoke: bool, reps, peak: float | None):
     from megatron_r1.model.gpt import lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.parallel.runtime import build_optimizer, build_parallel_model, train_step
+    from megatron_r1.engine.runtime import build_optimizer, build_parallel_model, train_step
     cfg, s = slice_config(smoke)
     m = cfg.model
 
     def run():
-        mesh = ParallelMesh.single()
-        chunks = build_parallel_model(cfg, mesh)
-        _to_device(chunks, dev)  # until models are built on their device (issue 12, first half)
+        mesh = ParallelMesh.single(device=dev)
+        chunks = build_parallel_model(cfg, mesh)  # built on meta, materialised on the device
         opt = build_optimizer(chunks, cfg, mesh)
         ids = torch.randint(0, m.vocab_size, (1, s), device=dev)
         mb = [{"input_ids": ids}]
@@ -229,12 +228,11 @@ def section_slice(sec: Section, dev, smoke: bool, reps, peak: float | None):
 def section_weight_sync(sec: Section, dev, smoke: bool, reps):
     from megatron_r1.ckpt.hf import hf_names
     from megatron_r1.parallel.mesh import ParallelMesh
-    from megatron_r1.parallel.runtime import build_parallel_model, iter_full_state
+    from megatron_r1.engine.runtime import build_parallel_model, iter_full_state
     from megatron_r1.rollout.engine import iter_buckets
     cfg, _ = slice_config(smoke)
-    mesh = ParallelMesh.single()
+    mesh = ParallelMesh.single(device=dev)
     chunks = build_parallel_model(cfg, mesh)
-    _to_device(chunks, dev)
     for bucket_mb in ((1, 16) if smoke else (128, 512)):
         def run(bucket_mb=bucket_mb):
             moved = [0, 0]

@@ -218,9 +218,8 @@ def test_reshard_optimizer_on_load(trained_tp2_dp2, world, par):
     torch.testing.assert_close(after, ref_after, atol=5e-5, rtol=1e-4)
 
 
-def test_reshard_stacked_expert_optimizer_state(tmp_path):
-    """Expert weights are stacked per rank ([L, H, F], model/experts.py); their ZeRO-1 state is saved as
-    rows of the global [E, ...] stack. Saved under ep2 (two stacks of 4), loaded on one rank (one of 8):
+def test_reshard_expert_optimizer_state(tmp_path):
+    """Expert ZeRO-1 state saved under ep2 (each rank 4 of the 8 experts), loaded on one rank (all 8):
     the next step matches the run that never stopped."""
     d = str(tmp_path)
     ref_before, ref_loss3, ref_after = run_ranks(_train_save_continue, 2, d, dict(ep=2))[0]
