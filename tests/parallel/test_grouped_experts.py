@@ -96,3 +96,21 @@ def test_dispatch_has_one_host_sync_per_layer():
     for backend in ("grouped", "loop"):
         per_rank = run_ranks(_count_host_syncs, 2, backend, timeout=120)
         assert all(s == ["tolist"] for s in per_rank), (backend, per_rank)
+
+
+def test_grouped_and_recompute_under_the_strict_device_guard(monkeypatch):
+    """The new paths make no device-less tensor and no host transfer beyond the split sizes: grouped
+    experts (ep1: no sync at all; ep2: the split sizes) with every selective recompute region, and full
+    recompute, under check-parallel --strict-device."""
+    from megatron_r1 import kernels
+    monkeypatch.setenv("MEGATRON_R1_KERNELS", "experts:grouped")
+    kernels.reset_choices()
+    try:
+        reports = check_layouts("tiny-moe", ["tp2", "cp2,ep2"], ["train.recompute=selective",
+                                "train.recompute_modules=[core_attn,mla_up_proj,layernorm,moe_act,shared_experts,moe]"],
+                                verbose=False, strict_device=True)
+        reports += check_layouts("tiny-moe", ["tp2,pp2"], ["train.recompute=full"], verbose=False, strict_device=True)
+    finally:
+        kernels.reset_choices()
+    bad = [str(r) for r in reports if not r.ok]
+    assert not bad, "\n".join(bad)
