@@ -98,6 +98,23 @@ def test_accuracy_symbolic(verifier, pred, gold, expected):
     assert accuracy_reward(r1z(pred), gold, verifier=verifier) == expected
 
 
+@pytest.mark.parametrize(
+    "pred, gold, expected",
+    [
+        # math-verify alone scores these 1: it compares numbers after rounding ...
+        (r"\frac{1}{2^{99}}", r"\frac{1}{2^{98}}", 0.0),
+        (r"\frac{1}{2004!}", r"\frac{1}{2006!}", 0.0),
+        # ... and reads "4\sqrt(2)" as "4"
+        (r"4\sqrt(2)", "4", 0.0),
+        (r"4\sqrt(2)", r"\sqrt{32}", 1.0),
+        (r"\frac{1}{2^{99}}", r"2^{-99}", 1.0),
+        (r"\frac{1}{2006!}", r"\frac{1}{2006 \cdot 2005 \cdot 2004!}", 1.0),
+    ],
+)
+def test_exact_values_compare_exactly(verifier, pred, gold, expected):
+    assert accuracy_reward(r1z(pred), gold, verifier=verifier) == expected
+
+
 def test_accuracy_boxed_reference_and_missing_answer(verifier):
     assert accuracy_reward(r1z("7"), r"The answer is $\boxed{7}$.", verifier=verifier) == 1.0
     assert accuracy_reward("<think>7</think> I think 7", "7", verifier=verifier) == 0.0

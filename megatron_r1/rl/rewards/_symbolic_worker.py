@@ -26,11 +26,35 @@ def _math_verify_equal(pred: str, gold: str, soft_timeout: int) -> bool:
     # `$…$` makes math-verify read the bare answer as LaTeX (it otherwise looks for anchors
     # such as "the answer is" or \boxed); the soft timeout is math-verify's own SIGALRM,
     # which lets us survive slow-but-finite cases without a respawn.
-    gold_parsed = parse(f"${gold}$", parsing_timeout=soft_timeout)
-    pred_parsed = parse(f"${pred}$", parsing_timeout=soft_timeout)
+    gold_parsed = parse(f"${_paren_sqrt(gold)}$", parsing_timeout=soft_timeout)
+    pred_parsed = parse(f"${_paren_sqrt(pred)}$", parsing_timeout=soft_timeout)
     if not gold_parsed or not pred_parsed:
         return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout))
+    if not verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout):
+        return False
+    return _exact_rationals_agree(gold_parsed[0], pred_parsed[0])
+
+
+# math-verify reads "4\sqrt(2)" as "4" (it drops what follows a command it cannot parse), so a
+# parenthesised argument is given braces first: "4\sqrt{2}" is then compared as 4*sqrt(2).
+_PAREN_SQRT_RE = re.compile(r"\\sqrt\s*\(([^()]*)\)")
+
+
+def _paren_sqrt(s: str) -> str:
+    return _PAREN_SQRT_RE.sub(r"\\sqrt{\1}", s)
+
+
+def _exact_rationals_agree(gold, pred) -> bool:
+    """math-verify compares numbers after rounding, so 1/2^99 "equals" 1/2^98 and 1/2004!
+    "equals" 1/2006!. When both sides are exact rationals, their exact values decide."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return True
+    gold, pred = gold.doit(), pred.doit()
+    if gold.is_Rational and pred.is_Rational:
+        return gold == pred
+    return True
 
 
 # sympy's parse_expr is eval(): without math-verify, a plain (non-LaTeX) answer reaches it only
