@@ -5,6 +5,9 @@
 Notable choices
 - pass@1 = mean over problems of (correct samples / k); with `--greedy` k = 1 at temperature 0.
 - cons@k: the most frequent extracted answer among the k samples (ties: the earliest), then checked.
+  Votes are counted per *value*, not per spelling: answers the verifier finds equivalent
+  (``\\frac{1}{2}``, ``0.5``, ``1/2``) are one candidate, so a right answer written three ways is
+  not outvoted by a wrong one written one way.
 - Answers are scored with the same accuracy reward the RL loop uses, so "accuracy" means one thing.
 - Generation goes through the same `RolloutEngine` as GRPO (one vLLM code path).
 """
@@ -12,11 +15,33 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+from typing import Sequence
 
 from megatron_r1.data.templates import render_prompt
-from megatron_r1.rl.rewards import accuracy_reward_batch, format_reward
-from megatron_r1.rl.rewards.accuracy import extract_answer
+from megatron_r1.rl.rewards import SymbolicVerifier, accuracy_reward_batch, format_reward
+from megatron_r1.rl.rewards.accuracy import default_verifier, extract_answer, fast_match
+
+
+def majority_vote(answers: Sequence[str | None], verifier: SymbolicVerifier | None = None) -> str | None:
+    """The answer with the most equivalent votes (ties: the group seen first), or None if no
+    sample has an answer. Each answer joins the first group whose representative it matches,
+    by the reward's cheap tiers and then the symbolic verifier."""
+    groups: list[list[str]] = []  # each group's first answer is its representative
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            same = fast_match(a, g[0])
+            if same is None:
+                same = (verifier or default_verifier()).equivalent(a, g[0])
+            if same:
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    if not groups:
+        return None
+    return max(groups, key=len)[0]  # max keeps the first of equal lengths
 
 
 def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: int = 1, temperature: float = 0.0,
@@ -39,13 +64,10 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     per_problem = [sum(correct[i * k:(i + 1) * k]) / k for i in range(len(examples))]
     cons = []
     for i, e in enumerate(examples):
-        answers = extracted[i * k:(i + 1) * k]
-        votes = Counter(a for a in answers if a is not None)
-        if not votes:
+        winner = majority_vote(extracted[i * k:(i + 1) * k])
+        if winner is None:
             cons.append(0.0)
             continue
-        best = max(votes.values())
-        winner = next(a for a in answers if a is not None and votes[a] == best)
         cons.append(accuracy_reward_batch([f"<answer> {winner} </answer>"], [e.answer])[0])
     n = max(len(examples), 1)
     return {"pass@1": sum(per_problem) / n, f"cons@{k}": sum(cons) / n, "format": sum(fmt) / max(len(fmt), 1),

@@ -68,3 +68,24 @@ def test_greedy_draws_one_sample_whatever_samples_says():
     res = evaluate(engine, CharTokenizer(), [Ex("q1", "7"), Ex("q2", "2")], samples=8, temperature=0.0)
     assert engine.calls == [(2, 1, 0.0)]
     assert res["pass@1"] == 0.5 and res["cons@1"] == 0.5 and res["samples"] == 1
+
+
+def test_cons_at_k_votes_by_value_not_spelling():
+    # raw strings: 3 (2 votes) beats each spelling of 1/2 (1 vote each); by value 1/2 has 3
+    examples = [Ex("half of 1?", r"\frac{1}{2}")]
+    completions = [f"<think> t </think> <answer> {a} </answer>" for a in ("3", r"\frac{1}{2}", "0.5", "3", "1/2")]
+    res = evaluate(Scripted(completions), CharTokenizer(), examples, samples=5, temperature=1.0)
+    assert res["pass@1"] == pytest.approx(3 / 5)
+    assert res["cons@5"] == 1.0
+
+
+def test_majority_vote_groups_symbolic_equivalents():
+    from megatron_r1.eval.runner import majority_vote
+    from megatron_r1.rl.rewards import SymbolicVerifier
+
+    with SymbolicVerifier(num_workers=1, timeout=5.0) as v:
+        # sqrt(2)/2 and 1/sqrt(2) agree only symbolically; 0.7 and 7/10 agree exactly
+        assert majority_vote([r"0.7", r"\frac{\sqrt{2}}{2}", "7/10", r"\frac{1}{\sqrt{2}}",
+                              r"\sqrt{2}/2"], verifier=v) == r"\frac{\sqrt{2}}{2}"
+        assert majority_vote([None, "2", None, "3"], verifier=v) == "2"  # tie: the first seen
+        assert majority_vote([None, None], verifier=v) is None
