@@ -615,14 +615,27 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
     if not 0 < ro.gpu_memory_utilization <= 1 or ro.bucket_mb <= 0:
         raise ConfigError(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization} must be in (0, 1] and "
                           f"rollout.bucket_mb={ro.bucket_mb} > 0")
+    validate_rewards(r)
+    return dp
+
+
+def validate_rewards(r: RLConfig) -> None:
+    """rl.template and rl.rewards: both registered, and the format reward checks the format the
+    template asks for (rejection sampling calls this too: it trains nothing, so skips validate)."""
     from megatron_r1.data.templates import _TEMPLATES, get_template
     try:
         get_template(r.template)
     except KeyError:
         raise ConfigError(f"rl.template={r.template!r}: expected one of {', '.join(sorted(_TEMPLATES))}") from None
+    fmt = r.rewards.get("format")
+    variant = fmt.get("variant", "r1_zero") if isinstance(fmt, dict) else "r1_zero"
+    expected = getattr(get_template(r.template), "answer_format", variant)
+    if fmt is not None and variant != expected:
+        raise ConfigError(f"rl.rewards.format variant {variant!r} does not match rl.template={r.template!r}, whose "
+                          f"outputs follow {expected!r}: every well-formed output would score format 0; set "
+                          f"rl.rewards.format to {{weight: ..., variant: {expected}}}")
     from megatron_r1.rl.rewards import list_rewards
     unknown = [name for name in r.rewards if name not in list_rewards()]
     if unknown or not r.rewards:
         raise ConfigError(f"rl.rewards: unknown {', '.join(map(repr, unknown)) or '(none given)'}; registered: "
                           f"{', '.join(list_rewards())}")
-    return dp

@@ -8,6 +8,9 @@ Notable choices:
   tokens), else with a plain ``<|role|>`` format so tiny test tokenizers work too.
 - ``r1_chat`` is ``chat`` with the instruction DeepSeek recommends for math prompts appended
   to the user turn ("Please reason step by step, and put your final answer within \\boxed{}.").
+- Each template names the format-reward variant its outputs follow (``answer_format``):
+  ``r1_zero`` asks for ``<answer>`` tags, ``r1_chat`` for a ``\\boxed{}`` answer after the
+  thought (``r1_boxed``), ``chat`` only for a thought and a summary (``r1``).
 - A plain-string prompt given to a chat template becomes one user message; a message list
   given to ``r1_zero`` is an error (it has one slot for the question).
 """
@@ -41,6 +44,7 @@ class FormatTemplate:
     """One ``{prompt}`` slot in a fixed string."""
 
     text: str
+    answer_format: str = "r1_zero"  # the format reward's variant for this template's outputs
 
     def render(self, prompt: Prompt, tokenizer: Any = None) -> str:
         if not isinstance(prompt, str):
@@ -56,6 +60,7 @@ class ChatTemplate:
     message_format: str = "<|{role}|>\n{content}\n"
     generation_prompt: str = "<|assistant|>\n"
     user_suffix: str = ""  # appended to the last user message (e.g. the R1 math instruction)
+    answer_format: str = "r1"  # the format reward's variant for this template's outputs
 
     def render(self, prompt: Prompt, tokenizer: Any = None) -> str:
         messages = _as_messages(prompt)
@@ -90,4 +95,4 @@ def render_prompt(name: str, prompt: Prompt, tokenizer: Any = None) -> str:
 
 register_template("r1_zero", FormatTemplate(R1_ZERO_TEMPLATE))
 register_template("chat", ChatTemplate())
-register_template("r1_chat", ChatTemplate(user_suffix=R1_MATH_INSTRUCTION))
+register_template("r1_chat", ChatTemplate(user_suffix=R1_MATH_INSTRUCTION, answer_format="r1_boxed"))

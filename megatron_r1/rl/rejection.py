@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from megatron_r1.config import Config, ConfigError, load_config
+from megatron_r1.config import Config, ConfigError, load_config, validate_rewards
 
 
 def parse_min_scores(items: list[str], rewards: dict) -> dict[str, float]:
@@ -188,6 +188,7 @@ def main(argv: list[str]) -> int:
     dryrun.add_arguments(ap)
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
+    validate_rewards(cfg.rl)
     data = a.data or cfg.data.train_path
     if not data:
         raise ConfigError("rejection-sample needs prompts: --data or data.train_path")

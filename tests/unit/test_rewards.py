@@ -185,6 +185,14 @@ def test_format_prefilled_think_and_r1_variant():
         format_reward("x", variant="r2")
 
 
+def test_format_r1_boxed_is_what_r1_chat_asks_for():
+    assert format_reward("<think>reason</think>\nSo the answer is $\\boxed{5}$.", variant="r1_boxed") == 1.0
+    assert format_reward("<think>reason</think>\nSo the answer is 5.", variant="r1_boxed") == 0.0
+    assert format_reward("<think>reason \\boxed{5}</think>\nSo 5.", variant="r1_boxed") == 0.0  # box in the thought only
+    assert format_reward("<think>reason</think> \\boxed{5", variant="r1_boxed") == 0.0  # never closed
+    assert format_reward("<think>reason</think> <answer>5</answer>", variant="r1_boxed") == 0.0
+
+
 # ---------------------------------------------------------------- language
 
 

@@ -5,6 +5,13 @@ Variants (``variant=``):
   order, only whitespace outside them (DeepSeek-R1 paper, R1-Zero training template).
 - ``"r1"``: ``<think> … </think>`` then a non-empty summary/answer text (R1 output format);
   each think tag once, only whitespace before ``<think>``.
+- ``"r1_boxed"``: ``"r1"`` whose summary holds the final answer in a closed ``\\boxed{…}``: what
+  the ``r1_chat`` template asks for ("put your final answer within \\boxed{}"). The answer
+  tags of ``r1_zero`` are not part of it.
+
+Each template names the variant its outputs follow (``answer_format`` in data/templates.py);
+config validation refuses a ``format`` reward whose variant differs from the template's, since
+a mismatch scores every well-formed output 0 and rejection sampling then keeps nothing.
 
 ``prefilled_think=True`` is for templates that end the prompt with ``<think>`` (R1's chat
 template, many R1-Zero reproductions): the response then starts inside the thought, so the
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import re
 
+from megatron_r1.rl.rewards.accuracy import last_boxed
 from megatron_r1.rl.rewards.registry import register_reward
 
 _R1_ZERO_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -23,6 +31,7 @@ _R1_RE = re.compile(r"\s*<think>.*?</think>(.*)", re.DOTALL)
 _TAGS = {
     "r1_zero": ("<think>", "</think>", "<answer>", "</answer>"),
     "r1": ("<think>", "</think>"),
+    "r1_boxed": ("<think>", "</think>"),
 }
 
 
@@ -43,4 +52,8 @@ def format_reward(
     if variant == "r1_zero":
         return float(_R1_ZERO_RE.fullmatch(response) is not None)
     m = _R1_RE.fullmatch(response)
-    return float(m is not None and m.group(1).strip() != "")
+    if m is None or m.group(1).strip() == "":
+        return 0.0
+    if variant == "r1_boxed":
+        return float(last_boxed(m.group(1)) is not None)
+    return 1.0
