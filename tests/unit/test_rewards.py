@@ -205,7 +205,33 @@ def test_language_consistency():
     assert language_reward("<think>1+1=2</think>") == 0.0  # no words: no bonus
     assert language_reward("<think>unclosed thought 很") == pytest.approx(2 / 3)
     assert language_reward("no think tags here") == 1.0  # falls back to the whole response
-    assert language_reward("<think>Café déjà vu</think>") == 1.0
+    assert language_reward("<think>Café déjà</think>") == 0.0  # accented Latin is not English
+
+
+@pytest.mark.parametrize(
+    "thought",
+    [
+        "Nous calculons la somme des deux nombres. La somme est donc sept.",  # no accent at all
+        "Wir addieren die zwei Zahlen und das Ergebnis ist sieben.",
+        "Sumamos los dos numeros y el resultado es siete.",
+        "Sommiamo i due numeri e il risultato che otteniamo è sette.",
+    ],
+)
+def test_language_other_latin_script_languages_are_not_english(thought):
+    assert language_reward(f"<think>{thought}</think>", lang="en") == 0.0
+
+
+def test_language_mixing_within_latin_script_is_measured():
+    # 10 English words, then a 7-word French sentence
+    mixed = "<think>We add the two numbers. So the sum is seven. Nous calculons la somme des deux nombres.</think>"
+    assert language_reward(mixed, lang="en") == pytest.approx(10 / 17)
+
+
+def test_language_math_symbols_are_not_words():
+    assert language_reward("<think>The area is π r^2, so with r = 2 it is 4π.</think>") == 1.0
+    assert language_reward("<think>For x ∈ ℝ, let θ = π/2 and 𝑥 = 2; then sin θ = 1.</think>") == 1.0
+    # a Greek *word* is still another language: 2 English words of 5
+    assert language_reward("<think>We add. Αυτό είναι το.</think>") == pytest.approx(2 / 5)
 
 
 # ---------------------------------------------------------------- registry + combiner
