@@ -23,6 +23,12 @@ Notable choices:
   its own directory and pass it as vLLM's `tokenizer=`; tests pin which model types are safe.
 - Sequence boundaries: the HF tokenizer adds bos on `tokenizer(text)` (as Llama does, and as
   vLLM does for text prompts); `Tokenizer.encode` returns bare ids unless bos/eos are asked for.
+  A tokenizer without a bos token (Qwen2/2.5: `bos_token: null`) gets none when bos is asked for,
+  and `bos=True` never doubles a bos that the text (a rendered chat template) already starts with.
+- A tokenizer without a pad token (Llama 3) pads with eos: padded positions are never targets
+  (the loss mask is 0 there) and come after the row, so a causal model never attends to them.
+- `Tokenizer` exposes the HF tokenizer's `chat_template` and `apply_chat_template`, so prompt
+  templates (data/templates.py) render with the model's own chat format when it has one.
 """
 
 from __future__ import annotations
@@ -141,7 +147,7 @@ class Tokenizer:
     """The interface the rest of the code uses, whatever file the tokenizer came from."""
 
     backend: object  # a sentencepiece.SentencePieceProcessor or a transformers tokenizer
-    bos_id: int
+    bos_id: int | None  # None: the model has no bos (Qwen2)
     eos_id: int
     pad_id: int
     vocab_size: int
@@ -151,13 +157,66 @@ class Tokenizer:
             ids = self.backend.encode_as_ids(text)
         else:
             ids = self.backend.encode(text, add_special_tokens=False)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        add_bos = bos and self.bos_id is not None and ids[:1] != [self.bos_id]
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if eos else [])
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.backend, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs):
+        return self.backend.apply_chat_template(messages, **kwargs)
 
     def decode(self, ids: list[int]) -> str:
         # Control ids (bos/eos/pad) are dropped by sentencepiece; do the same on the HF side.
         if hasattr(self.backend, "decode_ids"):
             return self.backend.decode_ids(list(ids))
         return self.backend.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# Student tokenizers in the two families R1 was distilled into, built from our vocabulary (no
+# download): the special tokens, bos/pad conventions and chat format of the real ones.
+# ChatML as in Qwen2.5 (without its default system message); Llama 3.1's headers (without tools).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+STUDENT_STYLES = {
+    # bos_token null and a pad token, as Qwen2.5's tokenizer_config.json
+    "qwen2": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
+                  pad="<|endoftext|>", chat_template=QWEN2_CHAT_TEMPLATE),
+    # a bos and no pad token, as Llama 3.1's
+    "llama3": dict(specials=["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+                   bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, chat_template=LLAMA3_CHAT_TEMPLATE),
+}
+
+
+def write_student_tokenizer(sp_model_path: str | Path, out_dir: str | Path, style: str) -> Path:
+    """A HF tokenizer directory with our vocabulary plus the special tokens, bos/pad conventions and
+    chat template of a Qwen2.5 (``"qwen2"``) or Llama 3.1 (``"llama3"``) tokenizer."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    if style not in STUDENT_STYLES:
+        raise ValueError(f"unknown student tokenizer style {style!r}; choose from {sorted(STUDENT_STYLES)}")
+    st = STUDENT_STYLES[style]
+    backend = _hf_backend(sp_model_path)
+    backend.post_processor = None  # our bos template; these families add theirs in the chat template
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in st["specials"]])
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=st["bos"], eos_token=st["eos"],
+                                 pad_token=st["pad"], unk_token=None, clean_up_tokenization_spaces=False,
+                                 model_max_length=1 << 20)
+    hf.chat_template = st["chat_template"]
+    out_dir = Path(out_dir)
+    hf.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", bos_token=st["bos"], pad_token=st["pad"])
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
 
 
 def write_word_tokenizer(vocab_size: int, out_dir: str | Path) -> None:
@@ -186,9 +245,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(path))
-        return Tokenizer(hf, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf))
+        if hf.eos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
+        pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+        return Tokenizer(hf, hf.bos_token_id, hf.eos_token_id, pad, len(hf))
     raise FileNotFoundError(f"{path}: expected a sentencepiece .model file or a directory with tokenizer.json")
 
 
 __all__ = ["THINK_TAGS", "Tokenizer", "export_hf_tokenizer", "load_tokenizer",
-           "train_sentencepiece"]
+           "train_sentencepiece", "write_student_tokenizer"]

@@ -48,7 +48,7 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
              max_tokens: int = 256, seed: int = 1234, dump: list | None = None) -> dict:
     """examples: objects with .prompt and .answer. Returns pass@1, cons@k, format rate, mean length.
     `dump`, if a list, receives one dict per generated sample (prompt, answer, completion, scores)."""
-    prompts = [tokenizer.encode(render_prompt(template, e.prompt), bos=True) for e in examples]
+    prompts = [tokenizer.encode(render_prompt(template, e.prompt, tokenizer), bos=True) for e in examples]
     k = 1 if temperature == 0 else samples
     outs = engine.generate(prompts, n=k, temperature=temperature,
                            max_tokens=max_tokens, seed=seed)

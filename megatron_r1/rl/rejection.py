@@ -119,7 +119,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
         part = examples[start:start + chunk]
         per = -(-len(part) // replicas)
         lo, hi = min(replica * per, len(part)), min((replica + 1) * per, len(part))
-        texts = [render_prompt(rl.template, e.prompt) for e in part[lo:hi]]
+        texts = [render_prompt(rl.template, e.prompt, tok) for e in part[lo:hi]]
         local: dict = {"rows": [], "samples": 0, "truncated": 0, "pass": {k: 0.0 for k in min_scores}}
         if texts:
             ids = [tok.encode(t, bos=True) for t in texts]

@@ -153,7 +153,7 @@ class GRPOTrainer:
         """One round of generation and scoring for the step's next `prompts_per_step` prompts."""
         rl = self.cfg.rl
         examples = next(self.loader)
-        prompts = [self.tok.encode(render_prompt(rl.template, e.prompt), bos=True) for e in examples]
+        prompts = [self.tok.encode(render_prompt(rl.template, e.prompt, self.tok), bos=True) for e in examples]
         per = len(prompts) // self.replicas  # validate() made it divide
         lo, hi = self.replica * per, (self.replica + 1) * per
         # a fixed budget from rl.max_prompt_len (not from this batch's longest prompt), never past the engine

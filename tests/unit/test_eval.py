@@ -89,3 +89,21 @@ def test_majority_vote_groups_symbolic_equivalents():
                               r"\sqrt{2}/2"], verifier=v) == r"\frac{\sqrt{2}}{2}"
         assert majority_vote([None, "2", None, "3"], verifier=v) == "2"  # tie: the first seen
         assert majority_vote([None, None], verifier=v) is None
+
+
+def test_prompts_are_rendered_with_the_tokenizers_chat_template():
+    class ChatCharTokenizer(CharTokenizer):
+        chat_template = "set"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+
+    seen = []
+
+    class Recording(Scripted):
+        def generate(self, prompts, **kw):
+            seen.extend(prompts)
+            return super().generate(prompts, **kw)
+
+    evaluate(Recording([RIGHT]), ChatCharTokenizer(), [Ex("What is 3 + 4?", "7")], template="r1_chat")
+    assert CharTokenizer().decode(seen[0][1:]).startswith("[user]What is 3 + 4?\nPlease reason")

@@ -136,3 +136,49 @@ def test_vllm_loads_the_exported_tokenizer(tok_dir, tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["prompt_ids"] == tok.encode(prompt, bos=True)
     assert len(result["ids"]) > 0 and result["text"] == tok.decode(result["ids"])
+
+
+# ------------------------------------------------------------------ student tokenizers (Qwen2.5, Llama 3.1)
+
+
+@pytest.fixture(scope="module")
+def student_dirs(tok_dir, tmp_path_factory):
+    from megatron_r1.data.tokenizer import write_student_tokenizer
+
+    root = tmp_path_factory.mktemp("students")
+    return {s: write_student_tokenizer(tok_dir / "tokenizer.model", root / s, s) for s in ("qwen2", "llama3")}
+
+
+def test_qwen2_tokenizer_without_bos_encodes_sft_rows(student_dirs, tmp_path):
+    from megatron_r1.sft.trainer import _sft_rows
+
+    assert json.loads((student_dirs["qwen2"] / "tokenizer_config.json").read_text()).get("bos_token") is None
+    tok = load_tokenizer(student_dirs["qwen2"])
+    assert tok.bos_id is None and tok.encode("1+1", bos=True) == tok.encode("1+1")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "response": "<think>1+1=2</think> 2"}) + "\n")
+    rows, _ = _sft_rows(str(data), tok, 64, "prompt", "response")
+    assert all(isinstance(i, int) for i in rows[0][0])  # was [None, ...]: SFT crashed on torch.tensor
+
+
+def test_llama3_tokenizer_without_pad_pads_with_eos(student_dirs):
+    import torch
+
+    tok = load_tokenizer(student_dirs["llama3"])
+    assert json.loads((student_dirs["llama3"] / "tokenizer_config.json").read_text()).get("pad_token") is None
+    assert tok.pad_id == tok.eos_id is not None
+    assert torch.full((2, 4), tok.pad_id).dtype == torch.long  # SFT's and GRPO's batch padding
+
+
+def test_chat_template_reaches_the_prompt_and_bos_is_not_doubled(student_dirs):
+    from megatron_r1.data.templates import render_prompt
+
+    qwen, llama = load_tokenizer(student_dirs["qwen2"]), load_tokenizer(student_dirs["llama3"])
+    text = render_prompt("r1_chat", "What is 3 + 4?", qwen)
+    assert text.startswith("<|im_start|>user\nWhat is 3 + 4?\nPlease reason") and text.endswith(
+        "<|im_start|>assistant\n")
+    text = render_prompt("r1_chat", "What is 3 + 4?", llama)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    ids = llama.encode(text, bos=True)
+    assert ids[0] == llama.bos_id and ids[1] != llama.bos_id  # the template's bos, once
+    assert llama.encode("hi", bos=True)[0] == llama.bos_id
