@@ -115,8 +115,8 @@ class ModelConfig:
                               f"num_attention_heads={self.num_attention_heads}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("yarn", "default", None):
-                raise ConfigError(f"model.rope_scaling.type={kind!r}: only yarn is supported")
+            if kind not in ("yarn", "llama3", "default", None):
+                raise ConfigError(f"model.rope_scaling.type={kind!r}: only yarn and llama3 are supported")
 
     # ---- parameter counts
     def num_parameters(self) -> dict[str, int]:
@@ -364,7 +364,9 @@ MODEL_PRESETS: dict[str, dict] = {
                        rms_norm_eps=1e-6),
     "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                     max_position_embeddings=131072, rms_norm_eps=1e-5),
+                     max_position_embeddings=131072, rms_norm_eps=1e-5,
+                     rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}),
     "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                        attention_bias=True, max_position_embeddings=2048, rope_theta=10000.0),

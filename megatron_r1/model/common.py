@@ -4,6 +4,8 @@ Notable choices
 - RMSNorm computes in float32 and casts back, like DeepSeek's and HF's reference code.
 - RoPE frequencies follow YaRN (NTK-by-parts ramp between interpolated and extrapolated frequencies,
   attention-factor mscale) exactly as DeepSeek-V3's release code and transformers compute them.
+  Llama 3.1's scaling (``rope_type: llama3``: wavelengths beyond the original context divided by
+  ``factor``, short ones kept, a smooth blend between) is its own rule, as in Meta's and transformers' code.
 - Rotary angles are computed from *global* position ids, so context-parallel chunks stay correct.
 - The MLP's gate/up are column-parallel and down is row-parallel: one all-reduce per MLP under TP.
 Shapes: B batch, S sequence (local to this rank), H hidden, N heads on this tp rank, D head dim.
@@ -44,8 +46,11 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int,
                      device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim/2] and the cos/sin amplitude factor (YaRN's attention factor)."""
     pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    if not scaling or scaling.get("type", scaling.get("rope_type")) in (None, "default"):
+    kind = scaling.get("type", scaling.get("rope_type")) if scaling else None
+    if kind in (None, "default"):
         return 1.0 / pos_freqs, 1.0
+    if kind == "llama3":
+        return llama3_inv_freq(1.0 / pos_freqs, scaling), 1.0
     factor = scaling.get("factor") or max_pos / scaling["original_max_position_embeddings"]
     orig = scaling["original_max_position_embeddings"]
     beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
@@ -65,6 +70,16 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_pos: int,
         m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         attn = yarn_get_mscale(factor, m) / yarn_get_mscale(factor, m_all) if m and m_all else yarn_get_mscale(factor)
     return inv, float(attn)
+
+
+def llama3_inv_freq(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1: low frequencies (wavelength > orig/low_freq_factor) slowed by `factor`, high ones
+    (wavelength < orig/high_freq_factor) kept, and a linear blend in 1/wavelength between."""
+    factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / inv
+    smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)  # 0: slowed, 1: kept
+    return (1 - smooth) * inv / factor + smooth * inv
 
 
 class Rotary(nn.Module):

@@ -3,7 +3,8 @@
 Tiny random models are built with transformers, saved, loaded with `megatron_r1.model.from_hf`, and
 compared on random token batches: logits within 1e-4 × max|logit|, the LM loss, and the gradients of
 parameters from every kind of module (embedding, MLA/GQA projections, norms, router, experts, head).
-DeepSeek-V3 runs with YaRN and group-limited routing switched on, and a non-zero expert bias.
+DeepSeek-V3 runs with YaRN and group-limited routing switched on, and a non-zero expert bias; a Llama
+runs with Llama 3.1's rope scaling (rope_type llama3), shrunk so that most frequencies are rescaled.
 """
 import pytest
 import torch
@@ -50,6 +51,18 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def _llama3():
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=128, tie_word_embeddings=False,
+                                   rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5})
+    return transformers.LlamaForCausalLM(cfg)
+
+
 def _hf_grad(ref, ours_name):
     """Gradient of the HF parameter that corresponds to our `ours_name` (HF fuses experts in memory)."""
     params = dict(ref.named_parameters())
@@ -74,13 +87,15 @@ CHECKED = {
               "model.layers.1.mlp.down_proj.weight", "lm_head.weight"],
     "llama": ["model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.up_proj.weight",
               "lm_head.weight"],
+    "llama3": ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+               "model.layers.1.self_attn.k_proj.weight", "lm_head.weight"],
 }
 
 
-@pytest.mark.parametrize("arch", ["deepseek", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["deepseek", "qwen2", "llama", "llama3"])
 def test_matches_transformers(arch, tmp_path):
     torch.manual_seed(0)
-    ref = {"deepseek": _deepseek, "qwen2": _qwen2, "llama": _llama}[arch]().float()
+    ref = {"deepseek": _deepseek, "qwen2": _qwen2, "llama": _llama, "llama3": _llama3}[arch]().float()
     ref.save_pretrained(tmp_path)
     ours = from_hf(str(tmp_path), dtype=torch.float32)
     ids = torch.randint(0, 256, (3, 24))
@@ -130,3 +145,20 @@ def test_group_limited_routing_is_exercised():
     r.e_score_correction_bias[:] = torch.linspace(-1, 1, cfg.n_routed_experts)
     _, idx1, _ = r(x)
     assert not torch.equal(idx0.sort(-1).values, idx1.sort(-1).values)
+
+
+def test_llama31_8b_rope_frequencies_match_transformers():
+    """The full-size case the scaling exists for: head_dim 128, theta 5e5, factor 8 over 8,192 positions.
+    (Treated as YaRN, 16 of these 64 inverse frequencies were off by up to 51%.)"""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_r1.config import load_config
+    from megatron_r1.model.common import rope_frequencies
+
+    m = load_config("llama-8b").model
+    assert m.rope_scaling["type"] == "llama3"
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in m.to_hf_dict().items() if k != "rope_scaling"})
+    want, want_amp = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    got, amp = rope_frequencies(m.dense_head_dim, m.rope_theta, m.rope_scaling, m.max_position_embeddings)
+    assert got.shape == (64,) and amp == want_amp == 1.0
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
