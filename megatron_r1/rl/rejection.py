@@ -14,8 +14,9 @@ Notable choices
   an SFT target. Identical responses to one prompt are kept once; at most `--keep-per-prompt` per prompt,
   the highest total reward first (ties: sampling order).
 - Output rows are `{"prompt", "response"}` with the prompt ALREADY RENDERED through the template, so
-  `megatron-r1 sft --data out.jsonl` trains on exactly the text the policy saw; `answer`, `reward` and
-  `rewards` ride along for inspection.
+  `megatron-r1 sft --data out.jsonl` trains on exactly the text the policy saw; `question` (the raw
+  prompt, for `megatron-r1 export-distill` to re-render for a student), `answer`, `reward` and `rewards`
+  ride along.
 - Multi-rank (srun / torchrun): the world is split into world / rollout.tp vLLM replicas, each takes a
   contiguous share of every chunk of prompts; rank 0 gathers and writes. Sample j of prompt i always
   draws seed + i·n + j, so the output does not depend on the number of replicas.
@@ -142,7 +143,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                              for k, v in min_scores.items()}
             for p, chosen in enumerate(kept):
                 e = part[lo + p]
-                local["rows"].append([{"prompt": texts[p], "response": resp[i], "answer": e.answer,
+                local["rows"].append([{"prompt": texts[p], "question": e.prompt, "response": resp[i], "answer": e.answer,
                                        "reward": scored.total[i],
                                        "rewards": {k: v[i] for k, v in scored.components.items()},
                                        "origin": e.origin} for i in chosen])

@@ -1,7 +1,7 @@
 """Language-model training on the 5D runtime: pretraining on packed corpora, and SFT.
 
     megatron-r1 pretrain --config cfg.yaml --data PREFIX [overrides]   # Megatron .bin/.idx corpus
-    megatron-r1 sft --config cfg.yaml --data rows.jsonl [--init-hf DIR] # {"prompt", "response"} rows
+    megatron-r1 sft --config cfg.yaml --data rows.jsonl [--init-hf DIR] # {"prompt", "response"} rows (or .parquet)
 
 Notable choices
 - One loop for both: a global batch is drawn from a seeded stream (same on every rank), sliced per dp
@@ -80,25 +80,38 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_s
     return last
 
 
+def _records(path: str):
+    """(origin, JSON line or Parquet row as a dict) of a .jsonl or .parquet file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches():
+            for record in batch.to_pylist():
+                n += 1
+                yield f"{path}:row {n}", record
+        return
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{n}", line
+
+
 def _sft_rows(path: str, tokenizer, seq_length: int, prompt_key: str, response_key: str):
     """Tokenised SFT rows: (ids, mask) with mask 1 on response tokens (and the final eos)."""
     rows, truncated = [], 0
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                p, resp = r[prompt_key], r[response_key]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{path}:{n}: expected an object with '{prompt_key}' and '{response_key}' ({e})") from None
-            pi = tokenizer.encode(p, bos=True)
-            ri = tokenizer.encode(resp, eos=True)
-            ids, mask = pi + ri, [0] * len(pi) + [1] * len(ri)
-            if len(ids) > seq_length:
-                truncated += 1
-                ids, mask = ids[:seq_length], mask[:seq_length]
-            rows.append((ids, mask))
+    for origin, line in _records(path):
+        try:
+            r = json.loads(line) if isinstance(line, str) else line
+            p, resp = r[prompt_key], r[response_key]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{origin}: expected an object with '{prompt_key}' and '{response_key}' ({e})") from None
+        pi = tokenizer.encode(p, bos=True)
+        ri = tokenizer.encode(resp, eos=True)
+        ids, mask = pi + ri, [0] * len(pi) + [1] * len(ri)
+        if len(ids) > seq_length:
+            truncated += 1
+            ids, mask = ids[:seq_length], mask[:seq_length]
+        rows.append((ids, mask))
     return rows, truncated
 
 
