@@ -46,7 +46,7 @@ def test_plan_and_convert_work_from_anywhere(tmp_path):
 
 
 def test_tools_shims_call_the_package(tmp_path):
-    for name in ("convert_checkpoint", "plan_parallel"):
+    for name in ("convert_checkpoint", "plan_parallel", "export_distill_dataset"):
         r = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), "--help"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "usage: megatron-r1" in r.stdout, r.stderr
