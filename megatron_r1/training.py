@@ -19,6 +19,7 @@ import signal
 import torch
 import torch.distributed as dist
 
+from megatron_r1.ckpt.convert import TOKENIZER_FILES  # one list, chat templates included
 from megatron_r1.ckpt.hf import hf_names, load_hf_weights, save_hf
 from megatron_r1.config import Config, ConfigError, validate
 from megatron_r1.metrics import MetricsLogger
@@ -150,9 +151,6 @@ class TrainSession:
     def close(self):
         self.checkpointer.wait()
         self.logger.close()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def copy_tokenizer(src: str, dst: str) -> None:

@@ -1,0 +1,42 @@
+"""Distillation data end to end: rejection-sample rows -> `megatron-r1 export-distill` with a Qwen2.5-style
+student tokenizer (bos null, ChatML template) -> `megatron-r1 sft` of a tiny Qwen2 student on the Parquet
+output -> the student's HF directory keeps its chat template, so GRPO / eval render prompts as SFT did."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_r1.data import arith
+from megatron_r1.data.templates import render_prompt
+from megatron_r1.data.tokenizer import load_tokenizer, train_sentencepiece, write_student_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_export_then_sft_a_qwen2_student(tmp_path):
+    sp = train_sentencepiece(arith.build_corpus(300, "{prompt}", 0, arith.DIFFICULTY[1]), tmp_path / "sp",
+                             vocab_size=400)
+    student_tok = write_student_tokenizer(sp, tmp_path / "student_tok", "qwen2")
+    rows = [{"prompt": render_prompt("r1_chat", f"What is {a} + {b}?"), "question": f"What is {a} + {b}?",
+             "response": f"<think>\n{a} + {b} = {a + b}\n</think>\nThe answer is $\\boxed{{{a + b}}}$."}
+            for a in range(6) for b in range(3)]
+    (tmp_path / "rs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cli = [sys.executable, "-m", "megatron_r1.cli"]
+    r = subprocess.run(cli + ["export-distill", "--input", str(tmp_path / "rs.jsonl"), "--output", str(tmp_path / "d"),
+                              "--tokenizer", str(student_tok), "--format", "parquet", "--val-fraction", "0.1"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "the student tokenizer's chat template" in r.stdout
+    r = subprocess.run(cli + ["sft", "--config", "tiny-qwen2", "--data", str(tmp_path / "d" / "train.parquet"),
+                              "--tokenizer", str(student_tok), f"run_dir={tmp_path / 'run'}", "train.train_steps=2",
+                              "train.seq_length=128", "train.global_batch_size=4", "train.micro_batch_size=4",
+                              "train.params_dtype=float32"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([s for s in steps if "loss" in s]) == 2
+    student = load_tokenizer(tmp_path / "run" / "hf")
+    assert student.bos_id is None and student.chat_template
+    assert render_prompt("r1_chat", "What is 2 + 2?", student).startswith("<|im_start|>user\nWhat is 2 + 2?")
