@@ -60,6 +60,14 @@ def test_rejection_sample_writes_sft_rows(tmp_path, policy):
     assert [x["rewards"] for x in again] == [row["rewards"] for row in rows]
     assert [x["reward"] for x in again] == [row["reward"] for row in rows]
 
+    # the rows feed the distillation export: the raw question rides along, the rendered prompt is not re-read
+    assert all(row["question"] and row["question"] in row["prompt"] for row in rows)
+    from megatron_r1.tools.export_distill_dataset import export
+    stats = export([str(out)], str(tmp_path / "distill"), val_fraction=0.0)
+    exported = [json.loads(line) for line in (tmp_path / "distill" / "train.jsonl").read_text().splitlines()]
+    assert stats["rows_in"] == 8 and len(exported) == stats["after_dedup"]
+    assert {e["messages"][0]["content"] for e in exported} <= {row["question"] for row in rows}
+
 
 def test_eval_cli_both_modes_and_dump(tmp_path, policy):
     info, hf = policy
