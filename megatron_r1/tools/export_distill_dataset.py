@@ -22,7 +22,8 @@ Notable choices
   uses the student tokenizer's own chat template when it has one: the prompt is the template with the
   generation prompt; the response is what the template puts after it for the assistant turn, found by
   rendering a sentinel (so templates that drop reasoning from assistant turns cannot drop it here), with
-  a trailing eos token removed because `sft` appends eos. Without a chat template: our plain `chat`
+  a trailing eos token removed because `sft` appends eos. A generation prompt that prefills the thought
+  (R1-distill's `<think>\n`) is not repeated in the response. Without a chat template: our plain `chat`
   format.
 - Filters, in order: deduplication (same conversation after whitespace normalisation; the first kept),
   decontamination (a row goes when at least `--overlap` of its user text's n-grams, `--ngram` tokens
@@ -250,17 +251,28 @@ class Renderer:
             return prompt, content
         full = self.tok.apply_chat_template(history + [{"role": "assistant", "content": _SENTINEL}],
                                             tokenize=False, add_generation_prompt=False)
-        if not full.startswith(prompt) or full.count(_SENTINEL) != 1:
-            raise ConfigError("the student tokenizer's chat template does not render an assistant turn after its "
-                              "generation prompt; cannot export for it")
-        before, after = full[len(prompt):].split(_SENTINEL)
-        if prompt.rstrip().endswith("<think>") and content.startswith("<think>"):
+        if full.count(_SENTINEL) != 1:
+            raise ConfigError("the student tokenizer's chat template does not render an assistant message as is; "
+                              "cannot export for it")
+        head, tail = full.split(_SENTINEL)
+        if head.startswith(prompt):  # the turn opens with what the generation prompt already holds
+            before = head[len(prompt):]
+        elif prompt.startswith(head):  # the generation prompt prefills more, e.g. R1-distill's "<think>\n"
+            before, prefill = "", prompt[len(head):]
+            if content.startswith(prefill):
+                content = content[len(prefill):]
+            elif prefill.strip() and content.lstrip().startswith(prefill.strip()):
+                content = content.lstrip()[len(prefill.strip()):].lstrip("\n")
+        else:
+            raise ConfigError("the student tokenizer's chat template renders the assistant turn differently from "
+                              "its generation prompt; cannot export for it")
+        if (prompt + before).rstrip().endswith("<think>") and content.startswith("<think>"):
             content = content[len("<think>"):].lstrip("\n")  # the template already opened the thought
         eos = getattr(self.tok.backend, "eos_token", None)
-        after = after.rstrip()
-        if eos and after.endswith(eos):
-            after = after[: -len(eos)]  # sft appends eos itself
-        return prompt, before + content + after
+        tail = tail.rstrip()
+        if eos and tail.endswith(eos):
+            tail = tail[: -len(eos)]  # sft appends eos itself
+        return prompt, before + content + tail
 
     def num_tokens(self, prompt: str, response: str) -> int:
         return len(self.tok.encode(prompt, bos=True)) + len(self.tok.encode(response, eos=True))

@@ -107,6 +107,27 @@ def test_rows_are_rendered_with_the_student_chat_template(students, style, tmp_p
     assert ids.count(tok.bos_id) == (style == "llama3")
 
 
+def test_a_template_that_prefills_think_and_drops_reasoning_from_history(students, tmp_path):
+    """DeepSeek-R1-Distill-style: the generation prompt ends with "<think>\\n" and assistant turns are
+    rendered without their reasoning; the exported response still holds the whole thought, once."""
+    import shutil
+
+    tok_dir = tmp_path / "r1distill"
+    shutil.copytree(students["qwen2"], tok_dir)
+    (tok_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n' + m['content'].split('</think>')[-1] + '<|im_end|>' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+    response = THOUGHT + "The sum is $\\boxed{37}$."
+    rs = write_jsonl(tmp_path / "rs.jsonl", [rs_row("What is 23 + 14?", response)])
+    export([str(rs)], str(tmp_path / "out"), tokenizer=str(tok_dir), val_fraction=0.0)
+    (row,) = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert row["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    assert row["response"] == response[len("<think>\n"):]  # the prompt opened the thought
+    assert row["messages"][1]["content"] == response
+
+
 def test_without_a_chat_template_rows_use_the_plain_chat_format(tmp_path):
     rs = write_jsonl(tmp_path / "rs.jsonl", [{"prompt": "What is 2 + 2?", "response": "<think>2+2=4</think> 4"}])
     export([str(rs)], str(tmp_path / "out"), val_fraction=0.0)
