@@ -27,7 +27,7 @@ Notable choices
   format.
 - Filters, in order: deduplication (same conversation after whitespace normalisation; the first kept),
   decontamination (a row goes when at least `--overlap` of its user text's n-grams, `--ngram` tokens
-  of words and symbols, occur in some evaluation prompt; a text shorter than n is one n-gram), then
+  of words and symbols, occur in the evaluation prompts; a text shorter than n is one n-gram), then
   `--max-tokens`. Rows removed by each are counted.
 - Split: rows are grouped by user text, so all answers to one question land on one side; groups are
   shuffled with `--seed` and the first ones fill the validation fraction. Both files keep input order.
@@ -194,8 +194,9 @@ def _eval_texts(path: Path) -> list[str]:
 
 
 def decontaminate(rows: list[Row], eval_paths: list[str], n: int, overlap: float) -> tuple[list[Row], dict[str, int]]:
-    """Drops rows whose user text shares at least `overlap` of its n-grams with an evaluation prompt.
-    Returns the kept rows and, per evaluation file, how many rows it removed."""
+    """Drops rows at least `overlap` of whose user-text n-grams occur in the evaluation prompts.
+    Returns the kept rows and, per evaluation file, how many rows it removed (a row is charged to the
+    file holding most of its matching n-grams)."""
     index: dict[tuple[str, ...], int] = {}  # n-gram -> first evaluation file holding it
     for k, path in enumerate(eval_paths):
         for text in _eval_texts(Path(path)):
@@ -363,7 +364,8 @@ def export(inputs: list[str], output: str, fmt: str = "jsonl", decontam: list[st
     p(f"  dedup  {stats['rows_in'] - stats['after_dedup']:>8}  duplicates removed -> {stats['after_dedup']}")
     for path, n in removed.items():
         p(f"  decon  {n:>8}  removed, {ngram}-gram overlap >= {overlap:g} with {path}")
-    p(f"         {'':>8}  -> {stats['after_decontamination']}")
+    if removed:
+        p(f"         {'':>8}  -> {stats['after_decontamination']}")
     if max_tokens:
         p(f"  length {too_long:>8}  over {max_tokens} tokens removed -> {stats['after_max_tokens']}")
     p(f"  out    {len(train):>8}  train       {files['train']}")
