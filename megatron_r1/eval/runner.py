@@ -8,7 +8,8 @@ Notable choices
   Votes are counted per *value*, not per spelling: answers the verifier finds equivalent
   (``\\frac{1}{2}``, ``0.5``, ``1/2``) are one candidate, so a right answer written three ways is
   not outvoted by a wrong one written one way.
-- Answers are scored with the same accuracy reward the RL loop uses, so "accuracy" means one thing.
+- Answers are scored with the same accuracy reward the RL loop uses, so "accuracy" means one thing;
+  the format rate uses the format-reward variant of the template (`r1_boxed` for `r1_chat`).
 - Generation goes through the same `RolloutEngine` as GRPO (one vLLM code path).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 from typing import Sequence
 
-from megatron_r1.data.templates import render_prompt
+from megatron_r1.data.templates import get_template, render_prompt
 from megatron_r1.rl.rewards import SymbolicVerifier, accuracy_reward_batch, format_reward
 from megatron_r1.rl.rewards.accuracy import default_verifier, extract_answer, fast_match
 
@@ -55,7 +56,8 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     texts = [tokenizer.decode(s.token_ids) for group in outs for s in group]  # as the RL rewards read them
     refs = [e.answer for e in examples for _ in range(k)]
     correct = accuracy_reward_batch(texts, refs)
-    fmt = [format_reward(t) for t in texts]
+    variant = get_template(template).answer_format  # the format this template asks for
+    fmt = [format_reward(t, variant=variant) for t in texts]
     extracted = [extract_answer(t) for t in texts]
     if dump is not None:
         dump.extend({"prompt": e.prompt, "answer": e.answer, "temperature": temperature, "completion": t,

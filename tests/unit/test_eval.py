@@ -107,3 +107,14 @@ def test_prompts_are_rendered_with_the_tokenizers_chat_template():
 
     evaluate(Recording([RIGHT]), ChatCharTokenizer(), [Ex("What is 3 + 4?", "7")], template="r1_chat")
     assert CharTokenizer().decode(seen[0][1:]).startswith("[user]What is 3 + 4?\nPlease reason")
+
+
+def test_format_rate_follows_the_template():
+    r1_style = "<think> 3 + 4 = 7. </think> The answer is $\\boxed{7}$."
+    examples = [Ex("q1", "7"), Ex("q2", "7")]
+    res = evaluate(Scripted([r1_style, r1_style]), CharTokenizer(), examples, template="r1_chat")
+    assert res["pass@1"] == 1.0 and res["format"] == 1.0
+    res = evaluate(Scripted([r1_style, RIGHT]), CharTokenizer(), examples, template="r1_chat")
+    assert res["format"] == 0.5  # <answer> tags are not what r1_chat asks for
+    res = evaluate(Scripted([r1_style, RIGHT]), CharTokenizer(), examples, template="r1_zero")
+    assert res["format"] == 0.5
