@@ -246,7 +246,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
         hf = AutoTokenizer.from_pretrained(str(path))
         if hf.eos_token_id is None:
-            raise ValueError(f"{path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
+            from megatron_r1.config import ConfigError
+            raise ConfigError(f"{path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
         pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
         return Tokenizer(hf, hf.bos_token_id, hf.eos_token_id, pad, len(hf))
     raise FileNotFoundError(f"{path}: expected a sentencepiece .model file or a directory with tokenizer.json")

@@ -143,7 +143,8 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                              for k, v in min_scores.items()}
             for p, chosen in enumerate(kept):
                 e = part[lo + p]
-                local["rows"].append([{"prompt": texts[p], "question": e.prompt, "response": resp[i], "answer": e.answer,
+                local["rows"].append([{"prompt": texts[p], "question": e.prompt, "response": resp[i],
+                                       "answer": e.answer,
                                        "reward": scored.total[i],
                                        "rewards": {k: v[i] for k, v in scored.components.items()},
                                        "origin": e.origin} for i in chosen])
