@@ -1,22 +1,28 @@
 """Conversion between Hugging Face directories and our sharded (DCP) checkpoints, streamed.
 
 Notable choices
-- **HF → ours writes a layout-independent checkpoint** (every tensor whole, under `model/<name>`),
-  and `load_checkpoint` reshards it at load time for whatever mesh the run has. `--layout` is
+- **HF → ours writes a layout-independent checkpoint** (every tensor under `model/<name>`: whole,
+  or as row boxes `model/<name>[r0:r1,...]` when bigger than the chunk budget), and
+  `load_checkpoint` reshards it at load time for whatever mesh the run has. `--layout` is
   validated against the model (heads, experts, layers divisible…) and recorded in meta.json and
   config.yaml, but does not change the files: one converted checkpoint serves every layout, and
   no ranks need spawning to convert.
-- **Streaming with DCP's own writer**: the state dict handed to `dcp.save` holds meta tensors
-  (shapes and dtypes only); a planner resolves each tensor when the writer asks for it, reading it
-  from its safetensors shard (mmap) and dequantising FP8 there. Peak memory is about one tensor
-  (plus its float32 dequantisation), not one shard and not the model.
+- **Memory is bounded by the chunk budget, not the model** (`--budget-mb`, default 64: a chunk's
+  float32 size). HF → ours reads each piece's rows from its safetensors shard (only those rows),
+  dequantises FP8 block-row by block-row, writes the piece into the open `.distcp` file and drops it
+  (`ckpt/stream.py`: DCP's own writer keeps a whole file's tensors until the file closes, i.e. the
+  model). Ours → HF plans the output shards from shapes alone, then reads each tensor in row chunks
+  through memory maps of the saved pieces (any layout) and appends the bytes to a safetensors file
+  whose header was written first. Measured: `benchmarks/convert.md`.
+- **Parallel over shards** (`--workers N`, default: the cores available): HF → ours converts one
+  source shard into one `.distcp` file per unit, ours → HF writes one output shard per unit; units
+  run in spawned processes (one thread each) and their results are assembled in unit order, so the
+  output is byte-identical whatever N.
 - FP8 (DeepSeek's release): e4m3 weights with `<name>_scale_inv`, one float32 scale per 128×128
   block, partial edge blocks; dequantised in float32 then cast (`hf.dequantize_fp8`) to bf16, or to
   `--dtype`. Other tensors keep their dtype unless `--dtype` is given, so bf16 → ours → bf16 is
   bit-exact. The release's MTP layer (`model.layers.{num_hidden_layers}`) is converted; its copies
   of the embedding and output head are the main model's tensors, stored once.
-- **Ours → HF** reads whole tensors in batches of ~`budget` bytes from the DCP pieces (any layout)
-  and streams them into `hf.save_hf`, which writes each safetensors shard as it fills.
 - Tokenizer files travel along: HF → ours copies them to `<output>/tokenizer/`, ours → HF copies
   them back (or from the run config's `data.tokenizer` directory).
 - Outputs are written to `<output>.tmp` and renamed when complete; an existing non-empty output
@@ -28,22 +34,22 @@ import json
 import os
 import shutil
 import warnings
-from collections import Counter
+from dataclasses import dataclass
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from megatron_r1.ckpt.checkpoint import (COMPLETE, FORMAT, Piece, SavedIndex, _fsync_dir, read_pieces,
-                                         resolve_checkpoint)
-from megatron_r1.ckpt.hf import (CheckpointError, checkpoint_files, dequantize_fp8, hf_names, model_state,
-                                 our_name, save_hf)
+from megatron_r1.ckpt.checkpoint import COMPLETE, FORMAT, SavedIndex, _fsync_dir, box_key, resolve_checkpoint
+from megatron_r1.ckpt.hf import (FP8_BLOCK, INDEX_FILE, CheckpointError, _fp8_eligible, checkpoint_files,
+                                 dequantize_fp8, hf_names, model_state, our_name, quantize_fp8, write_hf_config)
+from megatron_r1.ckpt.stream import (DcpFileWriter, SafetensorsWriter, SavedItem, SavedPieces, nbytes, read_box,
+                                     row_ranges, write_dcp_metadata)
 from megatron_r1.config import Config, ConfigError, ModelConfig, ParallelConfig, load_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_BUDGET = 64 << 20  # bytes of one chunk in float32; peak memory is a small multiple of it
 
 
 def parse_layout(spec: str | None) -> tuple[ParallelConfig, int]:
@@ -111,20 +117,85 @@ def _finish_output(tmp: str, output: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(output)))
 
 
+# ---------------------------------------------------------------------------------------- workers
+def default_workers(total_bytes: int) -> int:
+    """The cores available; 1 under 1 GB, where starting processes (each imports torch) costs more than it saves."""
+    if total_bytes < 1 << 30:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one core per worker: N workers on N cores, no oversubscription
+
+
+def _run_units(fn, jobs: list, workers: int, progress: bool, desc: str) -> list:
+    """fn(job) for every job, in separate processes when workers > 1; results in job order, so the
+    output never depends on which worker finished first."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc=desc, unit="shard")
+    out = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            out.append(fn(job))
+            if bar is not None:
+                bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        # spawn, not fork: the parent may hold threads (torch's pools, tqdm's monitor)
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_init_worker) as ex:
+            for r in ex.map(fn, jobs):
+                out.append(r)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
 # ------------------------------------------------------------------------------------- HF -> ours
-class _LazyPlanner(DefaultSavePlanner):
-    """Plans with meta tensors; each tensor is read from its source only when the writer needs it."""
+@dataclass(frozen=True)
+class _HfPiece:
+    """One piece to write: rows [r0, r1) of HF tensor `hf` (its FP8 scale in `scale_file`), as `key`."""
+    key: str
+    hf: str
+    file: str
+    scale_file: str | None
+    rows: tuple[int, int]
+    ndim: int
+    dtype: torch.dtype
 
-    def __init__(self, resolve, **kw):
-        super().__init__(**kw)
-        self._resolve = resolve
 
-    def resolve_data(self, write_item):
-        return self._resolve(write_item.index.fqn)
+def _write_hf_unit(job: tuple[str, str, list[_HfPiece]]) -> list[SavedItem]:
+    """Convert the pieces read from one source shard into one .distcp file; one piece in memory at a time."""
+    from safetensors import safe_open
+    out_dir, rel, pieces = job
+    writer = DcpFileWriter(out_dir, rel)
+    handles: dict[str, object] = {}
+
+    def handle(f):
+        if f not in handles:
+            handles[f] = safe_open(f, "pt")
+        return handles[f]
+
+    for p in pieces:
+        r0, r1 = p.rows
+        sl = handle(p.file).get_slice(p.hf)
+        t = sl[r0:r1] if p.ndim else handle(p.file).get_tensor(p.hf)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = handle(p.scale_file).get_slice(p.hf + "_scale_inv")[r0 // FP8_BLOCK:-(-r1 // FP8_BLOCK)]
+            t = dequantize_fp8(t, scale, p.dtype)
+        writer.write(p.key, t.to(p.dtype))
+        del t
+    return writer.close()
 
 
 def hf_to_megatron(input_dir: str, output: str, layout: str | None = None, dtype: str | None = None,
-                   progress: bool = True) -> str:
+                   progress: bool = True, workers: int | None = None, budget_bytes: int = DEFAULT_BUDGET) -> str:
     """Convert a HF directory (bf16/fp32, or DeepSeek's FP8 release) into a sharded checkpoint at `output`."""
     from safetensors import safe_open
     cfg_path = os.path.join(input_dir, "config.json")
@@ -161,7 +232,7 @@ def hf_to_megatron(input_dir: str, output: str, layout: str | None = None, dtype
         return handles[f]
 
     sources: dict[str, str] = {}  # our name -> hf name
-    meta_state: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[_HfPiece]] = {}
     for hf, f in sorted(files.items()):
         if hf.endswith("_scale_inv"):
             continue
@@ -177,46 +248,39 @@ def hf_to_megatron(input_dir: str, output: str, layout: str | None = None, dtype
             continue  # a release copy (MTP's embedding / head) of a tensor stored once
         src_dtype = sl.get_dtype()
         is_fp8 = src_dtype in ("F8_E4M3", "F8_E5M2")
-        if is_fp8 and hf + "_scale_inv" not in files:
-            raise CheckpointError(f"{f}: FP8 tensor '{hf}' has no '{hf}_scale_inv'")
         t_dtype = _st_dtype(src_dtype, f, hf)
+        scale_file = None
         if is_fp8:
+            scale_file = files.get(hf + "_scale_inv")
+            if scale_file is None:
+                raise CheckpointError(f"{f}: FP8 tensor '{hf}' has no '{hf}_scale_inv'")
+            want = tuple(-(-s // FP8_BLOCK) for s in shape)
+            got = tuple(handle(scale_file).get_slice(hf + "_scale_inv").get_shape())
+            if len(shape) != 2 or got != want:
+                raise CheckpointError(f"{scale_file}: tensor '{hf}_scale_inv' has shape {got}, expected {want} "
+                                      f"(one scale per {FP8_BLOCK}x{FP8_BLOCK} block of {shape})")
             t_dtype = out_dtype or torch.bfloat16
         elif out_dtype is not None and t_dtype.is_floating_point and "e_score_correction_bias" not in hf:
             t_dtype = out_dtype
         sources[ours] = hf
-        meta_state[f"model/{ours}"] = torch.empty(shape, dtype=t_dtype, device="meta")
+        # a tensor bigger than the budget becomes row boxes `name[r0:r1,...]`; loaders reassemble any boxes
+        for r0, r1 in row_ranges(shape, budget_bytes):
+            offs, sizes = (r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:]
+            key = "model/" + box_key(ours, offs, sizes if shape else (), shape)
+            by_file.setdefault(f, []).append(_HfPiece(key, hf, f, scale_file, (r0, r1), len(shape), t_dtype))
     missing = [n for n in expected if n not in sources]
     if missing:
         raise CheckpointError(f"{input_dir}: missing tensor '{hf_names(missing[0], cfg)[0]}'"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-
-    remaining = Counter(files[h] for h in sources.values())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(remaining), desc="converting shards", unit="shard")
-
-    def resolve(fqn: str) -> torch.Tensor:
-        ours = fqn[len("model/"):]
-        hf = sources[ours]
-        f = files[hf]
-        t = handle(f).get_tensor(hf)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = handle(files[hf + "_scale_inv"]).get_tensor(hf + "_scale_inv")
-            t = dequantize_fp8(t, scale, meta_state[fqn].dtype)
-        t = t.to(meta_state[fqn].dtype)
-        remaining[f] -= 1
-        if bar is not None and remaining[f] == 0:
-            bar.update(1)
-        return t
+    handles.clear()
 
     tmp = _prepare_output(output)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save(meta_state, storage_writer=dcp.FileSystemWriter(tmp), planner=_LazyPlanner(resolve), no_dist=True)
-    if bar is not None:
-        bar.close()
+    # one unit per source shard, written to its own .distcp file: the files do not depend on --workers
+    jobs = [(tmp, f"__{i}_0.distcp", pieces) for i, (_, pieces) in enumerate(sorted(by_file.items()))]
+    if workers is None:
+        workers = default_workers(sum(os.path.getsize(f) for f in set(files.values())))
+    results = _run_units(_write_hf_unit, jobs, workers, progress, "converting shards")
+    write_dcp_metadata(tmp, [item for items in results for item in items])
     run = Config(model=cfg, parallel=par)
     tok = _copy_tokenizer(input_dir, os.path.join(tmp, "tokenizer"))
     if tok:
@@ -247,35 +311,54 @@ def read_config(path: str) -> Config:
     return load_config(raw)
 
 
-def iter_full_tensors(path: str, cfg: ModelConfig, budget_bytes: int = 1 << 30, index: SavedIndex | None = None):
-    """(our name, full tensor) of every model tensor in a checkpoint (any layout), in model order."""
-    index = index or SavedIndex(path)
-    expected = expected_tensors(cfg)
-    saved = set(index.names("model"))
-    unknown = sorted(saved - set(expected))
-    if unknown:
-        raise CheckpointError(f"{path}: unknown tensor 'model/{unknown[0]}' for a {cfg.model_type} model with "
-                              f"{cfg.num_hidden_layers} layers (config.yaml disagrees with the checkpoint?)")
-    batch, size = [], 0
-    names = list(expected)
-    for i, name in enumerate(names):
-        shape = expected[name][0]
-        key = f"model/{name}"
-        if key not in index.boxes:
-            raise CheckpointError(f"{path}: missing tensor '{key}'")
-        dtype = index.boxes[key][0][3]
-        t = torch.empty(shape, dtype=dtype)
-        batch.append(Piece(name, t, (0,) * len(shape), shape))
-        size += t.numel() * t.element_size()
-        if size >= budget_bytes or i == len(names) - 1:
-            read_pieces(path, "model", batch, index, budget_bytes=budget_bytes)
-            for p in batch:
-                yield p.name, p.tensor
-            batch, size = [], 0
+@dataclass(frozen=True)
+class _HfEntry:
+    """One tensor of an output safetensors shard: HF name, our tensor, shape, saved and output dtypes."""
+    hf: str
+    ours: str
+    shape: tuple
+    saved: torch.dtype
+    dtype: torch.dtype  # float8_e4m3fn: quantised with a `_scale_inv` entry after it
+    boxes: tuple  # the saved boxes of `ours`: ((key, offsets, sizes, dtype), ...)
+
+    def files_entries(self) -> list[tuple[str, tuple, torch.dtype]]:
+        if self.dtype == torch.float8_e4m3fn:
+            return [(self.hf, self.shape, self.dtype),
+                    (self.hf + "_scale_inv", tuple(-(-s // FP8_BLOCK) for s in self.shape), torch.float32)]
+        return [(self.hf, self.shape, self.dtype)]
+
+
+_PIECES: dict[str, SavedPieces] = {}  # per process: a checkpoint's metadata is read once per worker
+
+
+def _write_hf_shard(job: tuple[str, str, str, list[_HfEntry], int]) -> None:
+    """Write one output safetensors shard, reading and converting one row chunk at a time."""
+    ckpt, out_dir, fname, entries, budget = job
+    if ckpt not in _PIECES:
+        _PIECES.clear()
+        _PIECES[ckpt] = SavedPieces(ckpt)
+    pieces = _PIECES[ckpt]
+    writer = SafetensorsWriter(os.path.join(out_dir, fname), [x for e in entries for x in e.files_entries()])
+    for e in entries:
+        scales = []
+        for r0, r1 in row_ranges(e.shape, budget):
+            offs = (r0,) + (0,) * (len(e.shape) - 1) if e.shape else ()
+            sizes = (r1 - r0,) + e.shape[1:] if e.shape else ()
+            t = read_box(pieces, e.boxes, f"model/{e.ours}", offs, sizes, e.saved)
+            if e.dtype == torch.float8_e4m3fn:  # rows come in whole 128-row blocks: quantising chunks = the tensor
+                q, s = quantize_fp8(t)
+                writer.write(e.hf, q)
+                scales.append(s)
+            else:
+                writer.write(e.hf, t.to(e.dtype))
+            del t
+        if scales:
+            writer.write(e.hf + "_scale_inv", torch.cat(scales))
+    writer.close()
 
 
 def megatron_to_hf(input_path: str, output: str, dtype: str = "bf16", max_shard_bytes: int = 5 << 30,
-                   progress: bool = True) -> str:
+                   progress: bool = True, workers: int | None = None, budget_bytes: int = DEFAULT_BUDGET) -> str:
     """Export a checkpoint (a step dir, or a save dir: its newest) as a HF directory."""
     path = resolve_checkpoint(input_path)
     run = read_config(path)
@@ -285,18 +368,52 @@ def megatron_to_hf(input_path: str, output: str, dtype: str = "bf16", max_shard_
     if out_dtype is None:
         raise ConfigError(f"--dtype {dtype}: expected bf16, fp32 or fp8 for --to hf")
     index = SavedIndex(path)
-    tensors = iter_full_tensors(path, cfg, index=index)
-    if progress:
-        from tqdm import tqdm
-        tensors = tqdm(tensors, total=len(index.names("model")), desc="exporting tensors", unit="tensor")
-
-    def hf_stream():
-        for name, t in tensors:
-            for hf in hf_names(name, cfg):
-                yield hf, t
+    expected = expected_tensors(cfg)
+    unknown = sorted(set(index.names("model")) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown tensor 'model/{unknown[0]}' for a {cfg.model_type} model with "
+                              f"{cfg.num_hidden_layers} layers (config.yaml disagrees with the checkpoint?)")
+    # the shards are planned from shapes and dtypes alone (the rule of hf.save_hf), then written independently
+    shards: list[list[_HfEntry]] = [[]]
+    size = 0
+    for name, (shape, _) in expected.items():
+        key = f"model/{name}"
+        if key not in index.boxes:
+            raise CheckpointError(f"{path}: missing tensor '{key}'")
+        saved_shape = index.global_shape(key)
+        if saved_shape != tuple(shape):
+            raise CheckpointError(f"{path}: tensor '{key}' has shape {saved_shape}, expected {tuple(shape)}")
+        saved = index.boxes[key][0][3]
+        for hf in hf_names(name, cfg):
+            probe = torch.empty(shape, dtype=saved, device="meta")
+            if fp8 and _fp8_eligible(hf, probe):
+                want = torch.float8_e4m3fn
+            elif saved.is_floating_point and "e_score_correction_bias" not in hf:
+                want = out_dtype
+            else:
+                want = saved
+            e = _HfEntry(hf, name, tuple(shape), saved, want, tuple(index.boxes[key]))
+            n = sum(nbytes(s, d) for _, s, d in e.files_entries())
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += n
+    count = len(shards)
+    names = ["model.safetensors"] if count == 1 else \
+        [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
     tmp = _prepare_output(output)
-    save_hf(hf_stream(), cfg, tmp, max_shard_bytes=max_shard_bytes, dtype=out_dtype, fp8=fp8)
+    write_hf_config(cfg, tmp, out_dtype, fp8)
+    jobs = [(path, tmp, fname, entries, budget_bytes) for fname, entries in zip(names, shards)]
+    if workers is None:
+        workers = default_workers(sum(nbytes(s, d) for es in shards for e in es for _, s, d in e.files_entries()))
+    _run_units(_write_hf_shard, jobs, workers, progress, "exporting shards")
+    if count > 1:
+        weight_map = {n: fname for fname, entries in zip(names, shards) for e in entries for n, _, _ in e.files_entries()}
+        total = sum(nbytes(s, d) for entries in shards for e in entries for _, s, d in e.files_entries())
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
+                  open(os.path.join(tmp, INDEX_FILE), "w"), indent=2)
     if not _copy_tokenizer(os.path.join(path, "tokenizer"), tmp):
         _copy_tokenizer(run.data.tokenizer or "", tmp)
     _finish_output(tmp, output)

@@ -10,7 +10,8 @@ Notable choices
 - Shards are streamed: `safe_open(...).get_slice(name)` reads only this rank's slice, so peak memory
   stays near one tensor, not the model.
 - DeepSeek's FP8 release: e4m3 weights with a `weight_scale_inv` per 128×128 block (edge blocks
-  partial); `dequantize_fp8` multiplies block-wise in float32 and casts to the target dtype.
+  partial); `dequantize_fp8` multiplies block-wise in float32, one block-row at a time, and casts
+  to the target dtype.
 - Problems are one `CheckpointError` line naming the file and the tensor.
 """
 from __future__ import annotations
@@ -68,10 +69,16 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- FP8
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16, block: int = FP8_BLOCK):
-    """w: [R, C] float8_e4m3fn, scale_inv: [ceil(R/b), ceil(C/b)] float32 -> w·scale per block, in `dtype`."""
+    """w: [R, C] float8_e4m3fn, scale_inv: [ceil(R/b), ceil(C/b)] float32 -> w·scale per block, in `dtype`.
+
+    One block-row (b rows) at a time, so the float32 temporaries are one block-row, not the tensor."""
     r, c = w.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:r].repeat_interleave(block, 1)[:, :c]
-    return (w.float() * s).to(dtype)
+    out = torch.empty(r, c, dtype=dtype, device=w.device)
+    scale = scale_inv.to(w.device, torch.float32)
+    for i in range(0, r, block):
+        s = scale[i // block].repeat_interleave(block)[:c]  # [C]: this block-row's scales, column by column
+        out[i:i + block] = (w[i:i + block].float() * s).to(dtype)
+    return out
 
 
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,13 +185,7 @@ def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_d
     """Write config.json + sharded safetensors + index. `fp8`: DeepSeek's block-scaled release format
     for 2-D linear weights (not embeddings, norms, router or head)."""
     from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    hf_cfg = cfg.to_hf_dict()
-    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    if fp8:
-        hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
-    json.dump(hf_cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
+    write_hf_config(cfg, out_dir, dtype, fp8)
     # shards are written as soon as they fill (peak memory ~ one shard), under temporary names until
     # the count n is known for DeepSeek/HF's model-0000i-of-0000n names
     shard: dict = {}
@@ -225,6 +226,17 @@ def save_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, out_d
     if n > 1:
         json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
                   open(os.path.join(out_dir, INDEX_FILE), "w"), indent=2)
+
+
+def write_hf_config(cfg: ModelConfig, out_dir: str, dtype=torch.bfloat16, fp8: bool = False) -> None:
+    """config.json (with DeepSeek's quantization_config when `fp8`) and generation_config.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    if fp8:
+        hf_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    json.dump(hf_cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
     json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
                "temperature": 0.6, "top_p": 0.95}, open(os.path.join(out_dir, "generation_config.json"), "w"), indent=2)
 

@@ -8,6 +8,10 @@
     megatron-r1 convert --from megatron_r1 --to hf --input runs/r1/ckpt \\
         --output /ckpt/r1_hf --dtype bf16        # or --dtype fp8: DeepSeek's block-scaled release format
 
+Both directions stream: memory per worker stays within a few --budget-mb chunks whatever the model
+size, and --workers N (default: the cores available) converts N shards at once, byte-identical to
+--workers 1 (benchmarks/convert.md: peak memory, GB/s and the 671B extrapolation).
+
 Our checkpoints are layout-independent: `--layout` is validated and recorded, and any layout loads
 any checkpoint (megatron_r1/ckpt/checkpoint.py). Exit codes: 0 done; 2 a problem with the input or
 the arguments, printed as one line `error: <what, naming the file and the tensor>`.
@@ -32,20 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="to hf: bf16 (default), fp32 or fp8; to megatron_r1: "
                                                  "bf16 or fp32 (default: the source dtype, FP8 -> bf16)")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="to hf: safetensors shard size")
+    ap.add_argument("--workers", type=int, default=None, help="processes converting shards in parallel, same "
+                    "output for any N (default: the cores available; 1 for checkpoints under 1 GB)")
+    ap.add_argument("--budget-mb", type=float, default=64, help="rows are converted in chunks of at most this "
+                                                                "many MB in float32; memory per worker is a few times it")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         from megatron_r1.ckpt.convert import hf_to_megatron, megatron_to_hf
         if args.src == args.dst:
             raise ConfigError(f"--from {args.src} --to {args.dst}: nothing to convert")
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers {args.workers}: expected 1 or more")
+        if not args.budget_mb > 0:
+            raise ConfigError(f"--budget-mb {args.budget_mb}: expected a positive size")
+        common = dict(progress=not args.no_progress, workers=args.workers, budget_bytes=int(args.budget_mb * 2 ** 20))
         if args.dst == "megatron_r1":
-            out = hf_to_megatron(args.input, args.output, layout=args.layout, dtype=args.dtype,
-                                 progress=not args.no_progress)
+            out = hf_to_megatron(args.input, args.output, layout=args.layout, dtype=args.dtype, **common)
         else:
             if args.layout:
                 raise ConfigError("--layout applies to --to megatron_r1 only (HF directories have no layout)")
             out = megatron_to_hf(args.input, args.output, dtype=args.dtype or "bf16",
-                                 max_shard_bytes=int(args.max_shard_gb * 2 ** 30), progress=not args.no_progress)
+                                 max_shard_bytes=int(args.max_shard_gb * 2 ** 30), **common)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
