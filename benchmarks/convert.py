@@ -118,7 +118,7 @@ def make_release(out: str, gb: float, shard_mb: float = 100.0, seed: int = 0, ti
             # random finite e4m3 bytes (0x7f/0xff are NaN) and positive block scales
             n = shape[0] * shape[1]
             start = int(torch.randint(0, pool.numel() - n + 1, (), generator=g)) if n < pool.numel() else 0
-            q = pool[start:start + n].reshape(shape) if n <= pool.numel() else \
+            q = pool[start:start + n].reshape(shape).clone() if n <= pool.numel() else \
                 pool.repeat(-(-n // pool.numel()))[:n].reshape(shape)
             s = torch.rand((-(-shape[0] // 128), -(-shape[1] // 128)), generator=g) * 1e-3 + 1e-5
             part = {name: q.view(torch.float8_e4m3fn), name + "_scale_inv": s}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_r1.ckpt.checkpoint import load_checkpoint
-from megatron_r1.ckpt.hf import FP8_BLOCK, checkpoint_files, hf_tensors, model_state, save_hf
+from megatron_r1.ckpt.checkpoint import SavedIndex, load_checkpoint
+from megatron_r1.ckpt.hf import FP8_BLOCK, checkpoint_files, dequantize_fp8, hf_tensors, model_state, save_hf
 from megatron_r1.config import ModelConfig, load_config
 from megatron_r1.model import CausalLM
 
@@ -47,9 +47,11 @@ def model_from_checkpoint(path, cfg) -> CausalLM:
     return model
 
 
-@pytest.mark.parametrize("preset,overrides", [("tiny-moe", {}), ("tiny-qwen2", {"tie_word_embeddings": True})],
-                         ids=["tiny-moe", "tiny-qwen2-tied"])
-def test_bf16_round_trip_is_bit_exact(tmp_path, preset, overrides):
+@pytest.mark.parametrize("preset,overrides,budget", [("tiny-moe", {}, "64"), ("tiny-qwen2", {"tie_word_embeddings": True}, "64"),
+                                                     ("tiny-moe", {}, "0.01")],
+                         ids=["tiny-moe", "tiny-qwen2-tied", "tiny-moe-row-boxes"])
+def test_bf16_round_trip_is_bit_exact(tmp_path, preset, overrides, budget):
+    """--budget-mb 0.01: every tensor over 10 kB (float32) is written as row boxes and read back in chunks."""
     cfg = load_config(preset).model
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -60,11 +62,14 @@ def test_bf16_round_trip_is_bit_exact(tmp_path, preset, overrides):
     assert len(set(checkpoint_files(str(src)).values())) > 2  # several shards + an index
 
     assert convert("--from", "hf", "--to", "megatron_r1", "--input", str(src), "--output", str(tmp_path / "ours"),
-                   "--layout", "tp2,pp2") == 0
+                   "--layout", "tp2,pp2", "--budget-mb", budget) == 0
     meta = json.load(open(tmp_path / "ours" / "meta.json"))
     assert meta["layout"]["tp"] == 2 and meta["layout"]["pp"] == 2
+    boxes = SavedIndex(str(tmp_path / "ours")).boxes
+    # the embedding (512 rows of 256 B in float32): whole, or 4 boxes of 128 rows (one FP8 block-row each)
+    assert len(boxes["model/model.embed_tokens.weight"]) == (1 if budget == "64" else 4)
     assert convert("--from", "megatron_r1", "--to", "hf", "--input", str(tmp_path / "ours"),
-                   "--output", str(tmp_path / "back"), "--max-shard-gb", "0.0001") == 0
+                   "--output", str(tmp_path / "back"), "--max-shard-gb", "0.0001", "--budget-mb", budget) == 0
 
     a, b = read_dir(src), read_dir(tmp_path / "back")
     assert sorted(a) == sorted(b)
@@ -193,6 +198,56 @@ def test_export_fp8_reimports(tmp_path, fp8_release):
     ids = torch.randint(0, cfg.vocab_size, (1, 8))
     # re-quantising dequantised e4m3 values with the same block maxima is lossless up to bf16 rounding
     torch.testing.assert_close(a.full_logits(ids), b.full_logits(ids), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_fp8_equals_block_reference(dtype):
+    """hf.dequantize_fp8 works block-row by block-row; it equals the block-by-block float32 reference
+    exactly, on partial edge blocks and on a row range starting at a block boundary (a converter chunk)."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 260) * 3
+    q, s = quantize_reference(w)
+    ref = dequantize_reference(q, s)
+    assert torch.equal(dequantize_fp8(q, s, dtype), ref.to(dtype))
+    assert torch.equal(dequantize_fp8(q[128:300], s[1:3], dtype), ref[128:300].to(dtype))
+
+
+def _files(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def test_workers_give_identical_bytes(tmp_path, fp8_release):
+    """--workers 2 (several shards at once, in forked processes) writes the same bytes as --workers 1, both
+    ways. Same output path for both runs: config.yaml records it (the tokenizer directory)."""
+    src, cfg, _ = fp8_release
+    ours, back = tmp_path / "ours", tmp_path / "back"
+    got = {}
+    for workers in ("1", "2"):
+        assert convert("--from", "hf", "--to", "megatron_r1", "--input", str(src), "--output", str(ours),
+                       "--workers", workers, "--budget-mb", "0.05") == 0
+        assert convert("--from", "megatron_r1", "--to", "hf", "--input", str(ours), "--output", str(back),
+                       "--workers", workers, "--max-shard-gb", "0.0002", "--budget-mb", "0.05") == 0
+        got[workers] = _files(ours), _files(back)
+        os.rename(ours, tmp_path / f"ours{workers}")
+        os.rename(back, tmp_path / f"back{workers}")
+    assert len([f for f in got["1"][0] if f.endswith(".distcp")]) == 4  # one file per source shard
+    assert len([f for f in got["1"][1] if f.endswith(".safetensors")]) > 4
+    for i in (0, 1):
+        assert sorted(got["1"][i]) == sorted(got["2"][i])
+        for f in got["1"][i]:
+            assert got["1"][i][f] == got["2"][i][f], f
+    # and what was written is right: the bf16 export equals the FP8 release dequantised to bf16
+    exported, reference = read_dir(tmp_path / "back1"), fp8_release[2]
+    for name, t in exported.items():
+        r = reference[name]
+        assert torch.equal(t.float(), r if t.dtype == torch.float32 else r.to(torch.bfloat16).float()), name
+
+
+def test_error_bad_workers_and_budget(small_hf, tmp_path, capsys):
+    for flag, value in (("--workers", "0"), ("--budget-mb", "0")):
+        assert convert("--from", "hf", "--to", "megatron_r1", "--input", str(small_hf),
+                       "--output", str(tmp_path / "o"), flag, value) == 2
+        assert flag in _one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------- errors
