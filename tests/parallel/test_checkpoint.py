@@ -171,6 +171,33 @@ def test_reshard_model_on_load(saved_tp2_pp2, world, par):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_export_tp2_pp2_to_hf(saved_tp2_pp2, tmp_path):
+    """ckpt/convert.py exports the tp2·pp2 pieces (a tensor's tp slices in separate boxes, row- or
+    column-wise; the last stage's embedding copy) in row chunks small enough to cut across boxes, in
+    two worker processes: every exported tensor equals the full tensor `read_pieces` assembles."""
+    from safetensors.torch import load_file
+
+    from megatron_r1.ckpt.checkpoint import Piece, SavedIndex, read_pieces
+    from megatron_r1.ckpt.convert import megatron_to_hf
+    from megatron_r1.ckpt.hf import checkpoint_files, our_name
+    d, _ = saved_tp2_pp2
+    path = resolve_checkpoint(d)
+    index = SavedIndex(path)
+    split = [n for n, b in index.boxes.items() if len(b) > 1]
+    assert len(split) > 10 and any(o[1] for b in index.boxes.values() for _, o, _, _ in b if len(o) == 2)
+    out = tmp_path / "hf"
+    megatron_to_hf(d, str(out), dtype="fp32", max_shard_bytes=256 << 10, progress=False, workers=2,
+                   budget_bytes=4096)
+    cfg = make_cfg().model
+    exported = {k: v for f in sorted(set(checkpoint_files(str(out)).values())) for k, v in load_file(f).items()}
+    assert len(set(checkpoint_files(str(out)).values())) > 2
+    for hf, t in exported.items():
+        name = our_name(hf, cfg)
+        want = Piece(name, torch.empty(t.shape, dtype=torch.float32), (0,) * t.dim(), tuple(t.shape))
+        read_pieces(path, "model", [want], index)
+        assert torch.equal(t, want.tensor), hf
+
+
 def _train_save_continue(save_dir, par):
     cfg = make_cfg(**par)
     mesh = ParallelMesh.build(cfg.parallel, cfg.model)
