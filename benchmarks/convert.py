@@ -268,23 +268,32 @@ def main() -> None:
 
 
 def extrapolate(results: dict) -> None:
-    """671B: RAM = interpreter + the per-worker bound, per worker; time = bytes / (per-worker rate × N)."""
-    from megatron_r1.config import MODEL_PRESETS, ModelConfig, load_config
+    """671B: RAM ≤ the parent + N workers, each an interpreter plus the measured bound; hours = output
+    bytes / (one worker's measured rate × N), i.e. assuming the disks keep up with N workers."""
+    from megatron_r1.config import load_config
     cfg = load_config("deepseek-v3-671b").model
     fp8, bf16 = release_bytes(cfg.to_hf_dict())
+    results["671b"] = {"fp8_bytes": fp8, "bf16_bytes": bf16}
     print(f"\nDeepSeek-V3 671B: FP8 release {fp8 / 1e9:.0f} GB, bf16 {bf16 / 1e9:.0f} GB (from the preset's shapes)")
-    ones = [r for r in results["runs"] if r["workers"] == 1]
-    if not ones:
-        return
-    for d, nbytes in (("to_megatron_r1", bf16), ("to_hf", bf16)):
-        rs = [r for r in ones if r["direction"] == d]
-        bound = max(r["above_interpreter"] for r in rs)
-        rate = min(r["output"] / r["wall"] for r in rs)  # bytes/s of one worker (the slowest size)
+    for d in ("to_megatron_r1", "to_hf"):
+        ones = [r for r in results["runs"] if r["workers"] == 1 and r["direction"] == d]
+        if not ones:
+            continue
+        bound = max(r["above_interpreter"] for r in ones)
+        rate = min(r["output"] / r["wall"] for r in ones)  # one worker, the slower size
         interp = results["interpreter"][d]
-        print(f"  {d:>15}: per worker {interp / 1e9:.2f} GB interpreter + {bound / 1e9:.2f} GB; "
-              + "; ".join(f"{n} workers: {n * (interp + bound) / 1e9:.0f} GB RAM, "
-                          f"{nbytes / (rate * n) / 3600:.1f} h" for n in (1, 16, 64)))
-    print("  (hours assume each worker keeps its rate measured here, i.e. the disks keep up)")
+        twos = [r for r in results["runs"] if r["workers"] == 2 and r["direction"] == d]
+        speed = "; --workers 2 vs 1: " + ", ".join(
+            f"{r['release_gb']:.1f} GB {next(o['wall'] for o in ones if o['release_gb'] == r['release_gb']) / r['wall']:.2f}x"
+            for r in twos) if twos else ""
+        print(f"  {d}: one worker {rate / 1e9:.3f} GB/s of bf16 output, {interp / 1e9:.2f} GB interpreter "
+              f"+ {bound / 1e9:.2f} GB{speed}")
+        for n in (1, 16, 64):
+            ram = (n + (n > 1)) * interp + n * bound
+            print(f"    {n:3d} workers: RAM <= {ram / 1e9:5.1f} GB, {bf16 / (rate * n) / 3600:6.2f} h")
+        results["671b"][d] = {"bound": bound, "rate": rate, "interpreter": interp}
+    print("  (hours assume N workers each keep the one-worker rate measured here, i.e. N free cores and disks "
+          "that keep up)")
 
 
 if __name__ == "__main__":
