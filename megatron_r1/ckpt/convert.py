@@ -338,14 +338,14 @@ class _HfEntry:
         return [(self.hf, self.shape, self.dtype)]
 
 
-_PIECES: dict[str, SavedPieces] = {}  # per process: a checkpoint's metadata is read once per worker
+_PIECES: dict[str, SavedPieces] = {}  # the checkpoint being exported, set by megatron_to_hf; forked workers
+#                                       inherit it, spawned ones read the metadata once each
 
 
 def _write_hf_shard(job: tuple[str, str, str, list[_HfEntry], int]) -> None:
     """Write one output safetensors shard, reading and converting one row chunk at a time."""
     ckpt, out_dir, fname, entries, budget = job
     if ckpt not in _PIECES:
-        _PIECES.clear()
         _PIECES[ckpt] = SavedPieces(ckpt)
     pieces = _PIECES[ckpt]
     writer = SafetensorsWriter(os.path.join(out_dir, fname), [x for e in entries for x in e.files_entries()])
@@ -418,7 +418,12 @@ def megatron_to_hf(input_path: str, output: str, dtype: str = "bf16", max_shard_
     jobs = [(path, tmp, fname, entries, budget_bytes) for fname, entries in zip(names, shards)]
     if workers is None:
         workers = default_workers(sum(nbytes(s, d) for es in shards for e in es for _, s, d in e.files_entries()))
-    _run_units(_write_hf_shard, jobs, workers, progress, "exporting shards")
+    _PIECES.clear()
+    _PIECES[path] = SavedPieces(path)
+    try:
+        _run_units(_write_hf_shard, jobs, workers, progress, "exporting shards")
+    finally:
+        _PIECES.clear()
     if count > 1:
         weight_map = {n: fname for fname, entries in zip(names, shards) for e in entries for n, _, _ in e.files_entries()}
         total = sum(nbytes(s, d) for entries in shards for e in entries for _, s, d in e.files_entries())
