@@ -304,11 +304,11 @@ def extrapolate(results: dict) -> None:
         rate = min(r["output"] / r["cpu"] for r in ones)
         interp = results["interpreter"][d]
         twos = [r for r in results["runs"] if r["workers"] == 2 and r["direction"] == d]
-        speed = "; --workers 2 vs 1: " + ", ".join(
-            f"{r['release_gb']:.1f} GB {next(o['wall'] for o in ones if o['release_gb'] == r['release_gb']) / r['wall']:.2f}x"
-            for r in twos) if twos else ""
-        print(f"  {d}: one worker {rate / 1e9:.3f} GB of bf16 output per CPU second, {interp / 1e9:.2f} GB interpreter "
-              f"+ {bound / 1e9:.2f} GB{speed}")
+        wall1 = {o["release_gb"]: o["wall"] for o in ones}
+        speed = "; --workers 2 vs 1 (wall): " + ", ".join(
+            f"{r['release_gb']:.1f} GB {wall1[r['release_gb']] / r['wall']:.2f}x" for r in twos) if twos else ""
+        print(f"  {d}: one worker {rate / 1e9:.3f} GB of bf16 output per CPU second, "
+              f"{interp / 1e9:.2f} GB interpreter + {bound / 1e9:.2f} GB{speed}")
         for n in (1, 16, 64):
             ram = (n + (n > 1)) * interp + n * bound
             print(f"    {n:3d} workers: RAM <= {ram / 1e9:5.1f} GB, {bf16 / (rate * n) / 3600:6.2f} h")

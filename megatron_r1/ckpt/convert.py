@@ -433,7 +433,8 @@ def megatron_to_hf(input_path: str, output: str, dtype: str = "bf16", max_shard_
     finally:
         _PIECES.clear()
     if count > 1:
-        weight_map = {n: fname for fname, entries in zip(names, shards) for e in entries for n, _, _ in e.files_entries()}
+        weight_map = {n: fname for fname, entries in zip(names, shards)
+                      for e in entries for n, _, _ in e.files_entries()}
         total = sum(nbytes(s, d) for entries in shards for e in entries for _, s, d in e.files_entries())
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
                   open(os.path.join(tmp, INDEX_FILE), "w"), indent=2)

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--workers {args.workers}: expected 1 or more")
         if not args.budget_mb > 0:
             raise ConfigError(f"--budget-mb {args.budget_mb}: expected a positive size")
-        common = dict(progress=not args.no_progress, workers=args.workers, budget_bytes=int(args.budget_mb * 2 ** 20))
+        common = dict(progress=not args.no_progress, workers=args.workers,
+                      budget_bytes=int(args.budget_mb * 2 ** 20))
         if args.dst == "megatron_r1":
             out = hf_to_megatron(args.input, args.output, layout=args.layout, dtype=args.dtype, **common)
         else:

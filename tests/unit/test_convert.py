@@ -48,7 +48,8 @@ def model_from_checkpoint(path, cfg) -> CausalLM:
     return model
 
 
-@pytest.mark.parametrize("preset,overrides,budget", [("tiny-moe", {}, "64"), ("tiny-qwen2", {"tie_word_embeddings": True}, "64"),
+@pytest.mark.parametrize("preset,overrides,budget", [("tiny-moe", {}, "64"),
+                                                     ("tiny-qwen2", {"tie_word_embeddings": True}, "64"),
                                                      ("tiny-moe", {}, "0.01")],
                          ids=["tiny-moe", "tiny-qwen2-tied", "tiny-moe-row-boxes"])
 def test_bf16_round_trip_is_bit_exact(tmp_path, preset, overrides, budget):
