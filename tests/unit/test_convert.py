@@ -339,7 +339,7 @@ def test_error_missing_tensor_in_our_checkpoint(small_hf, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- memory
-@pytest.mark.long  # 1.5-7 min on 2 cores (with the load): writes 1 GB and 2 GB synthetic FP8 releases, converts each both ways
+@pytest.mark.long  # 1.5-7 min on 2 cores (with the load): 1 GB and 2 GB synthetic releases, both ways
 def test_conversion_memory_is_bounded(tmp_path):
     """Issue 19: converting a ≥ 1 GB DeepSeek-V3-layout FP8 release both ways peaks at ≤ 0.6 GB of anonymous
     memory above the interpreter's own (the same command on a tiny checkpoint), and the peak does not grow
