@@ -82,15 +82,10 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat1
 
 
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise e4m3 quantisation in DeepSeek's release format: returns (w_fp8, weight_scale_inv)."""
-    r, c = w.shape
-    rb, cb = -(-r // block), -(-c // block)
-    pad = torch.zeros(rb * block, cb * block, dtype=torch.float32)
-    pad[:r, :c] = w.float()
-    blocks = pad.view(rb, block, cb, block).abs().amax(dim=(1, 3))
-    scale_inv = (blocks / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
-    q = (w.float() / scale_inv.repeat_interleave(block, 0)[:r].repeat_interleave(block, 1)[:, :c])
-    return q.to(torch.float8_e4m3fn), scale_inv
+    """Block-wise e4m3 quantisation in DeepSeek's release format: returns (w_fp8, weight_scale_inv).
+    The project's one quantiser (kernels/fp8.py) with 128×128 weight blocks."""
+    from megatron_r1.kernels.fp8 import quantize_blocks
+    return quantize_blocks(w, (block, block))
 
 
 # ---------------------------------------------------------------------------------- reading a dir
