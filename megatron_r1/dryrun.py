@@ -148,7 +148,8 @@ def _versions(r: Report, needs_vllm: bool) -> None:
         else:
             r.line(f"  vllm      {found or 'not installed'} (not needed by this command)")
     te = importlib.util.find_spec("transformer_engine") is not None
-    r.line(f"  TE        {'installed' if te else 'not installed (FP8 GEMMs fall back to torch._scaled_mm)'}")
+    r.line(f"  TE        {'installed' if te else 'not installed'}; GEMMs run in the params dtype: FP8 training "
+           f"(kernels/fp8.py's block-scaled linear) is not wired into the model yet")
 
 
 def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
