@@ -27,6 +27,12 @@
 #   trainers finish the current step, agree over all ranks, save (atomically, a COMPLETE marker last) and
 #   exit, so nothing is lost. Without the forward, the next regular checkpoint (train.save_interval) is used.
 # - The run dir does not contain the job id: a requeued or resubmitted job finds its checkpoints.
+# - A stopped run is not a finished one. A trainer stopped by a signal (the USR1 above, or SIGTERM
+#   from a preemption or scancel) saves, writes no export and exits 75 (EXIT_STOPPED in
+#   megatron_r1/training.py); the script requeues the job on that status. A stage is finished only
+#   when its run dir has DONE (written after the last step and the export, or after
+#   rejection-sample's output): a submission of a finished stage exits 0 at once, and a stage whose
+#   INIT_HF / DATA comes from another stage's run dir refuses to start until that one has DONE.
 
 set -euo pipefail
 
@@ -129,6 +135,27 @@ mr1_preflight() {
     return $rc
 }
 
+EXIT_STOPPED=75
+
+# the run dir a path was produced in (runs/<stage>/hf, runs/<stage>/out.jsonl), when it is one of ours
+mr1_producer() {
+    local d
+    d=$(dirname "$1")
+    if [ -f "$d/config.yaml" ] || [ -d "$d/ckpt" ] || [ -f "$d/DONE" ]; then echo "$d"; fi
+}
+
+mr1_require_done() {
+    local p d
+    for p in "$@"; do
+        [ -n "$p" ] || continue
+        d=$(mr1_producer "$p")
+        if [ -n "$d" ] && [ ! -f "$d/DONE" ]; then
+            echo "error: $p comes from the run dir $d, which has not finished (no $d/DONE: stopped, failed or still running); finish that stage first" >&2
+            exit 2
+        fi
+    done
+}
+
 mr1_newest_ckpt() {
     local d
     d=$(ls -d "$RUN_DIR"/ckpt/step_*/COMPLETE 2>/dev/null | sort | tail -n1 || true)
@@ -166,11 +193,23 @@ mr1_srun() {
     done
     trap - USR1
     mr1_log "srun exit $rc"
+    if [ "$rc" = "$EXIT_STOPPED" ] && [ "$REQUEUED" = 0 ]; then   # e.g. SIGTERM from a preemption
+        mr1_log "stopped by a signal after saving a checkpoint (exit $EXIT_STOPPED): requeueing job $JOB"
+        REQUEUED=1
+        if [ -n "${SLURM_JOB_ID:-}" ]; then
+            scontrol requeue "$SLURM_JOB_ID" || mr1_log "scontrol requeue failed; resubmit by hand (the run resumes)"
+        fi
+    fi
     return $rc
 }
 
 mr1_main() {
     mr1_init "$@"
+    if [ "$DRY_RUN" = 0 ] && [ -f "$RUN_DIR/DONE" ]; then
+        mr1_log "already finished: $RUN_DIR/DONE exists (delete it, or choose another RUN_DIR, to run again)"
+        exit 0
+    fi
+    [ "$DRY_RUN" = 1 ] || mr1_require_done "${INIT_HF:-}" "${DATA:-}"
     mr1_preflight || exit $?
     if [ "$DRY_RUN" = 1 ]; then
         mr1_log "dry run only: nothing launched"

@@ -4,6 +4,8 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --time=01:00:00
 #SBATCH --output=slurm-r1-zero-tiny-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
 #
 # The main job in miniature: R1-Zero on a 2-core CPU, no downloads.
 #   bash examples/r1_zero_tiny.sh            # or: sbatch examples/r1_zero_tiny.sh
@@ -13,7 +15,10 @@
 # 3. evaluates the base model on held-out problems (pass@1 at T=1 over 4 samples, and greedy);
 # 4. runs R1-Zero GRPO (accuracy + format rewards, the paper's template) with a co-located vLLM;
 # 5. evaluates the final policy and prints before/after, plus where the logs, plot and checkpoint are.
-# Everything lands in $RUN_DIR (default runs/r1_zero_tiny). Re-running resumes finished stages.
+# Everything lands in $RUN_DIR (default runs/r1_zero_tiny). Re-running skips the finished stages and
+# resumes the others from their newest checkpoint. A training stage is finished only when its run dir has
+# DONE (written after its last step and export); one stopped by SIGTERM / SIGUSR1 / Ctrl-C saves a
+# checkpoint, exports nothing and exits 75, which ends this script with 75 (under Slurm: requeued).
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 RUN=${RUN_DIR:-runs/r1_zero_tiny}
@@ -29,18 +34,37 @@ for arg in "$@"; do
   esac
 done
 
-bash tools/setup_env.sh
-MR1=.venv/bin/megatron-r1
+if [ -z "${MR1:-}" ]; then   # MR1=path/to/megatron-r1 uses an existing install
+    bash tools/setup_env.sh
+    MR1=.venv/bin/megatron-r1
+fi
 [ "$DRY_RUN" = 1 ] || mkdir -p "$RUN"
 start=$(date +%s)
 stage() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
+EXIT_STOPPED=75  # megatron_r1/training.py: stopped by a signal after saving; run again to resume
+# a signal to the whole job (scancel, Slurm's time limit) also reaches this shell: outlive it, so the
+# trainer's exit status (75 after its save) decides what happens next
+trap 'echo "signal: waiting for the running stage to save and stop"' TERM USR1
+run_or_stop() {
+    local rc=0
+    "$@" || rc=$?
+    if [ "$rc" = "$EXIT_STOPPED" ]; then
+        echo "stopped by a signal after saving a checkpoint; run this script again to resume"
+        if [ -n "${SLURM_JOB_ID:-}" ]; then
+            scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue failed: resubmit by hand (the run resumes)"
+        fi
+    fi
+    [ "$rc" = 0 ] || exit "$rc"
+}
 
-# run_stage DONE_FILE DRY_INPUT -- CMD...: skip when DONE_FILE exists; in a dry run print the command and
-# run its own --dry-run when its inputs (DRY_INPUT, made by an earlier stage) exist, else check its config only
+# run_stage DONE_FILE DRY_INPUT -- CMD...: skip when DONE_FILE exists (a trainer's <run_dir>/DONE, written after
+# its last step and export; never hf/config.json, which a stopped run of older code could leave); in a dry run
+# print the command and run its own --dry-run when its inputs (DRY_INPUT, made by an earlier stage) exist, else
+# check its config only
 run_stage() {
   local done=$1 input=$2; shift 3
   if [ -e "$done" ]; then echo "done: $done exists"; return 0; fi
-  if [ "$DRY_RUN" = 0 ]; then "$@"; return; fi
+  if [ "$DRY_RUN" = 0 ]; then run_or_stop "$@"; return; fi
   echo "would run: $*"
   if [ -z "$input" ]; then return 0; fi
   if [ -e "$input" ]; then "$@" --dry-run
@@ -63,7 +87,7 @@ stage "1/5 data, tokenizer, tokenised corpus"
 run_stage "$RUN/data/info.json" "" -- $MR1 prepare-tiny --run-dir "$RUN"
 
 stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
-run_stage "$RUN/pretrain/hf/config.json" "$RUN/data/corpus.bin" -- $MR1 pretrain --config "$CFG" \
+run_stage "$RUN/pretrain/DONE" "$RUN/data/corpus.bin" -- $MR1 pretrain --config "$CFG" \
     --data "$RUN/data/corpus" --tokenizer "$RUN/tokenizer" "${PRETRAIN_OVR[@]}"
 
 stage "3/5 held-out accuracy of the base model"
@@ -71,7 +95,7 @@ run_stage "$RUN/eval_base.json" "" -- $MR1 eval --model "$RUN/pretrain/hf" --dat
     --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json"
 
 stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
-run_stage "$RUN/grpo/hf/config.json" "$RUN/pretrain/hf/config.json" -- $MR1 grpo --config "$CFG" \
+run_stage "$RUN/grpo/DONE" "$RUN/pretrain/DONE" -- $MR1 grpo --config "$CFG" \
     --init-hf "$RUN/pretrain/hf" --eval "$RUN/data/eval.jsonl" --eval-every 10 "${GRPO_OVR[@]}"
 
 stage "5/5 held-out accuracy of the final policy"

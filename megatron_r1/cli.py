@@ -4,6 +4,10 @@ Notable choices
 - Subcommands import their module lazily, so `megatron-r1 params` works without vLLM.
 - Errors a user can act on (bad config, bad checkpoint, bad data) print one line, `error: ...`, and
   exit 2; a traceback means a bug in megatron-r1.
+- Exit statuses: 0 done (trainers: last step, export, `<run_dir>/DONE` written); 2 a user error;
+  75 (`training.EXIT_STOPPED`) a trainer stopped by SIGTERM / SIGUSR1 / SIGINT after saving a
+  checkpoint, to be run again (the sbatch scripts requeue); 130 interrupted outside a training loop
+  (a second Ctrl-C, or Ctrl-C while loading), nothing saved; 1 a dry run that found problems.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ class TrainConfig:
 class RLConfig:
     group_size: int = 16  # G samples per prompt
     prompts_per_step: int = 32
-    max_prompt_len: int = 1024  # tokens; with max_response_len it must fit rollout.max_model_len
+    max_prompt_len: int = 1024  # tokens, template included; longer prompts are dropped at load (reported)
     max_response_len: int = 8192
     temperature: float = 1.0
     top_p: float = 1.0

@@ -17,6 +17,11 @@ Notable choices
     `warning:`  what the runtime cannot do yet although the plan is valid (FP8 dispatch; a layer split
                 that differs from the plan's) -> still exit 0, so a script can dry-run the 671B layout
                 today and see, in one place, what stands between it and a real run.
+- Inputs are read as far as is cheap, so a bad file costs a second here, not an engine start there:
+  every data row is parsed and validated as the trainer will (the first error named; prompts are
+  tokenized and those too long to fit counted), safetensors headers and the index are checked against
+  the config's names and shapes (and the files' lengths against the headers), and the checkpoints
+  resume would use are checked (metadata, shard sizes, trainer state). No weight is loaded.
 - The plan is the trainer's: seq length and global batch per optimizer step are derived from the config
   the way the trainer uses them (GRPO: prompt + response tokens, rollout batch / updates_per_batch).
   Activation recompute is the config's (`train.recompute`, `recompute_modules`, `recompute_num_layers`:
@@ -119,8 +124,95 @@ def _check_hf_dir(r: Report, what: str, path: str, cfg: Config, need_tokenizer: 
                 if getattr(hf, k) != getattr(cfg.model, k)]
         if diff:
             r.problem(f"{cj} does not match the config's model: {'; '.join(diff)}")
-    if len(r.problems) == before:
-        r.line(f"  ok        {what}: {path}")
+    if len(r.problems) == before:  # headers and index against the config's shapes; no weight is read
+        from megatron_r1.ckpt.hf import CheckpointError, check_hf_weights
+        try:
+            n = check_hf_weights(path, cfg.model)
+        except CheckpointError as e:
+            return r.problem(str(e))
+        r.line(f"  ok        {what}: {path} ({n} tensors: names, shapes, file sizes)")
+
+
+def _check_prompts(r: Report, what: str, path: str | None, cfg: Config, tokenizer: str | None,
+                   limit: int | None) -> None:
+    """Every row parsed and validated as the trainer will (data.on_error), the first error named;
+    with a tokenizer, the prompts longer than `limit` tokens (dropped at load) counted."""
+    from megatron_r1.data.prompts import DataError, drop_overlong, load_prompts, report
+    if not path:
+        return r.problem(f"{what}: not set", "missing")
+    if not os.path.exists(path):
+        return r.problem(f"{what} {path}", "missing")
+    try:
+        ds = load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error)
+    except DataError as e:
+        return r.problem(f"{what}: {e}")
+    note = ""
+    if tokenizer and limit:
+        from megatron_r1.data.templates import render_prompt
+        from megatron_r1.data.tokenizer import load_tokenizer
+        try:
+            tok = load_tokenizer(tokenizer)
+            ds = drop_overlong(ds, lambda e: len(tok.encode(render_prompt(cfg.rl.template, e.prompt), bos=True)),
+                               limit)
+        except DataError as e:
+            return r.problem(f"{what}: {e}")
+        except Exception as e:  # noqa: BLE001 - the tokenizer check is the path check's business
+            note = f"; prompt lengths not checked (tokenizer {tokenizer}: {type(e).__name__}: {e})"
+        else:
+            note = f"; every prompt tokenized (limit {limit} tokens)"
+    for line in report(ds, path, f" (limit {limit} tokens)" if limit else ""):
+        r.warn(line)
+    r.line(f"  ok        {what}: {path} ({len(ds)} rows parsed and validated{note})")
+
+
+def _check_sft_rows(r: Report, path: str, prompt_key: str, response_key: str) -> None:
+    from megatron_r1.data.prompts import DataError
+    from megatron_r1.sft.trainer import sft_records
+    if not os.path.exists(path):
+        return r.problem(f"data (--data) {path}", "missing")
+    try:
+        n = sum(1 for _ in sft_records(path, prompt_key, response_key))
+    except DataError as e:
+        return r.problem(f"data (--data): {e}")
+    r.line(f"  ok        data (--data): {path} ({n} rows parsed and validated)")
+
+
+def _check_corpus(r: Report, prefix: str) -> None:
+    """A Megatron .bin/.idx corpus: the index read, the .bin as long as the index says."""
+    missing = [prefix + s for s in (".bin", ".idx") if not os.path.exists(prefix + s)]
+    if missing:
+        return r.problem(f"data (--data) {', '.join(missing)}", "missing")
+    try:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        ds = IndexedDataset(prefix, mmap=False)
+        idx = ds.index
+        need = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * idx.dtype_size if len(idx) else 0
+    except Exception as e:  # noqa: BLE001 - megatron-core asserts on a damaged index
+        return r.problem(f"{prefix}.idx: unreadable Megatron corpus index ({type(e).__name__}: {e})")
+    size = os.path.getsize(prefix + ".bin")
+    if size < need:
+        return r.problem(f"{prefix}.bin: truncated ({size} bytes, the index needs {need})")
+    r.line(f"  ok        data (--data): {prefix}{{.bin,.idx}} ({len(idx)} documents)")
+
+
+def _check_resume(r: Report, save_dir: str) -> None:
+    """What the trainer's resume will do: the newest checkpoint whose metadata, shard sizes and trainer
+    state read back (no tensor is loaded); the ones it would skip, with why."""
+    from megatron_r1.ckpt.checkpoint import list_checkpoints, verify_checkpoint
+    from megatron_r1.ckpt.hf import CheckpointError
+    found = list_checkpoints(save_dir)
+    for _, path in reversed(found):
+        try:
+            info = verify_checkpoint(path)
+        except CheckpointError as e:
+            r.warn(f"resume: would skip {path}: {e}")
+            continue
+        lay = info.get("layout") or {}
+        saved = ",".join(f"{k}{lay[k]}" for k in ("tp", "cp", "ep", "pp", "dp") if k in lay) or "unknown layout"
+        return r.line(f"  resume    from {path} (step {info['step']}, {info['tensors']} tensors, saved as {saved})")
+    if found:
+        return r.problem(f"resume: none of the {len(found)} checkpoints in {save_dir} loads")
+    r.line(f"  resume    none: starts from the initial weights ({save_dir})")
 
 
 def _check_file(r: Report, what: str, path: str | None, suffixes: tuple = ("",)) -> None:
@@ -269,11 +361,10 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
     for check in paths:
         check(r)
     _versions(r, needs_vllm)
-    from megatron_r1.ckpt.checkpoint import latest_checkpoint
-    save_dir = cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt")
-    last = latest_checkpoint(save_dir) if command != "rejection-sample" else None
-    r.line(f"  resume    {'from ' + last if last else 'none: starts from the initial weights'} ({save_dir})"
-           if command != "rejection-sample" else "  output    written once at the end (no checkpoints)")
+    if command != "rejection-sample":
+        _check_resume(r, cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt"))
+    else:
+        r.line("  output    written once at the end (no checkpoints)")
     _would_run(r, command, argv, nodes, gpn)
     verdict = "FAILED" if r.problems else "OK"
     r.line(f"dry run {verdict}: {len(r.problems)} problem(s), {len(r.warnings)} warning(s)")
@@ -306,18 +397,23 @@ def grpo(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
                    f"{rl.max_prompt_len + rl.max_response_len}: responses are cut to fit")
 
     tok = cfg.data.tokenizer
+    limit = min(rl.max_prompt_len, cfg.rollout.max_model_len - 1)
     paths = [lambda r: _check_hf_dir(r, "init policy (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok),
-             lambda r: _check_file(r, "prompts (data.train_path)", cfg.data.train_path)]
+             lambda r: _check_prompts(r, "prompts (data.train_path)", cfg.data.train_path, cfg, tok or a.init_hf,
+                                      limit)]
     if tok:
         paths.append(lambda r: _check_file(r, "tokenizer (data.tokenizer)", tok))
     if getattr(a, "eval", None):
-        paths.append(lambda r: _check_file(r, "eval prompts (--eval)", a.eval))
+        paths.append(lambda r: _check_prompts(r, "eval prompts (--eval)", a.eval, cfg, tok or a.init_hf, limit))
     return run("grpo", a, cfg, argv, seq_length=seq, global_batch_size=n // max(rl.updates_per_batch, 1), paths=paths,
                needs_vllm=True, extra_checks=[batch_checks])
 
 
 def _lm_paths(a, cfg: Config, data_suffixes: tuple) -> list:
-    paths = [lambda r: _check_file(r, "data (--data)", a.data, data_suffixes)]
+    if data_suffixes == ("",):  # sft rows
+        paths = [lambda r: _check_sft_rows(r, a.data, a.prompt_key, a.response_key)]
+    else:
+        paths = [lambda r: _check_corpus(r, a.data)]
     tok = a.tokenizer or cfg.data.tokenizer
     if a.init_hf:
         paths.append(lambda r: _check_hf_dir(r, "init weights (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok))
@@ -346,6 +442,7 @@ def rejection(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
 
     tok = cfg.data.tokenizer
     paths = [lambda r: _check_hf_dir(r, "policy (--init-hf)", a.init_hf, cfg, need_tokenizer=not tok),
-             lambda r: _check_file(r, "prompts (--data / data.train_path)", a.data or cfg.data.train_path), out_dir]
+             lambda r: _check_prompts(r, "prompts (--data / data.train_path)", a.data or cfg.data.train_path, cfg,
+                                      tok or a.init_hf, cfg.rollout.max_model_len - 1), out_dir]
     return run("rejection-sample", a, cfg, argv, seq_length=None, global_batch_size=None, paths=paths,
                needs_vllm=True)

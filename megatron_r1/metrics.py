@@ -4,6 +4,10 @@ Notable choices
 - Only the logging rank (global rank 0) writes; metrics arrive already reduced over ranks.
 - JSONL is the source of truth (one object per step, appended and flushed, so a killed run keeps its
   log and a resumed run continues it); TensorBoard and the plot are views of the same numbers.
+- Each step appears once even after a crash: a run killed after logging step 7 but before saving it
+  resumes from an older checkpoint (say 5) and logs 6, 7 again. `resume_at(5)` first drops the rows
+  past 5 from the JSONL (rewritten atomically) and opens TensorBoard with `purge_step=6`, which makes
+  TensorBoard hide the earlier events from step 6 on. A fresh start (no checkpoint) drops every row.
 - Plots are drawn from the JSONL with matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
@@ -18,25 +22,61 @@ class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool = True, total_steps: int | None = None, desc: str = "train",
                  start_step: int = 0):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
         self._bar = None
+        self._f = None  # the JSONL and TensorBoard open on the first row, or in `resume_at`
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        except ImportError:  # tensorboard is a declared dependency; keep logging to JSONL regardless
-            self._tb = None
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+
+    def _open(self, purge_step: int | None = None) -> None:
         self._f = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=purge_step)
+        except ImportError:  # tensorboard is a declared dependency; keep logging to JSONL regardless
+            self._tb = None
+
+    def resume_at(self, step: int | None) -> int:
+        """The run continues after `step` (None: from scratch): drop the rows logged past it, in the JSONL
+        and in TensorBoard's view. Call before the first `log`. Returns the number of rows dropped."""
+        if not self.enabled:
+            return 0
+        if self._f is not None:
+            raise RuntimeError("MetricsLogger.resume_at must come before the first log()")
+        keep_through = -1 if step is None else step
+        dropped = 0
+        if os.path.exists(self.path):
+            kept = []
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        row_step = json.loads(line).get("step")
+                    except (ValueError, AttributeError):  # a line cut short by the kill: not a row
+                        dropped += bool(line.strip())
+                        continue
+                    if isinstance(row_step, int) and row_step <= keep_through:
+                        kept.append(line if line.endswith(b"\n") else line + b"\n")
+                    else:
+                        dropped += 1
+            if dropped:
+                tmp = self.path + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.writelines(kept)
+                os.replace(tmp, self.path)
+        self._open(purge_step=keep_through + 1)
+        return dropped
 
     def log(self, step: int, metrics: dict, show: tuple[str, ...] = (), advance: bool = True) -> None:
         """One JSONL row and TensorBoard scalars; `advance=False` for a row that is not a step (step-0 eval)."""
         if not self.enabled:
             return
+        if self._f is None:
+            self._open()
         row = {"step": step, "time": time.time()}
         row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
         self._f.write(json.dumps(row) + "\n")
@@ -61,7 +101,8 @@ class MetricsLogger:
                 self._bar.close()
             if self._tb is not None:
                 self._tb.close()
-            self._f.close()
+            if self._f is not None:
+                self._f.close()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -8,19 +8,32 @@ Notable choices
 - `dp_slice` gives a dp rank its contiguous share of a global batch; every rank draws the same global
   batch from the same seeded stream, so the data order does not depend on the layout.
 - Export to Hugging Face streams the full tensors (`iter_full_state`) and only rank 0 writes.
+- A stopped run is not a finished run. SIGTERM, SIGUSR1 (Slurm's warning before preemption or the time
+  limit) and SIGINT (Ctrl-C; a second Ctrl-C aborts at once) all do the same: finish the step, save,
+  write no export, exit `EXIT_STOPPED` (75, sysexits' EX_TEMPFAIL: "try again"), which the sbatch
+  scripts turn into a requeue. Only a run that did its last step writes its export and then the
+  completion marker `<run_dir>/DONE`; stage scripts chain on that marker, never on `hf/config.json`
+  (an export of a half-trained policy must not look like the stage's result).
+- Resume takes the newest checkpoint that loads: each candidate is checked cheaply (metadata, shard
+  sizes, trainer state) and then read; one that fails on any rank is skipped on all, with its reason
+  logged, for the next older one. When checkpoints exist and none loads, the run stops with that
+  list rather than silently start over. The metrics log is then cut back to the resumed step.
 """
 from __future__ import annotations
 
 import math
 import os
 import shutil
+import json
 import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from megatron_r1.ckpt.convert import TOKENIZER_FILES  # one list, chat templates included
-from megatron_r1.ckpt.hf import hf_names, load_hf_weights, save_hf
+from megatron_r1.ckpt.hf import CheckpointError, hf_names, load_hf_weights, save_hf
 from megatron_r1.config import Config, ConfigError, validate
 from megatron_r1.metrics import MetricsLogger
 from megatron_r1.parallel.launch import init_distributed
@@ -36,6 +49,15 @@ def current_dist_env():
     rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, master_addr="",
                    master_port=0, backend=dist.get_backend(), launcher="existing")
+
+
+EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint; run again (the scripts requeue) to continue
+DONE = "DONE"  # <run_dir>/DONE: the run did its last step and wrote its export
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def is_done(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, DONE))
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -71,16 +93,20 @@ class TrainSession:
         from megatron_r1.ckpt.checkpoint import Checkpointer
         self.ckpt_dir = cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt")
         self.checkpointer = Checkpointer(self.ckpt_dir, self.mesh, keep_last=cfg.train.keep_last)
-        # preemption (Slurm's --signal=B:USR1@T forwarded by the script, or SIGTERM): finish the step,
-        # save, stop. The flag is agreed over all ranks each step so no rank is left in a collective.
-        self._signalled = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        # preemption (Slurm's --signal=B:USR1@T forwarded by the script, SIGTERM) or Ctrl-C: finish the
+        # step, save, stop. The flag is agreed over all ranks each step so no rank is left in a collective.
+        self._signalled: str | None = None
+        self.stopped: str | None = None  # the signal's name once the loop has stopped on it
+        self._saved_step: int | None = None
+        self.install_signal_handlers()
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.is_main and logger, total_steps=cfg.train.train_steps,
                                     desc=desc)
         if self.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
+            done = os.path.join(cfg.run_dir, DONE)
+            if os.path.exists(done):  # started again (more steps?): not finished until it ends again
+                os.remove(done)
 
     @property
     def is_main(self) -> bool:
@@ -118,39 +144,116 @@ class TrainSession:
             dist.barrier()
         return out_dir if self.is_main else None
 
+    def install_signal_handlers(self) -> None:
+        """(Re)install the save-and-stop handlers (after a library that may have set its own)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
     def _on_signal(self, signum, frame) -> None:
-        self._signalled = True
+        name = signal.Signals(signum).name
+        if self._signalled == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving (the CLI prints one line)
+        self._signalled = self._signalled or name
+        if self.is_main:
+            sys.stderr.write(f"\n{name}: saving after this step, then stopping"
+                             + (" (Ctrl-C again to abort without saving)\n" if signum == signal.SIGINT else "\n"))
+            sys.stderr.flush()
 
     def should_stop(self) -> bool:
         """True on every rank once any rank has been signalled (collective: call once per step)."""
-        flag = torch.tensor(float(self._signalled), device=self.mesh.device)  # NCCL reduces device tensors only
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            stop = self._signalled is not None
+        else:
+            flag = torch.tensor(float(self._signalled is not None), device=self.mesh.device)  # NCCL: device tensors
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            stop = bool(flag.item())
+        if stop:
+            self.stopped = self._signalled or "a signal on another rank"
+        return stop
 
     def resume(self) -> dict | None:
-        """Load the newest complete checkpoint of this run, if any; returns its `extra` (data position...)."""
-        from megatron_r1.ckpt.checkpoint import latest_checkpoint
-        if not latest_checkpoint(self.ckpt_dir):
+        """Load the newest checkpoint of this run that loads, if any; returns its `extra` (data position...).
+
+        Collective. A candidate that fails on any rank is skipped on every rank (logged with its reason);
+        when checkpoints exist and none loads, raises CheckpointError listing them."""
+        from megatron_r1.ckpt.checkpoint import list_checkpoints, verify_checkpoint
+        found = list_checkpoints(self.ckpt_dir)
+        skipped: list[str] = []
+        for _, path in reversed(found):
+            try:
+                verify_checkpoint(path)
+                info = self.checkpointer.load(self.chunks, self.optimizer, path=path)
+                err = None
+            except CheckpointError as e:
+                err = str(e)
+            errors = [err]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                errors = [None] * dist.get_world_size()
+                dist.all_gather_object(errors, err)
+            bad = next((e for e in errors if e), None)
+            if bad is None:
+                break
+            skipped.append(f"{os.path.basename(path)}: {bad}")
+            if self.is_main:
+                self.logger.write(f"resume: skipping {path}: {bad}")
+        else:
+            if found:
+                raise CheckpointError(f"{self.ckpt_dir}: no checkpoint loads ({'; '.join(skipped)}); move the "
+                                      f"directory away to start from scratch")
+            self.logger.resume_at(None)
             return None
-        info = self.checkpointer.load(self.chunks, self.optimizer)
         self.step = int(info["step"])
+        self._saved_step = self.step
+        dropped = self.logger.resume_at(self.step)
         if self.is_main:
-            self.logger.write(f"resumed from {info['path']} at step {self.step}")
+            older = f" (skipped {len(skipped)} newer that did not load)" if skipped else ""
+            self.logger.write(f"resumed from {info['path']} at step {self.step}{older}"
+                              + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""))
             if self.logger._bar is not None:
                 self.logger._bar.update(self.step - self.logger._bar.n)
         return info.get("extra") or {}
 
     def maybe_save(self, extra: dict, force: bool = False) -> str | None:
-        """Save every `train.save_interval` steps (and when forced, e.g. at the end)."""
+        """Save every `train.save_interval` steps (and when forced, e.g. at the end, unless just saved)."""
         every = self.cfg.train.save_interval
         if not force and not (every and self.step % every == 0):
             return None
+        if force and self._saved_step == self.step:
+            return None
+        self._saved_step = self.step
         return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+
+    def finish(self, export_dir: str, tokenizer_dir: str | None = None, dtype=torch.bfloat16, before_done=None) -> int:
+        """End of a trainer's main: the exit status. Stopped by a signal: the checkpoint is saved, no export,
+        `EXIT_STOPPED`. Finished: export to `export_dir`, `before_done()` (plots...), then `<run_dir>/DONE`."""
+        if self.stopped:
+            self.close()
+            if self.is_main:
+                sys.stderr.write(f"stopped by {self.stopped} at step {self.step}: checkpoint saved in {self.ckpt_dir}, "
+                                 f"no export; exit {EXIT_STOPPED} (run again to resume)\n")
+            return EXIT_STOPPED
+        out = self.export_hf(export_dir, tokenizer_dir, dtype=dtype)
+        if before_done is not None:
+            before_done()
+        self.close()
+        if self.is_main:
+            _write_json_atomic(os.path.join(self.cfg.run_dir, DONE),
+                               {"step": self.step, "export": os.path.abspath(out), "checkpoint": self.ckpt_dir,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return 0
 
     def close(self):
         self.checkpointer.wait()
         self.logger.close()
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def copy_tokenizer(src: str, dst: str) -> None:

@@ -29,7 +29,11 @@ Notable choices
   `random`, numpy generators of every rank), `config.yaml` (the resolved run config) and `meta.json`
   (step, layout, format). RNG states are restored only when the world size matches: under a new
   layout a rank's old stream has no meaning, and that is logged, not an error.
-- Problems are one `CheckpointError` line naming the directory and the tensor.
+- Problems are one `CheckpointError` line naming the directory (or file) and the tensor. A directory
+  with `COMPLETE` can still be damaged afterwards (a disk filled by another job, a copy cut short):
+  `verify_checkpoint` checks what costs no tensor reads (DCP metadata, every shard file as long as
+  the metadata says, meta.json, trainer_state.pt), and a failed read names the shard files, so resume
+  can skip such a checkpoint for the previous one (training.py).
 """
 from __future__ import annotations
 
@@ -391,7 +395,9 @@ class SavedIndex:
         try:
             md = dcp.FileSystemReader(path).read_metadata()
         except Exception as e:  # noqa: BLE001 - any unreadable metadata is the same user problem
-            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
+            raise CheckpointError(f"{os.path.join(path, '.metadata')}: unreadable checkpoint metadata "
+                                  f"({type(e).__name__}: {e})") from None
+        self.metadata = md
         self.boxes: dict[str, list[tuple[str, tuple, tuple, torch.dtype]]] = {}
         for key, m in md.state_dict_metadata.items():
             if not isinstance(m, TensorStorageMetadata):
@@ -448,15 +454,75 @@ def read_pieces(path: str, prefix: str, targets: list[Piece], index: SavedIndex 
         plan.append((t, parts))
     for batch, keys in _batches(plan, budget_bytes):
         bufs = {k: torch.empty(s, dtype=d) for k, (s, d) in keys.items()}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(bufs, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        try:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message=".*single process.*")
+                dcp.load(bufs, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        except Exception as e:  # noqa: BLE001 - a damaged shard surfaces as EOFError, RuntimeError, ...
+            files = _shard_files(index, keys)
+            first = next(iter(keys))
+            raise CheckpointError(f"{os.path.join(path, files[0]) if files else path}: cannot read tensor '{first}'"
+                                  + (f" (one of {len(keys)} read together from {', '.join(files)})" if len(keys) > 1 else "")
+                                  + f": {type(e).__name__}: {e}".rstrip(": ")) from None
         with torch.no_grad():
             for t, parts in batch:
                 for key, lo, hi, off, _, _ in parts:
                     src = bufs[key][tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, off))]
                     t.tensor[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, t.offsets))].copy_(src)
     return missing
+
+
+def _shard_files(index: SavedIndex, keys) -> list[str]:
+    """The files (relative to the checkpoint) that hold the given saved keys, from DCP's metadata."""
+    storage = getattr(index.metadata, "storage_data", None) or {}
+    return sorted({info.relative_path for mi, info in storage.items() if mi.fqn in keys})
+
+
+def verify_checkpoint(path: str) -> dict:
+    """What can be checked without reading a tensor: DCP metadata, every shard file present and as long
+    as the metadata says, meta.json and trainer_state.pt readable. Returns {"step", "layout", "tensors"};
+    raises CheckpointError naming the file."""
+    index = SavedIndex(path)
+    need: dict[str, int] = {}
+    for info in (getattr(index.metadata, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, n in sorted(need.items()):
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            raise CheckpointError(f"{f}: missing checkpoint shard")
+        size = os.path.getsize(f)
+        if size < n:
+            raise CheckpointError(f"{f}: truncated checkpoint shard ({size} bytes, the metadata needs {n})")
+    meta = _read_json(os.path.join(path, "meta.json"))
+    ts = _torch_load(os.path.join(path, "trainer_state.pt"))
+    return {"step": ts.get("step", meta.get("step", 0)), "layout": meta.get("layout"),
+            "tensors": len(index.names("model"))}
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return out
+
+
+def _torch_load(path: str) -> dict:
+    """A small pickled state file (trainer state, RNG) written by `Checkpointer.save`."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        out = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt pickles raise many types
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(out).__name__}")
+    return out
 
 
 def _batches(plan, budget: int):
@@ -487,9 +553,8 @@ def load_checkpoint(path: str, chunks, mesh, optimizer=None, scheduler=None, str
     path = resolve_checkpoint(path)
     index = SavedIndex(path)
     read_pieces(path, "model", model_pieces(chunks, mesh), index, strict=strict)
-    meta = json.load(open(os.path.join(path, "meta.json"))) if os.path.exists(os.path.join(path, "meta.json")) else {}
-    ts_path = os.path.join(path, "trainer_state.pt")
-    ts = torch.load(ts_path, weights_only=False) if os.path.exists(ts_path) else {}
+    meta = _read_json(os.path.join(path, "meta.json"))
+    ts = _torch_load(os.path.join(path, "trainer_state.pt"))
     if optimizer is not None:
         if not index.names("optim"):
             raise CheckpointError(f"{path}: no optimizer state in this checkpoint (a converted model?)")
@@ -503,7 +568,7 @@ def load_checkpoint(path: str, chunks, mesh, optimizer=None, scheduler=None, str
     rng = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
     if load_rng:
         if meta.get("layout", {}).get("world_size") == world and os.path.exists(rng):
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(_torch_load(rng))
         elif os.path.isdir(os.path.join(path, "rng")):
             log.info("%s: saved with world size %s, running %s: RNG states not restored", path,
                      meta.get("layout", {}).get("world_size"), world)

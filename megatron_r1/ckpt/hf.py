@@ -96,9 +96,12 @@ def checkpoint_files(path: str) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         try:
-            weight_map = json.load(open(index))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            with open(index, "rb") as fh:
+                weight_map = json.loads(fh.read())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, no or a wrong weight_map
+            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
         missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(path, f))})
         if missing:
             n = sum(1 for f in weight_map.values() if f == missing[0])
@@ -108,15 +111,77 @@ def checkpoint_files(path: str) -> dict[str, str]:
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise CheckpointError(f"{path}: no model.safetensors or {INDEX_FILE}")
+    return {k: single for k in read_safetensors_header(single)}
+
+
+def _safe_open(path: str):
+    """`safe_open`, with a damaged file (truncated, not safetensors) as one CheckpointError naming it."""
     from safetensors import safe_open
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} from a safetensors file's header, reading only the
+    header; checks that the file holds every byte the header promises (a truncated copy fails here)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise CheckpointError(f"{path}: unreadable safetensors file (truncated or not safetensors: "
+                                      f"{size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()
+               if isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})")
+    return header
+
+
+def check_hf_weights(path: str, cfg: ModelConfig) -> int:
+    """Headers and index only, no weights read: every tensor of a `cfg` model is on disk with its shape,
+    no unknown tensor, FP8 weights have their scales. Returns the number of tensors; raises CheckpointError."""
+    files = checkpoint_files(path)
+    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+    with torch.device("meta"):
+        from megatron_r1.model.gpt import CausalLM
+        expected = {n: tuple(t.shape) for n, t in model_state(CausalLM(cfg)).items()}
+    known = {h: n for n in expected for h in hf_names(n, cfg)}
+    for hf, f in sorted(files.items()):
+        if hf not in headers[f]:
+            raise CheckpointError(f"{f}: no tensor '{hf}' although the index names this file for it")
+        if hf.endswith("_scale_inv"):
+            continue
+        if hf not in known:
+            raise CheckpointError(f"{f}: unknown tensor '{hf}' for a {cfg.model_type} model "
+                                  f"with {cfg.num_hidden_layers} layers")
+        shape, want = tuple(headers[f][hf]["shape"]), expected[known[hf]]
+        if shape != want:
+            raise CheckpointError(f"{f}: tensor '{hf}' has shape {shape}, expected {want}")
+        if headers[f][hf]["dtype"].startswith("F8") and hf + "_scale_inv" not in files:
+            raise CheckpointError(f"{f}: FP8 tensor '{hf}' has no '{hf}_scale_inv'")
+    found = {known[h] for h in files if h in known}
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor '{hf_names(missing[0], cfg)[0]}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return len(files)
 
 
 def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, dtype=None,
                     progress: bool = False) -> None:
     """Fill `model` (any layout: tp slices, local experts, one pipeline chunk) from a HF directory."""
-    from safetensors import safe_open
     files = checkpoint_files(path)
     params = model_state(model)
     # every name the full model has on disk, to tell "another rank's tensor" from "unknown tensor"
@@ -134,7 +199,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, d
         from tqdm import tqdm
         it = tqdm(it, desc="loading shards", unit="shard")
     for fpath, names in it:
-        with safe_open(fpath, "pt") as f:
+        with _safe_open(fpath) as f:
             for hf in names:
                 if hf.endswith("_scale_inv"):
                     continue
@@ -155,7 +220,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, d
                     scale_name = hf + "_scale_inv"
                     if scale_name not in files:
                         raise CheckpointError(f"{fpath}: FP8 tensor '{hf}' has no '{scale_name}'")
-                    with safe_open(files[scale_name], "pt") as fs:
+                    with _safe_open(files[scale_name]) as fs:
                         full = dequantize_fp8(f.get_tensor(hf), fs.get_tensor(scale_name), torch.float32)
                     t = place.shard(full, mesh)
                 with torch.no_grad():

@@ -48,11 +48,19 @@ class PackedDataset:
 
     def __init__(self, prefix: str, seq_length: int, seed: int = 0):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
-        ds = IndexedDataset(prefix, mmap=True)
-        tokens = np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+
+        from megatron_r1.data.prompts import DataError
+        for suffix in (".idx", ".bin"):
+            if not os.path.isfile(prefix + suffix):
+                raise DataError(f"{prefix}{suffix}: no such file (a Megatron corpus is PREFIX.bin + PREFIX.idx)")
+        try:
+            ds = IndexedDataset(prefix, mmap=True)
+            tokens = np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+        except Exception as e:  # noqa: BLE001 - megatron-core asserts, numpy/mmap errors on a damaged file
+            raise DataError(f"{prefix}.bin/.idx: unreadable Megatron corpus ({type(e).__name__}: {e})") from None
         self.rows = torch.from_numpy(tokens[: len(tokens) // seq_length * seq_length]).view(-1, seq_length)
         if len(self.rows) == 0:
-            raise ValueError(f"{prefix}: fewer than seq_length={seq_length} tokens")
+            raise DataError(f"{prefix}: fewer than seq_length={seq_length} tokens")
         self.seed = seed
         self.epoch, self.index = 0, 0
         self._perm = self._permutation()

@@ -4,10 +4,14 @@ deterministic shuffled batches whose position survives a checkpoint.
 Notable choices:
 - Field names are configurable and may be dotted paths into nested objects
   (``answer_key="reward_model.ground_truth"`` reads verl-style Parquet as is).
-- A malformed row (bad JSON, not an object, missing field, wrong type) is reported as
-  ``path:LINE: …`` (Parquet: ``path:row N: …``, 1-based) and, per ``on_error``, either
-  skipped and counted, or raised as ``DataError``. A missing Parquet column or a dataset left
-  empty is always fatal. Blank JSONL lines are not errors.
+- A malformed row (bad JSON, bytes that are not UTF-8, not an object, missing field, wrong type)
+  is reported as ``path:LINE: …`` (Parquet: ``path:row N: …``, 1-based) and, per ``on_error``,
+  either skipped and counted, or raised as ``DataError``. A missing or unreadable file, a missing
+  Parquet column or a dataset left empty is always fatal: one ``DataError`` naming the file.
+  Blank JSONL lines are not errors.
+- Prompts too long for the rollout engine (``drop_overlong``, applied by the RL trainers once the
+  tokenizer is known) are dropped at load, counted and reported with their ``path:LINE``, instead of
+  failing in vLLM whenever such a row is drawn, hours into a run.
 - Prompts are strings (for ``r1_zero``) or chat message lists; numeric answers (GSM8K) become
   strings; other top-level fields ride along in ``extra``.
 - The order is a pure function of ``(seed, epoch)``, independent of the data-parallel layout:
@@ -24,7 +28,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +81,25 @@ def _example(row: Any, prompt_key: str, answer_key: str, origin: str) -> PromptE
     return PromptExample(prompt, str(answer), origin, extra)
 
 
+def _open_binary(path: Path):
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    # bytes, decoded line by line: one stray non-UTF-8 byte is that row's problem, not the file's
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", _RowError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
             try:
                 yield f"{path}:{lineno}", json.loads(line)
@@ -89,15 +108,27 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_rows(path: Path, keys: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    _open_binary(path).close()
+    try:
+        pf = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     columns = pf.schema_arrow.names
     for key in keys:
         if key.split(".")[0] not in columns:
             raise DataError(f"{path}: no column {key.split('.')[0]!r} (columns: {columns})")
     row = 0
-    for batch in pf.iter_batches():
+    batches = pf.iter_batches()
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pyarrow.ArrowException, OSError) as e:  # a damaged row group: the rows before it were read
+            raise DataError(f"{path}: unreadable Parquet data after row {row} ({e})") from None
         for record in batch.to_pylist():
             row += 1
             yield f"{path}:row {row}", record
@@ -108,6 +139,8 @@ class PromptDataset(Sequence):
     examples: list[PromptExample]
     skipped: int = 0  # malformed rows dropped under on_error="skip"
     errors: list[str] = field(default_factory=list)  # their "path:LINE: reason" messages (first 100)
+    too_long: int = 0  # prompts dropped by `drop_overlong`
+    too_long_origins: list[str] = field(default_factory=list)  # their "path:LINE (N tokens)" (first 100)
 
     def __getitem__(self, i):
         return self.examples[i]
@@ -154,6 +187,38 @@ def load_prompts(
     if not dataset.examples:
         raise DataError(f"no usable rows in {[str(p) for p in paths]} ({dataset.skipped} malformed)")
     return dataset
+
+
+def drop_overlong(dataset: PromptDataset, count_tokens: Callable[[PromptExample], int], limit: int) -> PromptDataset:
+    """The dataset without prompts of more than `limit` tokens (as the trainer will tokenize them), with
+    their count and first origins recorded. Raises DataError when nothing is left."""
+    kept, too_long, origins = [], 0, []
+    for e in dataset.examples:
+        n = count_tokens(e)
+        if n > limit:
+            too_long += 1
+            if len(origins) < 100:
+                origins.append(f"{e.origin} ({n} tokens)")
+        else:
+            kept.append(e)
+    if not kept:
+        raise DataError(f"every one of the {len(dataset)} prompts is longer than {limit} tokens "
+                        f"(first: {origins[0] if origins else '?'})")
+    return PromptDataset(kept, dataset.skipped, dataset.errors, dataset.too_long + too_long,
+                         dataset.too_long_origins + origins)
+
+
+def report(dataset: PromptDataset, what: str, limit_desc: str = "", first: int = 3) -> list[str]:
+    """One line per kind of dropped row, naming the first few, for the run's log."""
+    lines = []
+    total = len(dataset) + dataset.skipped + dataset.too_long
+    if dataset.skipped:
+        lines.append(f"{what}: skipped {dataset.skipped} of {total} rows as malformed: "
+                     + "; ".join(dataset.errors[:first]) + (" ..." if dataset.skipped > first else ""))
+    if dataset.too_long:
+        lines.append(f"{what}: dropped {dataset.too_long} of {total} prompts too long to fit{limit_desc}: "
+                     + ", ".join(dataset.too_long_origins[:first]) + (" ..." if dataset.too_long > first else ""))
+    return lines
 
 
 class PromptLoader:

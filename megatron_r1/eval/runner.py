@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Sequence
 
 from megatron_r1.data.templates import get_template, render_prompt
@@ -43,6 +44,9 @@ def majority_vote(answers: Sequence[str | None], verifier: SymbolicVerifier | No
     if not groups:
         return None
     return max(groups, key=len)[0]  # max keeps the first of equal lengths
+
+
+MAX_MODEL_LEN = 2048  # the `eval` command's engine context (prompt + response tokens)
 
 
 def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: int = 1, temperature: float = 0.0,
@@ -91,14 +95,33 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--both", action="store_true", help="sampled (--samples, --temperature) and greedy, one engine")
     ap.add_argument("--dump", default=None, help="write every generated sample with its scores here (JSONL)")
     a = ap.parse_args(argv)
-    from megatron_r1.data.prompts import load_prompts
+    import sys
+
+    from megatron_r1.ckpt.hf import CheckpointError, check_hf_weights
+    from megatron_r1.config import ModelConfig
+    from megatron_r1.data.prompts import drop_overlong, load_prompts, report
     from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.rollout.engine import RolloutEngine
-    data = list(load_prompts(a.data))
+    # everything that can be wrong with the inputs fails here, in a second, before vLLM starts
+    cj = os.path.join(a.model, "config.json")
+    try:
+        with open(cj, "rb") as f:
+            model_cfg = ModelConfig.from_hf_dict(json.loads(f.read()))
+    except OSError as e:
+        raise CheckpointError(f"{cj}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{cj}: {e}") from None
+    check_hf_weights(a.model, model_cfg)
+    tok = load_tokenizer(a.model)
+    data = load_prompts(a.data)
+    data = drop_overlong(data, lambda e: len(tok.encode(render_prompt(a.template, e.prompt), bos=True)),
+                         MAX_MODEL_LEN - 1)
+    for line in report(data, f"eval data {a.data}", f" (the engine's max_model_len={MAX_MODEL_LEN})"):
+        print(line, file=sys.stderr)
+    data = list(data)
     if a.limit:
         data = data[:a.limit]
-    engine = RolloutEngine(a.model, dtype="float32", max_model_len=2048)
-    tok = load_tokenizer(a.model)
+    engine = RolloutEngine(a.model, dtype="float32", max_model_len=MAX_MODEL_LEN)
     dump = [] if a.dump else None
     if a.both:
         res = {"sampled": evaluate(engine, tok, data, a.template, a.samples, a.temperature, a.max_tokens, dump=dump),
@@ -107,9 +130,10 @@ def main(argv: list[str]) -> int:
         res = evaluate(engine, tok, data, a.template, a.samples, 0.0 if a.greedy else a.temperature, a.max_tokens,
                        dump=dump)
     print(json.dumps(res, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
+    if a.out:  # whole or absent (scripts skip the evaluation when it exists)
+        with open(a.out + ".tmp", "w") as f:
             json.dump(res, f, indent=2)
+        os.replace(a.out + ".tmp", a.out)
     if a.dump:
         with open(a.dump, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in dump)

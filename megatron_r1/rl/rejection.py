@@ -89,7 +89,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
     Collective when torch.distributed is initialised with > 1 rank."""
     import torch.distributed as dist
 
-    from megatron_r1.data.prompts import load_prompts
+    from megatron_r1.data.prompts import drop_overlong, load_prompts, report
     from megatron_r1.data.templates import render_prompt
     from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.rl.score import Scorer
@@ -101,10 +101,17 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
     if world % tp:
         raise ConfigError(f"rollout.tp={tp} does not divide the world size {world}")
     replicas, replica = world // tp, rank // tp
-    examples = list(load_prompts(data, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error))
+    tok = load_tokenizer(cfg.data.tokenizer or init_hf)
+    # prompts that leave no room for a response in the engine are dropped and reported, not fatal
+    dataset = drop_overlong(load_prompts(data, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error),
+                            lambda e: len(tok.encode(render_prompt(rl.template, e.prompt), bos=True)),
+                            cfg.rollout.max_model_len - 1)
+    if rank == 0:
+        for line in report(dataset, f"prompts {data}", f" (rollout.max_model_len={cfg.rollout.max_model_len})"):
+            print(line, flush=True)
+    examples = list(dataset)
     if limit:
         examples = examples[:limit]
-    tok = load_tokenizer(cfg.data.tokenizer or init_hf)
     rewards = Scorer.from_config(rl.rewards)
     engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                            max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed, tensor_parallel_size=tp,
@@ -124,10 +131,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
         local: dict = {"rows": [], "samples": 0, "truncated": 0, "pass": {k: 0.0 for k in min_scores}}
         if texts:
             ids = [tok.encode(t, bos=True) for t in texts]
-            max_new = min(rl.max_response_len, cfg.rollout.max_model_len - max(map(len, ids)))
-            if max_new < 1:
-                raise ConfigError(f"a prompt of {max(map(len, ids))} tokens leaves no room in "
-                                  f"rollout.max_model_len={cfg.rollout.max_model_len}")
+            max_new = min(rl.max_response_len, cfg.rollout.max_model_len - max(map(len, ids)))  # >= 1: see above
             groups = engine.generate(ids, n=samples, temperature=rl.temperature, top_p=rl.top_p, max_tokens=max_new,
                                      seed=cfg.train.seed + (start + lo) * samples)
             flat = [s for g in groups for s in g]
@@ -209,6 +213,11 @@ def main(argv: list[str]) -> int:
                                  a.keep_truncated, a.chunk, a.limit)
         if stats is not None:
             print("rejection-sample done: " + json.dumps(stats) + f" -> {a.out}", flush=True)
+            # the stage's completion marker, as the trainers write theirs (stage scripts chain on it)
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "DONE.tmp"), "w") as f:
+                json.dump({"out": os.path.abspath(a.out), **stats}, f, indent=2)
+            os.replace(os.path.join(cfg.run_dir, "DONE.tmp"), os.path.join(cfg.run_dir, "DONE"))
     finally:
         if multi:
             destroy_distributed()

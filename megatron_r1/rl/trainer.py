@@ -130,14 +130,12 @@ class GRPOTrainer:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
                 c.requires_grad_(False)
                 c.use_mtp = False
+        self.dataset = self.load_prompts(path, "data")  # before the engine: a bad file costs no engine start
         from megatron_r1.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
                                     tensor_parallel_size=cfg.rollout.tp,
                                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-        self.dataset = load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error)
-        if s.is_main and self.dataset.skipped:
-            s.logger.write(f"data: skipped {self.dataset.skipped} malformed rows of {path}")
         self.loader = PromptLoader(self.dataset, rl.prompts_per_step, seed=cfg.train.seed)
         self.rewards = RewardCombiner(rl.rewards)
         self.eval_set = eval_set
@@ -480,6 +478,23 @@ class GRPOTrainer:
     def _eval_metrics(self) -> dict:
         return {f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)}
 
+    def load_prompts(self, path, what: str = "data"):
+        """Prompts that fit: longer than rl.max_prompt_len tokens (rendered with the template) are dropped
+        and reported with their file:line, as malformed rows are."""
+        from megatron_r1.data.prompts import drop_overlong, report
+        data, s = self.cfg.data, self.session
+        ds = load_prompts(path, data.prompt_key, data.answer_key, data.on_error)
+        limit = min(self.cfg.rl.max_prompt_len, self.cfg.rollout.max_model_len - 1)
+        ds = drop_overlong(ds, self.prompt_tokens, limit)
+        if s.is_main:
+            for line in report(ds, f"{what} {path}", f" (rl.max_prompt_len={limit}; rollout.max_model_len="
+                                                   f"{self.cfg.rollout.max_model_len})"):
+                s.logger.write(line)
+        return ds
+
+    def prompt_tokens(self, example) -> int:
+        return len(self.tok.encode(render_prompt(self.cfg.rl.template, example.prompt), bos=True))
+
     def resume(self) -> None:
         """Continue from the newest complete checkpoint: weights, optimizer, data position, then vLLM."""
         extra = self.session.resume()
@@ -504,7 +519,7 @@ class GRPOTrainer:
             s.maybe_save({"prompts": self.loader.state_dict()})
             history.append(m)
             if s.should_stop():
-                s.logger.write(f"signalled: saving at step {s.step} and stopping")
+                s.logger.write(f"{s.stopped}: saving at step {s.step} and stopping")
                 break
         s.maybe_save({"prompts": self.loader.state_dict()}, force=True)
         return history
@@ -536,12 +551,14 @@ def main(argv: list[str]) -> int:
     if a.dry_run:  # before anything allocates or joins a process group
         return dryrun.grpo(a, cfg, argv)
     eval_path = a.eval or cfg.data.eval_path
-    eval_set = list(load_prompts(eval_path)) if eval_path else None
-    trainer = GRPOTrainer(cfg, a.init_hf, eval_set=eval_set)
+    if eval_path:  # a bad eval file fails now, not after the engine has started
+        load_prompts(eval_path, cfg.data.prompt_key, cfg.data.answer_key, cfg.data.on_error)
+    trainer = GRPOTrainer(cfg, a.init_hf)
+    trainer.session.install_signal_handlers()  # again, after vLLM started: ours decide what a signal does
+    if eval_path:
+        trainer.eval_set = list(trainer.load_prompts(eval_path, "eval"))
     trainer.resume()
     trainer.fit(eval_every=a.eval_every)
-    trainer.session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), cfg.data.tokenizer or a.init_hf,
-                              dtype=torch.float32)
-    trainer.plot()
-    trainer.session.close()
-    return 0
+    # stopped by a signal: checkpoint saved, no export, EXIT_STOPPED; else export, plot, <run_dir>/DONE
+    return trainer.session.finish(a.export_hf or os.path.join(cfg.run_dir, "hf"), cfg.data.tokenizer or a.init_hf,
+                                  dtype=torch.float32, before_done=trainer.plot)

@@ -74,37 +74,38 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_s
         session.logger.log(session.step, last, show=show)
         session.maybe_save({"data": data_state() if data_state else None})
         if session.should_stop():
-            session.logger.write(f"signalled: saving at step {session.step} and stopping")
+            session.logger.write(f"{session.stopped}: saving at step {session.step} and stopping")
             break
     session.maybe_save({"data": data_state() if data_state else None}, force=True)
     return last
 
 
-def _records(path: str):
-    """(origin, JSON line or Parquet row as a dict) of a .jsonl or .parquet file."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        n = 0
-        for batch in pq.ParquetFile(path).iter_batches():
-            for record in batch.to_pylist():
-                n += 1
-                yield f"{path}:row {n}", record
-        return
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield f"{path}:{n}", line
+def sft_records(path: str, prompt_key: str, response_key: str):
+    """(origin, prompt, response) of every SFT row of a .jsonl or .parquet file, read as the RL prompts are
+    (data/prompts.py: bytes decoded per line, Parquet errors named); the first malformed row is a DataError
+    naming path:LINE (Parquet: path:row N)."""
+    from pathlib import Path
+
+    from megatron_r1.data.prompts import DataError, _jsonl_rows, _parquet_rows, _RowError
+    rows = (_parquet_rows(Path(path), (prompt_key, response_key)) if path.endswith(".parquet")
+            else _jsonl_rows(Path(path)))
+    for origin, r in rows:
+        if isinstance(r, _RowError):
+            raise DataError(f"{origin}: {r}")
+        try:
+            p, resp = r[prompt_key], r[response_key]
+            if not (isinstance(p, str) and isinstance(resp, str)):
+                raise TypeError(f"'{prompt_key}' and '{response_key}' must be strings")
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{origin}: expected an object with '{prompt_key}' and '{response_key}' "
+                            f"({type(e).__name__}: {e})") from None
+        yield origin, p, resp
 
 
 def _sft_rows(path: str, tokenizer, seq_length: int, prompt_key: str, response_key: str):
     """Tokenised SFT rows: (ids, mask) with mask 1 on response tokens (and the final eos)."""
     rows, truncated = [], 0
-    for origin, line in _records(path):
-        try:
-            r = json.loads(line) if isinstance(line, str) else line
-            p, resp = r[prompt_key], r[response_key]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{origin}: expected an object with '{prompt_key}' and '{response_key}' ({e})") from None
+    for _, p, resp in sft_records(path, prompt_key, response_key):
         pi = tokenizer.encode(p, bos=True)
         ri = tokenizer.encode(resp, eos=True)
         ids, mask = pi + ri, [0] * len(pi) + [1] * len(ri)
@@ -147,12 +148,14 @@ def pretrain_main(argv: list[str]) -> int:
         return ids, torch.ones_like(ids)
 
     last = run_lm_training(session, next_batch, cfg.train.train_steps, data_state=data.state_dict)
-    out = session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), a.tokenizer or cfg.data.tokenizer,
-                            dtype=torch.float32)
-    if session.is_main:
-        session.logger.write(f"pretrain done: loss {last.get('loss', float('nan')):.4f}; HF model in {out}")
-    session.close()
-    return 0
+    out = a.export_hf or os.path.join(cfg.run_dir, "hf")
+
+    def done():
+        if session.is_main:
+            session.logger.write(f"pretrain done: loss {last.get('loss', float('nan')):.4f}; HF model in {out}")
+
+    # stopped by a signal: checkpoint saved, no export, EXIT_STOPPED; else export and <run_dir>/DONE
+    return session.finish(out, a.tokenizer or cfg.data.tokenizer, dtype=torch.float32, before_done=done)
 
 
 def main(argv: list[str]) -> int:
@@ -196,6 +199,4 @@ def main(argv: list[str]) -> int:
         gen.set_state(extra["data"]["gen"])
     run_lm_training(session, next_batch, cfg.train.train_steps,
                     data_state=lambda: {"order": list(order), "gen": gen.get_state()})
-    session.export_hf(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
-    session.close()
-    return 0
+    return session.finish(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
