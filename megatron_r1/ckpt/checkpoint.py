@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_r1.ckpt.hf import CheckpointError, model_state
@@ -458,18 +459,26 @@ def read_pieces(path: str, prefix: str, targets: list[Piece], index: SavedIndex 
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process.*")
                 dcp.load(bufs, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - a damaged shard surfaces as EOFError, RuntimeError, ...
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - EOFError, RuntimeError, ... (wrapped)
             files = _shard_files(index, keys)
             first = next(iter(keys))
             raise CheckpointError(f"{os.path.join(path, files[0]) if files else path}: cannot read tensor '{first}'"
                                   + (f" (one of {len(keys)} read together from {', '.join(files)})" if len(keys) > 1 else "")
-                                  + f": {type(e).__name__}: {e}".rstrip(": ")) from None
+                                  + f": {_root_cause(e)}") from None
         with torch.no_grad():
             for t, parts in batch:
                 for key, lo, hi, off, _, _ in parts:
                     src = bufs[key][tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, off))]
                     t.tensor[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, t.offsets))].copy_(src)
     return missing
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: message` of what went wrong, unwrapped from DCP's per-rank CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        inner = next(iter(e.failures.values()))
+        e = getattr(inner, "exc", inner)
+    return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
 def _shard_files(index: SavedIndex, keys) -> list[str]:

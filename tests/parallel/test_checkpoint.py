@@ -374,3 +374,29 @@ def test_replicas_written_once(saved_tp2_pp2):
         from megatron_r1.model import CausalLM
         model_bytes = sum(t.numel() * 4 for t in model_state(CausalLM(cfg.model)).values())
     assert model_bytes < written < 1.15 * model_bytes  # (torch.save framing per tensor on top)
+
+
+def test_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
+    """A COMPLETE checkpoint damaged afterwards (a shard cut short, a torn trainer state): the cheap
+    check and a real read both fail with one CheckpointError naming the file."""
+    from megatron_r1.ckpt.checkpoint import verify_checkpoint
+    from megatron_r1.model import CausalLM
+    cfg = load_config("tiny-moe").model
+    model = CausalLM(cfg)
+    path = save_checkpoint(str(tmp_path), 1, model, model.mesh)
+    assert verify_checkpoint(path)["step"] == 1
+    shard = next(f for f in sorted(os.listdir(path)) if f.endswith(".distcp"))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(path, shard)) // 3)
+    with pytest.raises(CheckpointError, match=rf"^{path}/{shard}: truncated checkpoint shard \(\d+ bytes, "
+                                              rf"the metadata needs \d+\)$"):
+        verify_checkpoint(path)
+    with pytest.raises(CheckpointError, match=rf"^{path}/{shard}: cannot read tensor 'model/"):
+        load_checkpoint(path, CausalLM(cfg), model.mesh)
+    (tmp_path / "step_000001" / "trainer_state.pt").write_bytes(b"\x80\x02torn")
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(CheckpointError, match=rf"^{path}/{shard}: missing checkpoint shard$"):
+        verify_checkpoint(path)
+    (tmp_path / "step_000001" / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"^{path}/.metadata: unreadable checkpoint metadata"):
+        verify_checkpoint(path)

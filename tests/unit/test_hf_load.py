@@ -87,3 +87,43 @@ def test_unknown_tensor(sharded_dir):
 def test_no_checkpoint_here(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         from_hf(str(tmp_path))
+
+
+def _truncate(path, keep: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def test_truncated_shard_is_one_line_naming_the_file(sharded_dir):
+    """A shard cut short (a copy that died, a full disk): the header promises bytes the file lacks."""
+    from megatron_r1.ckpt.hf import check_hf_weights, load_hf_weights
+    path, model = sharded_dir
+    cfg = load_config("tiny-moe").model
+    assert check_hf_weights(str(path), cfg) == len(json.load(open(path / "model.safetensors.index.json"))["weight_map"])
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    _truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(CheckpointError, match=rf"^{shard}: truncated safetensors file \(\d+ bytes, the header needs \d+\)$"):
+        check_hf_weights(str(path), cfg)
+    with pytest.raises(CheckpointError, match=rf"^{shard}: unreadable safetensors file"):
+        load_hf_weights(CausalLM(cfg), str(path), cfg, model.mesh)
+    _truncate(shard, 5)  # not even the header's length
+    with pytest.raises(CheckpointError, match=rf"^{shard}: unreadable safetensors file \(truncated or not"):
+        check_hf_weights(str(path), cfg)
+
+
+def test_truncated_single_file_and_header_shape_check(tmp_path):
+    from megatron_r1.ckpt.hf import check_hf_weights, checkpoint_files
+    cfg = load_config("tiny-qwen2").model
+    model = CausalLM(cfg)
+    save_hf(hf_tensors(model_state(model), cfg), cfg, str(tmp_path), dtype=torch.float32)
+    single = tmp_path / "model.safetensors"
+    wrong = load_config("tiny-qwen2", ["model.intermediate_size=96"]).model
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' "
+                                              r"has shape \(\d+, \d+\), expected"):
+        check_hf_weights(str(tmp_path), wrong)
+    _truncate(single, os.path.getsize(single) - 1)
+    with pytest.raises(CheckpointError, match=rf"^{single}: truncated safetensors file"):
+        checkpoint_files(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_bytes(b'{"weight_map": \xff}')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: unreadable index"):
+        checkpoint_files(str(tmp_path))

@@ -168,3 +168,47 @@ def test_chat_template_uses_hf_apply_chat_template():
     )
     tok.chat_template = None  # no template: the plain format
     assert render_prompt("chat", "hi", tokenizer=tok) == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_non_utf8_row_is_a_row_error(tmp_path, caplog):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9", "answer": "3"}\n'
+                  b'{"prompt": "2+2", "answer": "4"}\n')
+    ds = load_prompts(p)
+    assert len(ds) == 2 and ds.skipped == 1
+    assert ds.errors == [f"{p}:2: not UTF-8 (byte 0xe9 at column 16)"]
+    with pytest.raises(DataError, match=rf"^{p}:2: not UTF-8"):
+        load_prompts(p, on_error="raise")
+
+
+def test_unreadable_files_are_one_line(tmp_path):
+    with pytest.raises(DataError, match=rf"^{tmp_path}/nope.jsonl: no such file$"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(DataError, match=rf"^{tmp_path}/dir.jsonl: cannot read"):
+        load_prompts(tmp_path / "dir.jsonl")
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=rf"^{bad}: not a readable Parquet file"):
+        load_prompts(bad)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"prompt": ["a"] * 1000, "answer": ["b"] * 1000}), cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # truncated: the footer is gone
+    with pytest.raises(DataError, match=rf"^{cut}: not a readable Parquet file"):
+        load_prompts(cut)
+
+
+def test_overlong_prompts_dropped_counted_and_reported(tmp_path):
+    from megatron_r1.data.prompts import drop_overlong, report
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": "x" * n, "answer": "1"}) + "\n" for n in (3, 50, 4, 60, 70, 80, 5)))
+    ds = drop_overlong(load_prompts(p), lambda e: len(e.prompt), 10)
+    assert [e.prompt for e in ds] == ["xxx", "xxxx", "xxxxx"] and ds.too_long == 4
+    assert ds.too_long_origins[:2] == [f"{p}:2 (50 tokens)", f"{p}:4 (60 tokens)"]
+    lines = report(ds, "data", " (limit 10)")
+    assert lines == [f"data: dropped 4 of 7 prompts too long to fit (limit 10): {p}:2 (50 tokens), "
+                     f"{p}:4 (60 tokens), {p}:5 (70 tokens) ..."]
+    with pytest.raises(DataError, match="every one of the 3 prompts is longer than 2 tokens"):
+        drop_overlong(ds, lambda e: len(e.prompt), 2)

@@ -72,3 +72,34 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     png = plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "p.png"),
                        [("reward", ["reward/total"]), ("acc", ["accuracy"]), ("len", ["response_length/mean"])])
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_resume_drops_rows_past_the_resumed_step(tmp_path):
+    """A run killed after logging steps 4-5 but saving only step 3 resumes at 3 and logs 4-5 again:
+    each step stays once, in the JSONL and in TensorBoard's view (purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = MetricsLogger(str(tmp_path), total_steps=6)
+    log.log(0, {"eval/pass@1": 0.1}, advance=False)
+    for step in range(1, 6):
+        log.log(step, {"loss": 10.0 - step})
+    log._f.write('{"step": 6, "lo')  # the row being written when the kill came
+    log._f.flush()
+    log.close()
+    again = MetricsLogger(str(tmp_path), total_steps=6)
+    assert again.resume_at(3) == 3  # rows 4, 5 and the torn one
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [0, 1, 2, 3]
+    for step in range(4, 7):
+        again.log(step, {"loss": 100.0 + step})
+    again.close()
+    rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows[1:]] == [9.0, 8.0, 7.0, 104.0, 105.0, 106.0]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    assert [(e.step, e.value) for e in events] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)]
+    # a fresh start (no checkpoint) drops every row, the step-0 evaluation included
+    fresh = MetricsLogger(str(tmp_path))
+    assert fresh.resume_at(None) == 7
+    fresh.close()
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []
