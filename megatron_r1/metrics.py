@@ -30,10 +30,15 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        from tqdm import tqdm
-        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+        self._bar_args = dict(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def _open(self, purge_step: int | None = None) -> None:
+        """Open the JSONL, TensorBoard and the progress bar (not before: a run that fails while starting
+        prints its error last, with no bar after it)."""
+        from tqdm import tqdm
+        if purge_step:
+            self._bar_args["initial"] = purge_step - 1
+        self._bar = tqdm(**self._bar_args)
         self._f = open(self.path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter

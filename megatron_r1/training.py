@@ -209,8 +209,6 @@ class TrainSession:
             older = f" (skipped {len(skipped)} newer that did not load)" if skipped else ""
             self.logger.write(f"resumed from {info['path']} at step {self.step}{older}"
                               + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""))
-            if self.logger._bar is not None:
-                self.logger._bar.update(self.step - self.logger._bar.n)
         return info.get("extra") or {}
 
     def maybe_save(self, extra: dict, force: bool = False) -> str | None:

@@ -1,8 +1,10 @@
 """`megatron-r1 pretrain` stopped after its step-2 checkpoint and started again continues exactly:
 the losses of steps 3-4 equal those of an uninterrupted run, bit for bit (CPU, float32)."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,25 +49,94 @@ def test_resume_is_exact(corpus, tmp_path):
     assert straight[4] < straight[1]
 
 
-def test_sigusr1_saves_and_stops(corpus, tmp_path):
-    """Preemption: SIGUSR1 makes the trainer finish its step, save a complete checkpoint and exit 0."""
-    import os
-    import signal
-    import time
-    run = tmp_path / "c"
+def _steps(run):
+    return sorted(int(d.name.split("_")[1]) for d in (run / "ckpt").iterdir() if (d / "COMPLETE").exists())
+
+
+def _start(corpus, run, *extra):
     cmd = [sys.executable, "-m", "megatron_r1.cli", "pretrain", "--config", "tiny-moe", "--data", corpus,
-           *OVERRIDES, "train.save_interval=0", "train.train_steps=100000", f"run_dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.5)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
+           *OVERRIDES, *extra, f"run_dir={run}"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(run, n, proc, timeout=240):
+    """Until metrics.jsonl has a row of step >= n (the trainer is then mid-run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        try:
+            rows = [json.loads(x) for x in open(run / "metrics.jsonl") if x.endswith("\n")]
+        except FileNotFoundError:
+            rows = []
+        if rows and rows[-1]["step"] >= n:
+            return rows[-1]["step"]
+        time.sleep(0.05)
+    raise AssertionError(f"no metrics row {n} in {timeout}s")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_signal_saves_stops_without_export_and_resumes(corpus, tmp_path, sig):
+    """Preemption (SIGTERM, Slurm's SIGUSR1) and Ctrl-C (SIGINT): finish the step, save a complete
+    checkpoint, no export, no DONE, exit 75; the next start resumes from it and only then finishes."""
+    from megatron_r1.training import EXIT_STOPPED
+    run = tmp_path / "c"
+    proc = _start(corpus, run, "train.save_interval=0", "train.train_steps=100000")
+    _wait_for_rows(run, 1, proc)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
-    steps = [int(d.name.split("_")[1]) for d in (run / "ckpt").iterdir() if (d / "COMPLETE").exists()]
+    assert proc.returncode == EXIT_STOPPED == 75, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    steps = _steps(run)
     assert len(steps) == 1 and 0 < steps[0] < 100000
-    # the next start resumes from it
+    assert f"stopped by {sig} at step {steps[0]}: checkpoint saved" in err, err[-2000:]
+    assert not (run / "hf").exists() and not (run / "DONE").exists()
+    # the next start resumes from it, finishes, exports and marks the run done
     resumed = _pretrain(corpus, run, steps[0] + 1)
-    assert max(resumed) == steps[0] + 1
-    assert os.path.exists(run / "ckpt" / f"step_{steps[0] + 1:06d}" / "COMPLETE")
+    assert sorted(resumed) == list(range(1, steps[0] + 2))  # each step once
+    assert (run / "ckpt" / f"step_{steps[0] + 1:06d}" / "COMPLETE").exists()
+    assert (run / "hf" / "config.json").exists()
+    assert json.loads((run / "DONE").read_text())["step"] == steps[0] + 1
+
+
+def test_kill9_between_log_and_save_logs_each_step_once(corpus, tmp_path):
+    """kill -9 after steps 11.. were logged but only step 10 saved: the resumed run logs 11.. again,
+    and metrics.jsonl (and TensorBoard's view) still has each step once."""
+    run = tmp_path / "k"
+    proc = _start(corpus, run, "train.save_interval=10", "train.train_steps=100000")
+    _wait_for_rows(run, 12, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    saved = _steps(run)[-1]
+    logged = [json.loads(x)["step"] for x in open(run / "metrics.jsonl") if x.endswith("\n")]
+    assert max(logged) > saved, (logged, saved)  # the case under test: steps logged past the last save
+    final = max(logged) + 2
+    cmd = [sys.executable, "-m", "megatron_r1.cli", "pretrain", "--config", "tiny-moe", "--data", corpus,
+           *OVERRIDES, "train.save_interval=10", f"train.train_steps={final}", f"run_dir={run}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {run / 'ckpt' / f'step_{saved:06d}'} at step {saved}" in r.stdout, r.stdout[-2000:]
+    steps = [json.loads(x)["step"] for x in open(run / "metrics.jsonl")]
+    assert steps == list(range(1, final + 1)), steps
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous(corpus, tmp_path):
+    run = tmp_path / "t"
+    _pretrain(corpus, run, 4)  # checkpoints at 2 and 4
+    newest = run / "ckpt" / "step_000004"
+    shard = next(newest.glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    cmd = [sys.executable, "-m", "megatron_r1.cli", "pretrain", "--config", "tiny-moe", "--data", corpus,
+           *OVERRIDES, "train.train_steps=5", f"run_dir={run}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resume: skipping {newest}: {shard}: truncated checkpoint shard" in r.stdout, r.stdout[-3000:]
+    assert f"resumed from {run / 'ckpt' / 'step_000002'} at step 2 (skipped 1 newer" in r.stdout, r.stdout[-3000:]
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    # every checkpoint damaged: a one-line refusal, not a silent fresh start
+    for d in (run / "ckpt").glob("step_*"):
+        (d / ".metadata").write_bytes(b"")
+    r = subprocess.run(cmd[:-2] + ["train.train_steps=6", f"run_dir={run}"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'ckpt'}: no checkpoint loads (step_"), r.stderr
