@@ -6,7 +6,7 @@ Notable choices:
   (``answer_key="reward_model.ground_truth"`` reads verl-style Parquet as is).
 - A malformed row (bad JSON, bytes that are not UTF-8, not an object, missing field, wrong type)
   is reported as ``path:LINE: …`` (Parquet: ``path:row N: …``, 1-based) and, per ``on_error``,
-  either skipped and counted, or raised as ``DataError``. A missing or unreadable file, a missing
+  either skipped and counted (``report`` turns the counts into log lines), or raised as ``DataError``. A missing or unreadable file, a missing
   Parquet column or a dataset left empty is always fatal: one ``DataError`` naming the file.
   Blank JSONL lines are not errors.
 - Prompts too long for the rollout engine (``drop_overlong``, applied by the RL trainers once the
@@ -23,14 +23,11 @@ Notable choices:
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
-
-logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -168,7 +165,6 @@ def load_prompts(
             rows = _jsonl_rows(path)
         else:
             raise DataError(f"{path}: unsupported extension {path.suffix!r} (use .jsonl or .parquet)")
-        skipped_before = dataset.skipped
         for origin, row in rows:
             try:
                 if isinstance(row, _RowError):
@@ -181,9 +177,6 @@ def load_prompts(
                 dataset.skipped += 1
                 if len(dataset.errors) < 100:
                     dataset.errors.append(message)
-        if dataset.skipped > skipped_before:
-            first = next((m for m in dataset.errors if m.startswith(f"{path}:")), "")
-            logger.warning("%s: skipped %d malformed rows (first: %s)", path, dataset.skipped - skipped_before, first)
     if not dataset.examples:
         raise DataError(f"no usable rows in {[str(p) for p in paths]} ({dataset.skipped} malformed)")
     return dataset

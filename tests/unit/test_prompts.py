@@ -32,7 +32,8 @@ def jsonl(tmp_path):
     return path
 
 
-def test_jsonl_skip_counts_and_reports(jsonl, caplog):
+def test_jsonl_skip_counts_and_reports(jsonl):
+    from megatron_r1.data.prompts import report
     ds = load_prompts(jsonl, on_error="skip")
     assert [ex.prompt for ex in ds][:2] == ["1+1?", "2+2?"]
     assert [ex.answer for ex in ds] == ["2", "4", "6"]
@@ -41,7 +42,9 @@ def test_jsonl_skip_counts_and_reports(jsonl, caplog):
     assert ds.skipped == 5
     assert [e.split(": ", 1)[0] for e in ds.errors] == [f"{jsonl}:{n}" for n in (3, 4, 6, 7, 9)]
     assert ds.errors[1] == f"{jsonl}:4: missing field 'answer'"
-    assert "skipped 5 malformed rows" in caplog.text
+    assert report(ds, "data") == [f"data: skipped 5 of 8 rows as malformed: {jsonl}:3: invalid JSON "
+                                  f"(Expecting value at column 1); {jsonl}:4: missing field 'answer'; "
+                                  f"{jsonl}:6: {ds.errors[2].split(': ', 1)[1]} ..."]
 
 
 def test_jsonl_raise_names_path_and_line(tmp_path):
@@ -170,7 +173,7 @@ def test_chat_template_uses_hf_apply_chat_template():
     assert render_prompt("chat", "hi", tokenizer=tok) == "<|user|>\nhi\n<|assistant|>\n"
 
 
-def test_non_utf8_row_is_a_row_error(tmp_path, caplog):
+def test_non_utf8_row_is_a_row_error(tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9", "answer": "3"}\n'
                   b'{"prompt": "2+2", "answer": "4"}\n')
