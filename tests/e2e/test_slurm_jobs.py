@@ -25,12 +25,29 @@ def _job_env(**extra) -> dict:
             "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}
 
 
+def _sparse_safetensors(path: Path, model) -> None:
+    """A bf16 safetensors file with every tensor of `model` in its header and its 1.4 TB of data a hole
+    (a sparse file): the dry run checks names, shapes and the file's length, and reads no weight."""
+    from megatron_r1.ckpt.hf import expected_shapes, hf_names
+    header, offset = {}, 0
+    for name, shape in expected_shapes(model).items():
+        n = 2 * math.prod(shape)
+        for hf in hf_names(name, model):
+            header[hf] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
 def test_r1_zero_671b_dry_run_plans_the_real_layout(slurm_cluster, tmp_path):
     from megatron_r1.config import load_config
-    hf = tmp_path / "dsv3_base"  # stands in for the converted checkpoint: the dry run reads config.json only
+    hf = tmp_path / "dsv3_base"  # stands in for the converted checkpoint: the dry run reads headers only
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(load_config("deepseek-v3-671b").model.to_hf_dict()))
-    (hf / "model.safetensors.index.json").write_text("{}")
+    model = load_config("deepseek-v3-671b").model
+    (hf / "config.json").write_text(json.dumps(model.to_hf_dict()))
+    _sparse_safetensors(hf / "model.safetensors", model)
     (hf / "tokenizer.json").write_text("{}")
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "1+1", "answer": "2"}\n')
@@ -44,6 +61,7 @@ def test_r1_zero_671b_dry_run_plans_the_real_layout(slurm_cluster, tmp_path):
     assert result.returncode == 0, out
     assert "PLANNED 64 nodes × 8 GPUs = 512 ranks" in out and "(1 node allocated)" in out, out
     assert "FITS: yes" in out and "dry run OK" in out, out
+    assert f"ok        init policy (--init-hf): {hf} (" in out and "tensors: names, shapes, file sizes)" in out, out
     # 61 layers run as uneven stages, the config's split is the plan's: no layer-split warning
     assert "61 over 16 stages: [4 (×15), 1] (explicit)" in out, out
     assert "warning: runtime: the config splits" not in out and "cannot be split" not in out, out

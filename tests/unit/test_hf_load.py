@@ -127,3 +127,17 @@ def test_truncated_single_file_and_header_shape_check(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_bytes(b'{"weight_map": \xff}')
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: unreadable index"):
         checkpoint_files(str(tmp_path))
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny-moe", []), ("tiny-moe", ["model.first_k_dense_replace=2", "model.num_nextn_predict_layers=2"]),
+    ("tiny-qwen2", []), ("tiny-llama", ["model.tie_word_embeddings=true"]),
+    ("deepseek-v3-671b", ["model.num_hidden_layers=6", "model.n_routed_experts=16", "model.n_group=8",
+                          "model.topk_group=4"])])
+def test_expected_shapes_equal_the_whole_model(preset, overrides):
+    """The dry run's name/shape table (one layer of each kind, renamed) equals a whole meta model's."""
+    from megatron_r1.ckpt.hf import expected_shapes
+    cfg = load_config(preset, overrides).model
+    with torch.device("meta"):
+        whole = {n: tuple(t.shape) for n, t in model_state(CausalLM(cfg)).items()}
+    assert expected_shapes(cfg) == whole
