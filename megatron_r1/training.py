@@ -21,10 +21,10 @@ Notable choices
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-import json
 import signal
 import sys
 import time
@@ -54,10 +54,6 @@ def current_dist_env():
 EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint; run again (the scripts requeue) to continue
 DONE = "DONE"  # <run_dir>/DONE: the run did its last step and wrote its export
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, DONE))
 
 
 def lr_at(step: int, cfg: Config) -> float:

@@ -130,7 +130,7 @@ class GRPOTrainer:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
                 c.requires_grad_(False)
                 c.use_mtp = False
-        self.dataset = self.load_prompts(path, "data")  # before the engine: a bad file costs no engine start
+        self.dataset = self.read_prompts(path, "data")  # before the engine: a bad file costs no engine start
         from megatron_r1.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
@@ -478,7 +478,7 @@ class GRPOTrainer:
     def _eval_metrics(self) -> dict:
         return {f"eval/{k}": v for k, v in self.evaluate(self.eval_set).items() if isinstance(v, float)}
 
-    def load_prompts(self, path, what: str = "data"):
+    def read_prompts(self, path, what: str = "data"):
         """Prompts that fit: longer than rl.max_prompt_len tokens (rendered with the template) are dropped
         and reported with their file:line, as malformed rows are."""
         from megatron_r1.data.prompts import drop_overlong, report
@@ -556,7 +556,7 @@ def main(argv: list[str]) -> int:
     trainer = GRPOTrainer(cfg, a.init_hf)
     trainer.session.install_signal_handlers()  # again, after vLLM started: ours decide what a signal does
     if eval_path:
-        trainer.eval_set = list(trainer.load_prompts(eval_path, "eval"))
+        trainer.eval_set = list(trainer.read_prompts(eval_path, "eval"))
     trainer.resume()
     trainer.fit(eval_every=a.eval_every)
     # stopped by a signal: checkpoint saved, no export, EXIT_STOPPED; else export, plot, <run_dir>/DONE

@@ -144,3 +144,74 @@ def test_grpo_two_steps_across_two_srun_tasks(slurm_cluster, tiny_policy, tmp_pa
         assert not bad, bad
         assert "reward/total" in row and "mismatch/max_abs_logprob" in row, row
     assert os.path.isfile(run_dir / "hf" / "config.json")  # exported at the end
+
+
+PRETRAIN_JOB = """#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=10
+#SBATCH --requeue
+#SBATCH --open-mode=append
+STAGE=tiny_pretrain_requeue
+CMD=pretrain
+CFG=examples/r1_zero_tiny.yaml
+DEFAULT_NODES=1
+GPUS_PER_NODE=1
+RECOMPUTE=none
+DISPATCH_DTYPE=bf16
+CMD_ARGS=(--data "$DATA")
+OVERRIDES=({overrides})
+source "$MR1_REPO/examples/cluster_common.sh"
+mr1_main "$@"
+"""
+
+
+def test_sigterm_to_the_job_step_requeues_and_the_job_finishes(slurm_cluster, tmp_path):
+    """Preemption as Slurm delivers it (SIGTERM to the job step): the trainer saves and exits 75, the
+    script requeues the job, the requeued job resumes and finishes: export, DONE, each step logged once.
+    A second submission of the finished stage exits 0 at once."""
+    import subprocess
+    import time
+
+    from megatron_r1.data.indexed import build_indexed_dataset
+
+    class Bytes:
+        vocab_size, bos_id, eos_id, pad_id = 259, 256, 257, 258
+
+        def encode(self, text, bos=False, eos=False):
+            return ([self.bos_id] if bos else []) + list(text.encode()) + ([self.eos_id] if eos else [])
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}. "}) + "\n" for i in range(400)))
+    corpus = build_indexed_dataset(str(src), str(tmp_path / "corpus"), Bytes(), progress=False)
+    steps = 40
+    overrides = TINY + ["train.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
+                        "train.save_interval=0", f"train.train_steps={steps}"]
+    script = tmp_path / "pretrain.sbatch"
+    script.write_text(PRETRAIN_JOB.format(overrides=" ".join(overrides)))
+    run_dir = tmp_path / "run"
+    env = {**slurm_cluster.env, **_job_env(DATA=corpus, RUN_DIR=run_dir)}
+    out_file = tmp_path / "job.out"
+    r = subprocess.run(["sbatch", "--parsable", f"--output={out_file}", f"--chdir={REPO}", str(script)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    job = r.stdout.strip().split(";")[0]
+    assert r.returncode == 0 and job, r.stderr
+    deadline = time.monotonic() + 400
+    signalled = False
+    while True:
+        state, code = slurm_cluster.job_state(job)
+        assert time.monotonic() < deadline, f"{state}\n{out_file.read_text() if out_file.exists() else ''}"
+        if not signalled and (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
+            subprocess.run(["scancel", "--signal=TERM", job], env=slurm_cluster.env, check=True)  # the step only
+            signalled = True
+        if signalled and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        time.sleep(0.25)
+    out = out_file.read_text()
+    assert state == "COMPLETED" and code == 0, out
+    assert "srun exit 75" in out and f"requeueing job {job}" in out, out
+    assert "srun exit 0" in out and "resumed from" in out, out
+    assert json.loads((run_dir / "DONE").read_text())["step"] == steps and (run_dir / "hf" / "config.json").exists()
+    assert [json.loads(x)["step"] for x in open(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
+    again = slurm_cluster.sbatch_wait(script, [], env=_job_env(DATA=corpus, RUN_DIR=run_dir), timeout=120)
+    assert again.returncode == 0 and "already finished" in again.output, again.output

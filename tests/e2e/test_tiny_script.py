@@ -2,9 +2,9 @@
 GRPO from its checkpoint instead of taking the half-trained policy as the stage's result.
 
 Shrunk, not stubbed: the real script, commands and config with few steps (PRETRAIN_STEPS=3,
-GRPO_STEPS=3) and a small corpus made beforehand (the script skips its data stage when info.json is
-there). One row of the prompt file is too long for the rollout engine: GRPO must train, reporting it.
-About 5-8 minutes on the 2-core CPU (five vLLM engine starts), hence `long`.
+GRPO_STEPS=3), a small corpus and an 8-problem held-out set made beforehand (the script skips its data
+stage when info.json is there). One row of the prompt file is too long for the rollout engine: GRPO must train, reporting it.
+Several minutes on the 2-core CPU (five vLLM engine starts), hence `long`.
 """
 import json
 import os
@@ -65,7 +65,8 @@ def test_tiny_script_stopped_in_grpo_resumes_on_the_next_run(tmp_path):
     from megatron_r1.recipes.tiny_r1_zero import prepare
     run = tmp_path / "tiny"
     info = prepare(str(run), docs=300, difficulty=1)
-    train = Path(info["train"])
+    train, held_out = Path(info["train"]), Path(info["eval"])
+    held_out.write_text("".join(held_out.read_text().splitlines(keepends=True)[:8]))  # 8 problems: quick evals
     with open(train, "a") as f:  # row 4001: a prompt far beyond rl.max_prompt_len=128 tokens
         f.write(json.dumps({"prompt": "1 + 1 " * 200, "answer": "2"}) + "\n")
     env = dict(os.environ, RUN_DIR=str(run), PRETRAIN_STEPS="3", GRPO_STEPS="3", PYTHONPATH=str(REPO),
@@ -106,4 +107,4 @@ def test_tiny_script_stopped_in_grpo_resumes_on_the_next_run(tmp_path):
     assert done["step"] == 3 and (grpo_dir / "hf" / "config.json").exists()
     steps = [json.loads(x)["step"] for x in open(grpo_dir / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3], steps  # the step-0 evaluation, then each step once
-    assert json.loads((run / "eval_final.json").read_text())["sampled"]["problems"] == 200
+    assert json.loads((run / "eval_final.json").read_text())["sampled"]["problems"] == 8
