@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import resource
+import signal
 import sys
 
 if __name__ == "__main__" and sys.path and os.path.samefile(sys.path[0], os.path.dirname(__file__)):
@@ -104,6 +105,10 @@ def symbolic_equal(pred: str, gold: str, soft_timeout: int = 5) -> bool:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the trainer finishes its step (rewards
+    # included) and saves; this worker must not die, or score a KeyboardInterrupt as "not equal".
+    # The parent ends it (stdin closed, or killed when late).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     memory_limit = int(os.environ.get(MEMORY_LIMIT_ENV, "0"))
     if memory_limit > 0:
         # Bombs that allocate (huge integers) then die with MemoryError instead of
