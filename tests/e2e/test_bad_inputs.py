@@ -84,7 +84,7 @@ def test_grpo_bad_files_and_unfit_config_are_one_line(policy, tmp_path):
     _one_error_line(out, rc, f"{bad}:3: not UTF-8 (byte 0xe9")
     # refused at start-up, before any weight is read: no prompt of max_prompt_len tokens fits
     rc, out = _grpo(["--init-hf", str(hf), f"data.train_path={info['train']}", "rl.max_prompt_len=256"], tmp_path)
-    _one_error_line(out, rc, "rl.max_prompt_len=256 + 1 response token > rollout.max_model_len=256")
+    _one_error_line(out, rc, "rl.max_prompt_len=256 leaves no room for a response in rollout.max_model_len=256")
 
 
 def test_eval_bad_files_are_one_line(policy, tmp_path, capsys):
