@@ -71,12 +71,13 @@ run_stage() {
   else echo "  (its input $input is made by an earlier stage; checking the config only)"; fi
 }
 CONFIG_ONLY=(params "$CFG")
-PRETRAIN_OVR=(run_dir="$RUN/pretrain" train.train_steps="$PRETRAIN_STEPS" train.save_interval=250)
+PRETRAIN_OVR=(run_dir="$RUN/pretrain" train.train_steps="$PRETRAIN_STEPS" train.save_interval=250
+              ${PRETRAIN_ARGS:-})  # PRETRAIN_ARGS / GRPO_ARGS: extra dotted overrides (a quick check, a sweep)
 # RL keeps the router bias fixed (γ=0): moving it at pretraining speed re-routes tokens under the policy
 # and measurably destroyed accuracy in calibration (benchmarks/r1_zero_tiny.md)
 GRPO_OVR=(run_dir="$RUN/grpo" data.train_path="$RUN/data/train.jsonl" train.train_steps="$GRPO_STEPS" train.lr=1e-4
           train.min_lr=1e-4 train.lr_warmup_steps=0 train.lr_decay_style=constant train.micro_batch_size=32
-          train.save_interval=10 model.bias_update_speed=0 rl.updates_per_batch=4)
+          train.save_interval=10 model.bias_update_speed=0 rl.updates_per_batch=4 ${GRPO_ARGS:-})
 if [ "$DRY_RUN" = 1 ]; then  # the configs of both training stages load and validate, whatever exists yet
   $MR1 "${CONFIG_ONLY[@]}" "${PRETRAIN_OVR[@]}" > /dev/null
   $MR1 "${CONFIG_ONLY[@]}" "${GRPO_OVR[@]}" > /dev/null

@@ -1,9 +1,10 @@
 """`bash examples/r1_zero_tiny.sh` stopped during GRPO by SIGTERM, then run again: the second run resumes
 GRPO from its checkpoint instead of taking the half-trained policy as the stage's result.
 
-Shrunk, not stubbed: the real script, commands and config with few steps (PRETRAIN_STEPS=3,
-GRPO_STEPS=3), a small corpus and an 8-problem held-out set made beforehand (the script skips its data
-stage when info.json is there). One row of the prompt file is too long for the rollout engine: GRPO must train, reporting it.
+Shrunk, not stubbed: the real script, commands and config with few, small steps (PRETRAIN_STEPS=3,
+GRPO_STEPS=3, smaller batches through PRETRAIN_ARGS / GRPO_ARGS), a small corpus and an 8-problem
+held-out set made beforehand (the script skips its data stage when info.json is there). One row of
+the prompt file is too long for the rollout engine: GRPO must train, reporting it.
 Several minutes on the 2-core CPU (five vLLM engine starts), hence `long`.
 """
 import json
@@ -70,6 +71,8 @@ def test_tiny_script_stopped_in_grpo_resumes_on_the_next_run(tmp_path):
     with open(train, "a") as f:  # row 4001: a prompt far beyond rl.max_prompt_len=128 tokens
         f.write(json.dumps({"prompt": "1 + 1 " * 200, "answer": "2"}) + "\n")
     env = dict(os.environ, RUN_DIR=str(run), PRETRAIN_STEPS="3", GRPO_STEPS="3", PYTHONPATH=str(REPO),
+               PRETRAIN_ARGS="train.global_batch_size=4 train.micro_batch_size=4 train.seq_length=128",
+               GRPO_ARGS="rl.prompts_per_step=4 rl.group_size=4 rl.max_response_len=32 train.micro_batch_size=4",
                MR1=str(Path(sys.executable).parent / "megatron-r1"), OMP_NUM_THREADS="2")
     grpo_dir = run / "grpo"
     sent = {}
