@@ -11,8 +11,9 @@ cannot drift apart:
   the program aimed at are checked too;
 - math verifier: bombs, injection, 1 MB answers, unicode digits, hedges; then 1,000 scorings
   from 16 threads through the default verifier, with process/fd/thread counts before and after.
-Training-fault and data cases (issue 17's training part, issue 18) are listed as placeholders
-for the engineers adding them.
+- data and checkpoint files: malformed / non-UTF-8 / wrong-type rows, empty and truncated files,
+  over-long prompts, truncated safetensors and checkpoint shards, through the trainers' readers.
+Training-fault cases (issue 17's training part) are listed as placeholders.
 """
 from __future__ import annotations
 
@@ -43,10 +44,6 @@ TRAINING_PLACEHOLDERS = [
     "corrupted checkpoint shard: checksum mismatch names the file, falls back to the previous one",
     "save fails for lack of space: previous checkpoint intact, clear error",
     "exception inside the rollout engine: step stops with a clear error, no partial checkpoint",
-]
-DATA_PLACEHOLDERS = [
-    "malformed JSONL row", "malformed Parquet row", "wrong field type", "empty file",
-    "prompt longer than the context",
 ]
 
 
@@ -149,6 +146,85 @@ def run_threads() -> dict:
             "stats": dict(default_verifier().stats)}
 
 
+def run_data() -> list[tuple]:
+    """Bad data and checkpoint files through the readers the trainers use: (case, outcome, seconds, ok)."""
+    import json
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from megatron_r1.ckpt.checkpoint import save_checkpoint, verify_checkpoint
+    from megatron_r1.ckpt.hf import CheckpointError, check_hf_weights, hf_tensors, model_state, save_hf
+    from megatron_r1.config import load_config
+    from megatron_r1.data.prompts import DataError, drop_overlong, load_prompts, report
+    from megatron_r1.model import CausalLM
+
+    d = Path(tempfile.mkdtemp(prefix="mr1-data-"))
+    good = json.dumps({"prompt": "1 + 1", "answer": "2"}) + "\n"
+
+    def jsonl(name, text):
+        p = d / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return p
+
+    def skipped(p):  # data.on_error=skip (the default): dropped, counted, named
+        ds = load_prompts(p)
+        return "; ".join(report(ds, p.name)).replace(str(d) + "/", ""), ds.skipped == 1 and len(ds) == 2
+
+    def error(fn, exc, want):
+        try:
+            fn()
+        except exc as e:
+            return f"`error: {str(e).replace(str(d) + '/', '')}` (exit 2)", want in str(e)
+        return "no error", False
+
+    cfg = load_config("tiny-moe").model
+    model = CausalLM(cfg)
+    hf = d / "hf"
+    save_hf(hf_tensors(model_state(model), cfg), cfg, str(hf), dtype=torch.float32)
+    st = hf / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    ckpt = Path(save_checkpoint(str(d / "ckpt"), 1, model, model.mesh))
+    shard = next(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    tbl = pa.table({"prompt": ["1 + 1", None, "3 + 3"], "answer": ["2", "4", "6"]})
+    pq.write_table(tbl, d / "rows.parquet")
+    pq.write_table(pa.table({"prompt": ["a"] * 1000, "answer": ["b"] * 1000}), d / "cut.parquet")
+    cut = (d / "cut.parquet").read_bytes()
+    (d / "cut.parquet").write_bytes(cut[: len(cut) // 2])
+    cases = [
+        ("malformed JSONL row (bad JSON)", lambda: skipped(jsonl("a.jsonl", good + '{"prompt": "2 + 2",}\n' + good))),
+        ("malformed JSONL row (non-UTF-8 byte)",
+         lambda: skipped(jsonl("b.jsonl", good.encode() + b'{"prompt": "caf\xe9", "answer": "1"}\n' + good.encode()))),
+        ("malformed Parquet row (null prompt)", lambda: skipped(d / "rows.parquet")),
+        ("wrong field type (answer a list)",
+         lambda: skipped(jsonl("c.jsonl", good + json.dumps({"prompt": "x", "answer": [1]}) + "\n" + good))),
+        ("wrong field type, data.on_error=raise",
+         lambda: error(lambda: load_prompts(jsonl("d.jsonl", good + '{"prompt": 3, "answer": "1"}\n'), on_error="raise"),
+                       DataError, "d.jsonl:2: field 'prompt' must be")),
+        ("empty file", lambda: error(lambda: load_prompts(jsonl("e.jsonl", "")), DataError, "no usable rows")),
+        ("truncated Parquet file", lambda: error(lambda: load_prompts(d / "cut.parquet"), DataError,
+                                                 "cut.parquet: not a readable Parquet file")),
+        ("prompt longer than the context (rl.max_prompt_len=8 tokens here)",
+         lambda: (lambda ds: ("; ".join(report(ds, "p.jsonl", " (limit 8 tokens)")).replace(str(d) + "/", ""),
+                              ds.too_long == 1 and len(ds) == 2))(
+             drop_overlong(load_prompts(jsonl("p.jsonl", good + json.dumps({"prompt": "1 + " * 20, "answer": "1"})
+                                              + "\n" + good)), lambda e: len(e.prompt.split()), 8))),
+        ("truncated safetensors file", lambda: error(lambda: check_hf_weights(str(hf), cfg), CheckpointError,
+                                                     "model.safetensors: truncated safetensors file")),
+        ("truncated checkpoint shard (resume skips it for the previous one)",
+         lambda: error(lambda: verify_checkpoint(str(ckpt)), CheckpointError, "truncated checkpoint shard")),
+    ]
+    rows = []
+    for name, fn in cases:
+        t0 = time.monotonic()
+        outcome, ok = fn()
+        rows.append((name, outcome.replace("|", "\\|"), time.monotonic() - t0, ok))
+    return rows
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -179,7 +255,9 @@ def main() -> int:
     code_plain = run_code("plain")
     math_rows, math_stats = run_math()
     threads = None if a.skip_threads else run_threads()
+    data_rows = run_data()
     failures = sum(not r[3].startswith(("ok", "skipped")) for r in code_ns + code_plain + math_rows)
+    failures += sum(not r[3] for r in data_rows)
     if threads and (threads["wrong"] or threads["before"] != threads["after"]):
         failures += 1
 
@@ -237,8 +315,12 @@ def main() -> int:
     md += ["## Training faults (placeholder: issue 17's training part, another engineer)", "",
            "| case | outcome | time (s) |", "|---|---|---|"]
     md += [f"| {c} | _to be added_ | |" for c in TRAINING_PLACEHOLDERS]
-    md += ["", "## Data (placeholder: issue 18)", "", "| case | outcome | time (s) |", "|---|---|---|"]
-    md += [f"| {c} | _to be added_ | |" for c in DATA_PLACEHOLDERS]
+    md += ["", "## Data and checkpoint files", "",
+           "Through the readers the trainers, `eval`, `convert` and the dry run use (megatron_r1/data/prompts.py, "
+           "ckpt/hf.py, ckpt/checkpoint.py); end to end in tests/e2e/test_bad_inputs.py and "
+           "test_pretrain_resume.py. A skipped row is counted and named in the run's log; an error is one line.", "",
+           "| case | outcome | time (s) | ok |", "|---|---|---|---|"]
+    md += [f"| {c} | {o} | {t:.2f} | {'ok' if ok else '**FAILED**'} |" for c, o, t, ok in data_rows]
     md += [""]
     Path(a.out).write_text("\n".join(md))
     print("\n".join(md))
