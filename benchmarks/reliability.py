@@ -218,10 +218,14 @@ def run_data() -> list[tuple]:
          lambda: error(lambda: verify_checkpoint(str(ckpt)), CheckpointError, "truncated checkpoint shard")),
     ]
     rows = []
-    for name, fn in cases:
-        t0 = time.monotonic()
-        outcome, ok = fn()
-        rows.append((name, outcome.replace("|", "\\|"), time.monotonic() - t0, ok))
+    try:
+        for name, fn in cases:
+            t0 = time.monotonic()
+            outcome, ok = fn()
+            rows.append((name, outcome.replace("|", "\\|"), time.monotonic() - t0, ok))
+    finally:
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
