@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_r1.ckpt.checkpoint import COMPLETE, FORMAT, SavedIndex, _fsync_dir, box_key, resolve_checkpoint
+from megatron_r1.ckpt.checkpoint import (COMPLETE, FORMAT, SavedIndex, _fsync_dir, box_key, resolve_checkpoint,
+                                         verify_checkpoint)
 from megatron_r1.ckpt.hf import (FP8_BLOCK, INDEX_FILE, CheckpointError, _fp8_eligible, checkpoint_files,
                                  dequantize_fp8, hf_names, model_state, our_name, quantize_fp8, write_hf_config)
 from megatron_r1.ckpt.stream import (DcpFileWriter, SafetensorsWriter, SavedItem, SavedPieces, nbytes, read_box,
@@ -379,6 +380,7 @@ def megatron_to_hf(input_path: str, output: str, dtype: str = "bf16", max_shard_
                    progress: bool = True, workers: int | None = None, budget_bytes: int = DEFAULT_BUDGET) -> str:
     """Export a checkpoint (a step dir, or a save dir: its newest) as a HF directory."""
     path = resolve_checkpoint(input_path)
+    verify_checkpoint(path)  # a truncated or missing shard is one line naming it, before anything is written
     run = read_config(path)
     cfg = run.model
     fp8 = dtype == "fp8"
