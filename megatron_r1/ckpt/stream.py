@@ -38,7 +38,7 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype, device="cpu").element_size()
 
 
 def row_ranges(shape: tuple, budget: int, block: int = FP8_BLOCK) -> list[tuple[int, int]]:
@@ -190,7 +190,7 @@ def read_box(pieces: SavedPieces, boxes, name: str, offsets: tuple, sizes: tuple
         if ov is not None and [h - l for l, h in zip(*ov)] == list(sizes):
             src = pieces.open(key)
             return src[tuple(slice(l - o, h - o) for l, h, o in zip(ov[0], ov[1], off))]
-    out = torch.empty(sizes, dtype=dtype)
+    out = torch.empty(sizes, dtype=dtype, device="cpu")
     covered = 0
     for key, off, size, _ in boxes:
         ov = overlap(offsets, sizes, off, size)

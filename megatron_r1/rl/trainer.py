@@ -191,7 +191,7 @@ class GRPOTrainer:
         if not (rl.dynamic_sampling and rl.dynamic_sampling_max_rounds):
             return ro, 0
         g, want = rl.group_size, rl.prompts_per_step
-        informative = lambda r: grpo.dynamic_sampling_mask(torch.tensor(r.rewards), g).tolist()  # noqa: E731
+        informative = lambda r: grpo.dynamic_sampling_mask(torch.tensor(r.rewards, device="cpu"), g).tolist()  # noqa: E731
         keep = informative(ro)
         kept = ro.select_groups([i for i, k in enumerate(keep) if k], g)
         dropped = ro.select_groups([i for i, k in enumerate(keep) if not k], g)
@@ -238,12 +238,12 @@ class GRPOTrainer:
         """This rank's rows of the global batch, and the global loss normaliser of each update's mini-batch."""
         n, k = len(batch["input_ids"]), self.cfg.rl.updates_per_batch
         shares = update_shares(n, k, self.mesh.dp, self.mesh.dp_rank)
-        rows = torch.cat([torch.arange(a, b) for a, b in shares])
+        rows = torch.cat([torch.arange(a, b, device="cpu") for a, b in shares])  # host index metadata
         # the batch is built on the host from the rollout's token lists; this rank's rows go to its device once
         data = {key: batch[key][rows].to(self.mesh.device) for key in ROW_KEYS}
         minis, at = [], 0
         for a, b in shares:
-            minis.append(torch.arange(at, at + b - a))
+            minis.append(torch.arange(at, at + b - a, device="cpu"))
             at += b - a
         # units (tokens or sequences, per rl.loss_agg) of each whole mini-batch, over every dp rank's share:
         # every rank holds the global mask, so this needs no collective

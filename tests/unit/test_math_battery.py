@@ -12,6 +12,7 @@ import pytest
 from megatron_r1.rl.rewards import SymbolicVerifier, accuracy_reward
 from megatron_r1.rl.rewards._symbolic_worker import _sympy_equal
 from megatron_r1.rl.rewards.accuracy import default_verifier
+from megatron_r1.rl.rewards.sandbox import child_pids
 from tests.reliability_cases import MATH_TIMEOUT_S, math_cases, own_fds, own_threads
 
 MARKER = f"/tmp/mr1-injected-{os.getpid()}"
@@ -26,17 +27,7 @@ def verifier():
 
 
 def _children() -> set[int]:
-    me, out = os.getpid(), set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
-                out.add(int(name))
-    return out
+    return set(child_pids(os.getpid()))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

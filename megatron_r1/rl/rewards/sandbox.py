@@ -299,7 +299,7 @@ class Sandbox:
                 # and PID 1's exit completes only once every process in it is gone, so when
                 # unshare has reaped it nothing is left (a group SIGKILL would return at once,
                 # with processes still dying on a busy machine)
-                for pid in _children(proc.pid):
+                for pid in child_pids(proc.pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -321,7 +321,7 @@ class Sandbox:
                 f.close()
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Host pids whose parent is ``pid`` (a /proc scan: CONFIG_PROC_CHILDREN is often off)."""
     out = []
     for name in os.listdir("/proc"):
