@@ -200,14 +200,15 @@ def test_sigterm_to_the_job_step_requeues_and_the_job_finishes(slurm_cluster, tm
     signalled = False
     while True:
         state, code = slurm_cluster.job_state(job)
-        assert time.monotonic() < deadline, f"{state}\n{out_file.read_text() if out_file.exists() else ''}"
+        assert time.monotonic() < deadline, f"{state}\n{out_file.read_text(errors='replace') if out_file.exists() else ''}"
         if not signalled and (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
             subprocess.run(["scancel", "--signal=TERM", job], env=slurm_cluster.env, check=True)  # the step only
             signalled = True
         if signalled and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break
         time.sleep(0.25)
-    out = out_file.read_text()
+    # a job log is a byte stream: a SIGTERM can cut a tqdm bar's multi-byte character in two
+    out = out_file.read_text(errors="replace")
     assert state == "COMPLETED" and code == 0, out
     assert "srun exit 75" in out and f"requeueing job {job}" in out, out
     assert "srun exit 0" in out and "resumed from" in out, out

@@ -51,11 +51,11 @@ def _run_script(env, log: Path, timeout, on_poll=None):
     try:
         deadline = time.time() + timeout
         while proc.poll() is None:
-            assert time.time() < deadline, log.read_text()[-4000:]
+            assert time.time() < deadline, log.read_text(errors="replace")[-4000:]
             if on_poll is not None:
                 on_poll(proc)
             time.sleep(0.2)
-        return proc.returncode, log.read_text()
+        return proc.returncode, log.read_text(errors="replace")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
