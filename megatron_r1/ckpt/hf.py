@@ -58,12 +58,40 @@ def hf_names(our: str, cfg: ModelConfig) -> list[str]:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers (the router's expert bias) by name, deduplicating tied ones."""
+    """Parameters and persistent buffers (the router's expert bias) by name, deduplicating tied ones.
+
+    Stacked routed experts (model/experts.py) appear one per expert, as views of the stacks with the HF
+    names and shapes (`...mlp.experts.17.up_proj.weight`, [F, H]): see `per_expert`."""
     out = dict(model.named_parameters(remove_duplicate=False))  # tied names too, as the same object
     out.update({k: v for k, v in model.state_dict().items() if k not in out and "tokens_per_expert" not in k})
     if "lm_head.weight" in out and "model.embed_tokens.weight" in out and \
             out["lm_head.weight"] is out["model.embed_tokens.weight"]:
         del out["lm_head.weight"]
+    return per_expert(model, out)
+
+
+def per_expert(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`named` (by parameter name) with every expert stack `{prefix}.{proj}` replaced by one HF-named view
+    per expert, `{prefix}.{expert id}.{proj}.weight` = stack[e]: the split. Writing into a view (a HF
+    load, a checkpoint load) writes the stack: the join. Also for tensors shaped like the parameters
+    (gradients, optimizer state), e.g. per_expert(model, {k: p.grad ...})."""
+    owner = {}  # stack name -> (module prefix, module, projection)
+    for prefix, mod in model.named_modules():
+        if hasattr(mod, "expert_views"):
+            owner.update({f"{prefix}.{k}": (prefix, mod) for k, _ in mod.named_parameters(recurse=False)})
+    if not owner:
+        return dict(named)
+    out, done = {}, set()
+    for name, t in named.items():  # the views take the place of their module's first stack (order is kept)
+        if name not in owner:
+            out[name] = t
+            continue
+        prefix, mod = owner[name]
+        if prefix in done:
+            continue
+        done.add(prefix)
+        stacks = {k: named[f"{prefix}.{k}"] for k, _ in mod.named_parameters(recurse=False) if f"{prefix}.{k}" in named}
+        out.update({f"{prefix}.{v}": t for v, t in mod.expert_views(stacks).items()})
     return out
 
 

@@ -110,7 +110,7 @@ def reference(cfg: Config, batch: list[dict]) -> dict:
 
 
 def _reference(cfg: Config, batch: list[dict]) -> dict:
-    from megatron_r1.ckpt.hf import model_state
+    from megatron_r1.ckpt.hf import model_state, per_expert
     from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
     from megatron_r1.model.gpt import CausalLM, lm_loss
     from megatron_r1.parallel.mesh import ParallelMesh
@@ -133,7 +133,7 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     for p in params.values():  # an expert that got no token has no grad: Megatron (and we) treat it as 0
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = {k: p.grad.clone() for k, p in params.items()}
+    grads = {k: g.clone() for k, g in per_expert(model, {k: p.grad for k, p in params.items()}).items()}
     t = cfg.train
     norm = torch.nn.utils.clip_grad_norm_(list(params.values()), t.clip_grad if t.clip_grad > 0 else float("inf"))
     decay = [p for p in params.values() if p.dim() >= 2]

@@ -44,14 +44,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megatron_r1.ckpt.hf import model_state
+from megatron_r1.ckpt.hf import model_state, per_expert
 from megatron_r1.config import Config, ConfigError
 from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
 from megatron_r1.model.gpt import CausalLM
 from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
 from megatron_r1.parallel.mesh import stage_layer_counts
 from megatron_r1.parallel.pipeline import run_pipeline
-from megatron_r1.parallel.placement import materialize
+from megatron_r1.parallel.placement import BUFFER, materialize
 from megatron_r1.parallel.recompute import Recompute
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,9 +96,11 @@ def init_parameters(chunks: list[nn.Module], mesh, seed: int) -> None:
     """Each parameter as its placement says: N(0, std) drawn at full shape from a (seed, name) generator
     on the parameter's device, then this rank's shard; or ones / zeros."""
     for chunk in chunks:
-        for name, p in chunk.named_parameters():
+        # model_state: the parameters, with expert stacks as one view per expert (HF names), so an expert's
+        # draw depends neither on how experts are stacked nor on how they are split over ep
+        for name, p in model_state(chunk).items():
             place = chunk.placement[name]
-            if p.device.type == "meta":  # nothing to fill (a model built to be inspected or planned)
+            if p.device.type == "meta" or place is BUFFER:  # nothing to fill (a model to inspect or plan)
                 continue
             if isinstance(place.init, str):
                 p.fill_({"ones": 1.0, "zeros": 0.0}[place.init])
@@ -153,8 +155,10 @@ def iter_full_state(chunks: list[nn.Module], mesh, grads: GradBuffers | None = N
     GradBuffers) it yields the parameters' reduced float32 gradients instead (call
     `grads.gather_reduced_grads()` first under ZeRO-1)."""
     local = _local_state(chunks)
-    if grads is not None:
-        local = {k: (grads.main_grad(t), pl) for k, (t, pl) in local.items() if isinstance(t, nn.Parameter)}
+    if grads is not None:  # the parameters' (and expert views') reduced gradients, by the same names
+        local = {k: (g, c.placement[k]) for c in chunks
+                 for k, g in per_expert(c, {n: grads.main_grad(p) for n, p in c.named_parameters()}).items()
+                 if k in local}
     meta = [(k, pl.full_shape(t.shape, mesh), t.dtype) for k, (t, pl) in local.items()]
     world = dist.get_world_size() if dist.is_initialized() else 1
     tables = [meta]

@@ -186,8 +186,9 @@ def attention_te(q, k, v, scale, q_chunks=None):
 
 # ------------------------------------------------------------------------------------------ experts
 # experts(x, counts, experts, counts_host) -> [T, H]: x [T, H] rows grouped by local expert, counts [L]
-# rows per expert (x's device), `experts` this rank's L expert MLPs (gate_proj, up_proj, down_proj
-# linears, recompute_act), counts_host the counts as a list (given when `fn.host_counts`).
+# rows per expert (x's device), `experts` this rank's model.experts.GroupedExperts (stacks gate_proj,
+# up_proj [L, F, H], down_proj [L, H, F], each expert in its [out, in] layout; recompute_act), counts_host
+# the counts as a list (given when `fn.host_counts`). Both backends read the stacks in place, no copy.
 
 def _swiglu(g, u):
     return F.silu(g) * u
@@ -202,45 +203,43 @@ def _act(g, u, recompute: bool):
 
 @register("experts", "loop", priority=0)
 def experts_loop(x, counts, experts, counts_host):
-    """The reference: one expert module at a time (needs the counts on the host)."""
+    """The reference: one expert at a time, on views of the stacks (needs the counts on the host)."""
+    wg, wu, wd = experts.gate_proj, experts.up_proj, experts.down_proj
     outs, start = [], 0
     for e, n in enumerate(counts_host):
         if n:
-            outs.append(experts[e](x[start:start + n]))
+            xe = x[start:start + n]
+            outs.append(F.linear(_act(F.linear(xe, wg[e]), F.linear(xe, wu[e]), experts.recompute_act), wd[e]))
         start += n
     if outs:
         return torch.cat(outs, 0)
     # no rows at all: the empty result must still depend on x, or autograd would skip the backward of
     # the all-to-all that produced x on this rank while its expert-parallel peers wait in it
-    return x[:0] * 0 + 0 * sum(p.sum() for m in experts for p in m.parameters())
+    return x[:0] * 0 + 0 * sum(p.sum() for p in experts.parameters())
 
 
 experts_loop.host_counts = True
 
 
 class _GroupedMM(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e] with torch._grouped_mm, and its backward as two grouped GEMMs:
-    dx = dy @ w[e]ᵀ per group, dw[e] = x[rows of e]ᵀ @ dy[rows of e] (the K-grouped form; an expert with
-    no rows gets a zero gradient). torch's own autograd formula fails on CPU (strides of the incoming
-    gradient), and the explicit form keeps both GEMMs grouped on GPU too."""
+    """y[rows of e] = x[rows of e] @ w[e]ᵀ with torch._grouped_mm, w the [L, N, K] stack itself (handed to
+    the kernel as the strided view w.transpose(-2, -1): no copy), and its backward as two grouped GEMMs:
+    dx = dy @ w[e] per group, dw[e] = dy[rows of e]ᵀ @ x[rows of e] (the K-grouped form, directly in the
+    stack's layout; an expert with no rows gets a zero gradient). torch's own autograd formula fails on
+    CPU (strides of the incoming gradient), and the explicit form keeps both GEMMs grouped on GPU too."""
 
     @staticmethod
-    def forward(ctx, x, w, offs):  # x: [T, K], w: [L, K, N], offs: [L] int32 cumulative row counts
+    def forward(ctx, x, w, offs):  # x: [T, K], w: [L, N, K], offs: [L] int32 cumulative row counts
         ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w, offs=offs)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = torch._grouped_mm(x.t(), dy, offs=offs) if ctx.needs_input_grad[1] else None
+        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
         return dx, dw, None
-
-
-def _stack(experts, proj: str) -> torch.Tensor:
-    """[L, in, out] operand from the L experts' [out, in] weights (a copy: storage stays per expert)."""
-    return torch.stack([getattr(m, proj).weight for m in experts]).transpose(-2, -1)
 
 
 def _grouped_ok() -> bool:
@@ -250,14 +249,14 @@ def _grouped_ok() -> bool:
 
 @register("experts", "grouped", priority=1, available=_grouped_ok)
 def experts_grouped(x, counts, experts, counts_host=None):
-    """Grouped GEMMs (torch._grouped_mm), forward and backward; no host sync. bf16 needs H and F
-    multiples of 8 (16-byte strides). Select with MEGATRON_R1_KERNELS=experts:grouped. The weights are
-    stacked per call (their storage is still one module per expert)."""
+    """Grouped GEMMs (torch._grouped_mm) on the parameter stacks themselves, forward and backward; no host
+    sync, no copy of the weights. bf16 needs H and F multiples of 8 (16-byte strides). Select with
+    MEGATRON_R1_KERNELS=experts:grouped."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     x = x.contiguous()
-    g = _GroupedMM.apply(x, _stack(experts, "gate_proj"), offs)
-    u = _GroupedMM.apply(x, _stack(experts, "up_proj"), offs)
-    return _GroupedMM.apply(_act(g, u, experts[0].recompute_act).contiguous(), _stack(experts, "down_proj"), offs)
+    g = _GroupedMM.apply(x, experts.gate_proj, offs)
+    u = _GroupedMM.apply(x, experts.up_proj, offs)
+    return _GroupedMM.apply(_act(g, u, experts.recompute_act).contiguous(), experts.down_proj, offs)
 
 
 experts_grouped.host_counts = False

@@ -12,7 +12,8 @@ Notable features
 - Balancing: after each optimizer step bias_i += γ·sign(mean load − load_i) (`update_expert_bias`),
   loads summed over every rank of the pipeline stage; optional sequence-wise balance loss α·Σ f_i·P_i,
   attached to the activations so it backpropagates without threading a second loss through the pipeline.
-- Tokens: the MoE runs on a token shard (split over tp when tp > 1), experts folded over ep.
+- Tokens: the MoE runs on a token shard (split over tp when tp > 1), experts folded over ep; a rank's
+  experts are stacked weights (model/experts.py), still named one per expert outside it.
 Shapes: B batch, S sequence, H hidden, N local heads, E experts, K experts per token.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from megatron_r1.config import ModelConfig
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_mscale
+from megatron_r1.model.experts import GroupedExperts
 from megatron_r1.parallel.context import gather_kv, query_chunks
 from megatron_r1.parallel.expert import moe_dispatch_combine
 from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region, recomputing
@@ -159,9 +161,8 @@ class MoE(nn.Module):
         per = cfg.n_routed_experts // mesh.ep
         first = mesh.ep_rank * per
         self.local_ids = list(range(first, first + per))
-        self.experts = nn.ModuleDict({str(i): MLP(cfg.hidden_size, cfg.moe_intermediate_size, mesh, parallel=False,
-                                                  out_std=out_std, recompute_act=recompute.selects("moe_act"))
-                                      for i in self.local_ids})
+        self.experts = GroupedExperts(cfg.hidden_size, cfg.moe_intermediate_size, self.local_ids, out_std,
+                                      recompute.selects("moe_act"))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, mesh,
                                    parallel=False, out_std=out_std, recompute_act=recompute.selects("moe_act"))
                                if cfg.n_shared_experts else None)
@@ -175,8 +176,7 @@ class MoE(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         w, idx, scores = self.gate(flat)
-        out = moe_dispatch_combine(flat, idx, w, [self.experts[str(i)] for i in self.local_ids],
-                                   self.cfg.n_routed_experts, self.mesh)
+        out = moe_dispatch_combine(flat, idx, w, self.experts, self.cfg.n_routed_experts, self.mesh)
         if self.shared_experts is not None:
             out = out + self.rc.run("shared_experts", self.shared_experts, flat)
         out = out.view(b, s, h)

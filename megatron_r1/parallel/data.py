@@ -33,6 +33,7 @@ Notable choices
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -110,11 +111,11 @@ class Bucket:
             if lo >= hi:
                 continue
             tp_sharded = pl.tp_sharded(mesh)
-            base = mesh.tp_rank * p.numel() if tp_sharded else 0
+            base = pl.flat_offset(p.shape, mesh)  # a tp slice, or an ep block of an expert stack
             replica = (kind == "dp_cp" and mesh.tp > 1 and not tp_sharded and mesh.tp_rank != 0)
             primary = not replica and pl.primary and (zero1 or self.rank == 0)
             self.pieces.append(Piece(name, p, lo - off, hi - off, lo - self.lo, base + lo - off,
-                                     p.numel() * (mesh.tp if tp_sharded else 1), primary, pl.canonical_dim))
+                                     math.prod(pl.full_shape(p.shape, mesh)), primary, pl.canonical_dim))
         # each parameter's float32 gradient: a view of the flat buffer in the parameter's shape
         self.main_grad = {id(p): canonical_view(self.grad[self.offsets[id(p)]:self.offsets[id(p)] + p.numel()], p,
                                                  self.place[id(p)].canonical_dim) for _, p in self.params}

@@ -34,8 +34,9 @@ class _AllToAll(torch.autograd.Function):
 
 
 def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                         local_experts: list, num_experts: int, mesh) -> torch.Tensor:
-    """x: [N, H]; topk_idx, topk_w: [N, K]; local_experts: this rank's L experts in global order.
+                         local_experts, num_experts: int, mesh) -> torch.Tensor:
+    """x: [N, H]; topk_idx, topk_w: [N, K]; local_experts: this rank's L experts in global order (the
+    model's stacked experts, handed to the `experts` kernel as they are).
 
     Returns Σ_k w[n,k] · expert_{idx[n,k]}(x[n]) as [N, H]. Host syncs: one with ep > 1 (the all-to-all
     split sizes, which also give the loop kernel its counts); with ep = 1 one only if the expert kernel

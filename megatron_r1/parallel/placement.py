@@ -10,6 +10,11 @@ Notable choices
                    column-parallel up-projection, the router and shared experts on a token shard).
     `SP_PARTIAL`   children that see a token shard only under sequence parallelism (residual-layout norms).
     `EXPERTS`      the routed experts: whole on the ranks that own them, reduced over the edp group.
+    `Spec(stacked=True)` a stack of the local routed experts' weights, [L, ...]: dim 0 indexes experts and
+                   ep ranks hold contiguous blocks of it (rows [ep_rank·L, (ep_rank+1)·L) of the global
+                   [E, ...] tensor). The module lists its per-expert views (`expert_views()`, HF names):
+                   they get whole, non-stacked entries too, so checkpoints, HF loading/export and weight
+                   sync address one tensor per expert while the optimizer works on the stack.
   Nothing is hung on `nn.Parameter`; the table is keyed by the parameter's name in its chunk (= HF name).
 - A `Placement` derives the rest: full shape, this rank's shard of a full tensor (`narrow`, or a slice of
   a safetensors file), the shard's offsets in the full tensor (checkpoint boxes), the canonical element
@@ -42,6 +47,7 @@ class Spec:
     """A layer's declaration for one of its parameters."""
     shard_dim: int | None = None  # dim split over tp into contiguous slices; None: whole on every tp rank
     init: float | str | None = None  # std of N(0, std) drawn at full shape, "ones", "zeros"; None: the default
+    stacked: bool = False  # dim 0 indexes this rank's routed experts, sharded over ep (module doc)
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,19 @@ class Placement:
     group: str  # gradient reduction group / ZeRO bucket kind (module doc); "" for buffers
     init: float | str | None  # std, "ones", "zeros"; None for buffers
     primary: bool = True  # False: a copy of a parameter held elsewhere (not in the grad norm, not saved twice)
+    stacked: bool = False  # [L, ...] stack of local experts: dim 0 sharded over ep (see Spec)
 
     @property
     def expert(self) -> bool:
         return self.group == "edp"
+
+    def ep_sharded(self, mesh) -> bool:
+        return self.stacked and mesh.ep > 1
+
+    def expert_ids(self, local_shape, mesh) -> range:
+        """Global ids of the experts along dim 0 of a stack on this rank."""
+        first = mesh.ep_rank * local_shape[0] if self.ep_sharded(mesh) else 0
+        return range(first, first + local_shape[0])
 
     @property
     def canonical_dim(self) -> int:
@@ -67,6 +82,8 @@ class Placement:
         shape = list(local_shape)
         if self.tp_sharded(mesh):
             shape[self.shard_dim] *= mesh.tp
+        if self.ep_sharded(mesh):
+            shape[0] *= mesh.ep
         return tuple(shape)
 
     def offsets(self, local_shape, mesh) -> tuple:
@@ -74,18 +91,36 @@ class Placement:
         off = [0] * len(local_shape)
         if self.tp_sharded(mesh):
             off[self.shard_dim] = mesh.tp_rank * local_shape[self.shard_dim]
+        if self.ep_sharded(mesh):
+            off[0] = mesh.ep_rank * local_shape[0]
         return tuple(off)
+
+    def flat_offset(self, local_shape, mesh) -> int:
+        """Where this rank's shard starts in the full tensor's canonical element order (ZeRO-1): the
+        sharded dim comes first there, so the shard is the range [flat_offset, flat_offset + numel)."""
+        numel = 1
+        for s in local_shape:
+            numel *= s
+        if self.tp_sharded(mesh):
+            return mesh.tp_rank * numel
+        if self.ep_sharded(mesh):
+            return mesh.ep_rank * numel
+        return 0
 
     def shard(self, full, mesh):
         """This rank's slice of a full tensor (a view) or of a safetensors slice (read from disk)."""
-        if not self.tp_sharded(mesh):
+        if self.tp_sharded(mesh):
+            dim, parts, rank = self.shard_dim, mesh.tp, mesh.tp_rank
+        elif self.ep_sharded(mesh):
+            dim, parts, rank = 0, mesh.ep, mesh.ep_rank
+        else:
             return full if isinstance(full, torch.Tensor) else full[...]
-        size = _dim_size(full, self.shard_dim) // mesh.tp
-        start = mesh.tp_rank * size
+        size = _dim_size(full, dim) // parts
+        start = rank * size
         if isinstance(full, torch.Tensor):
-            return full.narrow(self.shard_dim, start, size)
+            return full.narrow(dim, start, size)
         index = [slice(None)] * len(full.get_shape())
-        index[self.shard_dim] = slice(start, start + size)
+        index[dim] = slice(start, start + size)
         return full[tuple(index)]
 
 
@@ -157,7 +192,12 @@ def build_placement(root: nn.Module, mesh, default_std: float, shared: tuple[str
             group = ("embed" if name in shared else "edp" if expert else
                      "stage" if _under(name, partial) else "dp_cp")
             shard = None if expert or _under(name, whole) else spec.shard_dim
-            entries[name] = Placement(shard, group, init, primary=name not in copies)
+            entries[name] = Placement(shard, group, init, primary=name not in copies, stacked=spec.stacked)
+        if hasattr(mod, "expert_views"):  # one whole entry per expert view of the stacks (see the module doc)
+            pre = f"{path}." if path else ""
+            for vname in mod.expert_views():
+                entries[pre + vname] = Placement(None, "edp" if _under(pre + vname, experts) else "dp_cp",
+                                                 entries[pre + vname.split(".")[1]].init)
     for name, t in root.state_dict(keep_vars=True).items():
         if name not in entries and id(t) not in seen:
             entries[name] = BUFFER

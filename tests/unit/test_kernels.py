@@ -66,19 +66,14 @@ def test_registry_reports_the_backend_and_refuses_unknown(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ experts
 def _experts_run(backend, dtype, counts, recompute_act=False, seed=0):
-    from megatron_r1.model.common import MLP
-    from megatron_r1.parallel.mesh import ParallelMesh
+    from megatron_r1.model.experts import GroupedExperts
     torch.manual_seed(seed)
-    ex = [MLP(64, 32, ParallelMesh.single(), parallel=False, recompute_act=recompute_act).to(dtype) for _ in range(4)]
-    with torch.no_grad():
-        for p in (p for m in ex for p in m.parameters()):
-            p.normal_(std=0.5)
+    ex = GroupedExperts(64, 32, [0, 1, 2, 3], out_std=0.5, recompute_act=recompute_act, std=0.5).to(dtype)
     x = torch.randn(sum(counts), 64, dtype=dtype, requires_grad=True)
     y = get_kernel("experts", backend)(x, torch.tensor(counts), ex, counts)
     (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     return [y.detach().float(), x.grad.float()] + [
-        p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-        for m in ex for p in m.parameters()]
+        p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in ex.parameters()]
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 7], [0, 0, 0, 0]])
@@ -104,3 +99,35 @@ def test_grouped_experts_bf16_tolerance():
     got = _experts_run("grouped", torch.bfloat16, [3, 0, 5, 8])
     for a, b in zip(got, ref):
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_expert_kernels_read_the_stacks_in_place(backend, monkeypatch):
+    """No per-call stacking or copy of the expert weights: every weight operand the kernel hands to a
+    GEMM (F.linear for the loop, torch._grouped_mm for grouped) shares storage with a parameter stack,
+    and the stacks' gradients come back in their own [L, out, in] layout."""
+    from megatron_r1.model.experts import GroupedExperts
+    ex = GroupedExperts(64, 32, [4, 5, 6, 7], out_std=0.5)
+    stacks = {p.untyped_storage().data_ptr() for p in ex.parameters()}
+    seen = []
+    real_mm, real_linear = torch._grouped_mm, torch.nn.functional.linear
+
+    def grouped_mm(a, b, offs=None, **kw):
+        seen.append(b)
+        return real_mm(a, b, offs=offs, **kw)
+
+    def linear(x, w, *args):
+        seen.append(w)
+        return real_linear(x, w, *args)
+
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(sum(counts), 64)
+    with torch.no_grad():  # the forward only: the backward's grouped GEMMs take activations as operand b
+        get_kernel("experts", backend)(x, torch.tensor(counts), ex, counts)
+    assert len(seen) == (3 if backend == "grouped" else 9)
+    assert all(w.untyped_storage().data_ptr() in stacks for w in seen)
+    assert [tuple(p.shape) for p in ex.parameters()] == [(4, 32, 64), (4, 32, 64), (4, 64, 32)]
+    assert list(ex.expert_views())[:3] == ["4.gate_proj.weight", "4.up_proj.weight", "4.down_proj.weight"]
+    assert ex.expert_views()["5.up_proj.weight"].data_ptr() == ex.up_proj[1].data_ptr()

@@ -7,10 +7,11 @@ from megatron_r1.model.gpt import CausalLM
 from megatron_r1.parallel.mesh import ParallelMesh
 
 
-def _table(tp=1, sp=False, pp=1, pre=True, post=True, tp_rank=1, preset="tiny-moe"):
+def _table(tp=1, sp=False, pp=1, pre=True, post=True, tp_rank=1, preset="tiny-moe", ep=1, ep_rank=0):
     cfg = load_config(preset)
     mesh = ParallelMesh.single(device="meta")
     mesh.tp, mesh.sp, mesh.pp, mesh.tp_rank = tp, sp, pp, tp_rank  # degrees only: building needs no groups
+    mesh.ep, mesh.ep_rank = ep, ep_rank
     with torch.device("meta"):
         model = CausalLM(cfg.model, mesh, pre_process=pre, post_process=post)
     return model, mesh
@@ -51,7 +52,9 @@ def test_mtp_embedding_copy_on_the_last_stage():
 
 def test_table_covers_exactly_the_state_and_derives_shapes():
     model, mesh = _table(tp=2, tp_rank=1)
-    assert {k for k, _ in model.placement.items()} == set(model.state_dict())  # parameters + persistent buffers
+    from megatron_r1.ckpt.hf import model_state
+    # parameters + persistent buffers, and the per-expert views of the expert stacks
+    assert {k for k, _ in model.placement.items()} == set(model.state_dict()) | set(model_state(model))
     p = dict(model.named_parameters())["model.layers.1.self_attn.o_proj.weight"]
     place = model.placement["model.layers.1.self_attn.o_proj.weight"]
     full_shape = place.full_shape(p.shape, mesh)
@@ -69,3 +72,24 @@ def test_nothing_is_hung_on_parameters():
     build_optimizer(chunks, cfg, mesh)
     hung = {(n, k) for c in chunks for n, p in c.named_parameters() for k in vars(p)}
     assert not hung, sorted(hung)[:5]
+
+
+def test_expert_stacks_are_sharded_over_ep_and_named_per_expert():
+    """tiny-moe (8 experts) at ep2, rank 1: the stack [4, F, H] is rows 4..7 of the global [8, F, H]
+    (full shape, box offsets, ZeRO's flat offset, the shard of a full tensor); its views are experts 4..7,
+    whole and reduced over edp like the stack."""
+    from megatron_r1.ckpt.hf import model_state
+    model, mesh = _table(ep=2, ep_rank=1)
+    name = "model.layers.2.mlp.experts.up_proj"
+    p, place = dict(model.named_parameters())[name], model.placement[name]
+    assert place.stacked and place.group == "edp" and place.shard_dim is None and p.shape[0] == 4
+    assert place.full_shape(p.shape, mesh) == (8,) + tuple(p.shape[1:])
+    assert place.offsets(p.shape, mesh) == (4, 0, 0) and place.flat_offset(p.shape, mesh) == p.numel()
+    assert list(place.expert_ids(p.shape, mesh)) == [4, 5, 6, 7]
+    full = torch.arange(8 * 6).view(8, 2, 3)
+    assert torch.equal(place.shard(full, mesh), full[4:])
+    state = model_state(model)
+    assert name not in state and "model.layers.2.mlp.experts.3.up_proj.weight" not in state
+    view = model.placement["model.layers.2.mlp.experts.5.up_proj.weight"]
+    assert (view.stacked, view.group, view.full_shape(p.shape[1:], mesh)) == (False, "edp", tuple(p.shape[1:]))
+    assert tuple(state["model.layers.2.mlp.experts.5.up_proj.weight"].shape) == tuple(p.shape[1:])
