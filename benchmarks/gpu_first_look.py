@@ -114,8 +114,7 @@ def _tflops(flops: float, s: float) -> dict:
 # ---------------------------------------------------------------------------------------- experts
 def section_experts(sec: Section, dev, smoke: bool, reps):
     from megatron_r1 import kernels
-    from megatron_r1.model.common import MLP
-    from megatron_r1.parallel.mesh import ParallelMesh
+    from megatron_r1.model.experts import GroupedExperts
     h, f = (64, 32) if smoke else (7168, 2048)
     rows_per_expert = 16 if smoke else 2048
     for n_local in ((4, 8) if smoke else (4, 8, 16, 32)):
@@ -125,11 +124,8 @@ def section_experts(sec: Section, dev, smoke: bool, reps):
         rest = total - total // 2
         for i in range(2, n_local):
             skewed[i] = rest // (n_local - 2) + (1 if i - 2 < rest % (n_local - 2) else 0)
-        with torch.device(dev):
-            ex = [MLP(h, f, ParallelMesh.single(device=dev), parallel=False).to(torch.bfloat16) for _ in range(n_local)]
-        with torch.no_grad():
-            for p in (p for m in ex for p in m.parameters()):
-                p.normal_(std=0.02)
+        with torch.device(dev):  # the model's stacked storage: both kernels read it in place
+            ex = GroupedExperts(h, f, list(range(n_local)), out_std=0.02).to(torch.bfloat16)
         for routing, counts in (("balanced", balanced), ("skewed", skewed)):
             x = torch.randn(total, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
             c = torch.tensor(counts, device=dev)

@@ -65,13 +65,13 @@ def _count_host_syncs(backend):
 
     from megatron_r1 import kernels
     from megatron_r1.config import ParallelConfig, load_config
-    from megatron_r1.model.common import MLP
+    from megatron_r1.model.experts import GroupedExperts
     from megatron_r1.parallel.expert import moe_dispatch_combine
     from megatron_r1.parallel.mesh import ParallelMesh
 
     cfg = load_config("tiny-moe").model
     mesh = ParallelMesh.build(ParallelConfig(ep=2), cfg)
-    ex = [MLP(64, 32, ParallelMesh.single(), parallel=False) for _ in range(4)]
+    ex = GroupedExperts(64, 32, list(range(4 * mesh.ep_rank, 4 * mesh.ep_rank + 4)), out_std=0.02)
     torch.manual_seed(mesh.ep_rank)
     x = torch.randn(12, 64, requires_grad=True)
     idx = torch.randint(0, 8, (12, 2))
