@@ -245,12 +245,19 @@ def test_reshard_optimizer_on_load(trained_tp2_dp2, world, par):
     torch.testing.assert_close(after, ref_after, atol=5e-5, rtol=1e-4)
 
 
-def test_reshard_expert_optimizer_state(tmp_path):
-    """Expert ZeRO-1 state saved under ep2 (each rank 4 of the 8 experts), loaded on one rank (all 8):
-    the next step matches the run that never stopped."""
-    d = str(tmp_path)
-    ref_before, ref_loss3, ref_after = run_ranks(_train_save_continue, 2, d, dict(ep=2))[0]
-    before, loss3, after, steps = run_ranks(_load_continue, 1, d, dict())[0]
+@pytest.fixture(scope="module")
+def trained_ep2(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("ep2"))
+    return d, run_ranks(_train_save_continue, 2, d, dict(ep=2))[0]
+
+
+@pytest.mark.parametrize("world,par", [(1, dict()), (4, dict(ep=4))], ids=["one_rank", "ep4"])
+def test_reshard_expert_optimizer_state(trained_ep2, world, par):
+    """Expert weights and ZeRO-1 state (stacked [4, F, H] per projection on each of the ep2 ranks) loaded on
+    one rank (one [8, F, H] stack) and under ep4 (2 experts a rank): the next step matches the run that
+    never stopped."""
+    d, (ref_before, ref_loss3, ref_after) = trained_ep2
+    before, loss3, after, steps = run_ranks(_load_continue, world, d, par)[0]
     torch.testing.assert_close(before, ref_before, atol=2e-5, rtol=1e-5)
     assert steps == 3 and abs(loss3 - ref_loss3) < 1e-5, (loss3, ref_loss3)
     torch.testing.assert_close(after, ref_after, atol=5e-5, rtol=1e-4)
