@@ -145,9 +145,9 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     update_expert_bias(model, mesh, cfg.model.bias_update_speed)
     after = {k: v.detach().clone() for k, v in model_state(model).items()}
     from megatron_r1.parallel.data import canonical_flat
-    states = {f"optim.{s}.{k}": canonical_flat(opt.state[p][s], model.placement[k].canonical_dim)
-              for k, p in params.items()
-              for s in ("exp_avg", "exp_avg_sq")}
+    states = {f"optim.{s}.{k}": canonical_flat(t, model.placement[k].canonical_dim)  # per expert, as ZeRO saves it
+              for s in ("exp_avg", "exp_avg_sq")
+              for k, t in per_expert(model, {k: opt.state[p][s] for k, p in params.items()}).items()}
     return {"loss": loss_total, "grads": grads, "before": before, "after": after, "optim": states,
             "grad_norm": norm.item()}
 

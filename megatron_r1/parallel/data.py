@@ -80,6 +80,17 @@ class Piece:
     dim: int  # the parameter's canonical dim
 
 
+def _units(name: str, p: torch.Tensor, pl, mesh) -> list[tuple[str, int, int, int, int]]:
+    """How a parameter's optimizer state is named and addressed: (name, start, numel in p's local canonical
+    order, offset in the full tensor's canonical order, numel of the full tensor). A stack of experts is
+    one unit per expert, named by its view (its canonical dim is the expert dim, so an expert is one
+    contiguous range): the saved state stays per expert, like the weights."""
+    if pl.views:
+        n = p.numel() // len(pl.views)
+        return [(v, e * n, n, 0, n) for e, v in enumerate(pl.views)]
+    return [(name, 0, p.numel(), pl.flat_offset(p.shape, mesh), math.prod(pl.full_shape(p.shape, mesh)))]
+
+
 class Bucket:
     def __init__(self, params: list[tuple[str, nn.Parameter, object]], group, zero1: bool, mesh, kind: str):
         """params: (name, parameter, Placement) in bucket order."""
@@ -106,16 +117,15 @@ class Bucket:
         self.launched = False
         self.pieces: list[Piece] = []
         for name, p, pl in params:
-            off = self.offsets[id(p)]
-            lo, hi = max(off, self.lo), min(off + p.numel(), self.hi)
-            if lo >= hi:
-                continue
             tp_sharded = pl.tp_sharded(mesh)
-            base = pl.flat_offset(p.shape, mesh)  # a tp slice, or an ep block of an expert stack
             replica = (kind == "dp_cp" and mesh.tp > 1 and not tp_sharded and mesh.tp_rank != 0)
             primary = not replica and pl.primary and (zero1 or self.rank == 0)
-            self.pieces.append(Piece(name, p, lo - off, hi - off, lo - self.lo, base + lo - off,
-                                     math.prod(pl.full_shape(p.shape, mesh)), primary, pl.canonical_dim))
+            for unit, start, n, base, full in _units(name, p, pl, mesh):
+                off = self.offsets[id(p)] + start
+                lo, hi = max(off, self.lo), min(off + n, self.hi)
+                if lo < hi:
+                    self.pieces.append(Piece(unit, p, lo - off + start, hi - off + start, lo - self.lo,
+                                             base + lo - off, full, primary, pl.canonical_dim))
         # each parameter's float32 gradient: a view of the flat buffer in the parameter's shape
         self.main_grad = {id(p): canonical_view(self.grad[self.offsets[id(p)]:self.offsets[id(p)] + p.numel()], p,
                                                  self.place[id(p)].canonical_dim) for _, p in self.params}
@@ -337,9 +347,10 @@ class DistributedAdamW:
             for _, p in b.params:
                 off = b.offsets[id(p)]
                 p.data.copy_(canonical_view(full[off:off + p.numel()], p, b.place[id(p)].canonical_dim))
-        else:  # unsharded: the pieces are whole parameters
-            for pc in b.pieces:
-                pc.param.data.copy_(canonical_view(master[pc.shard_at:pc.shard_at + pc.hi - pc.lo], pc.param, pc.dim))
+        else:  # unsharded: the owned shard is the whole bucket
+            for _, p in b.params:
+                off = b.offsets[id(p)]
+                p.data.copy_(canonical_view(master[off:off + p.numel()], p, b.place[id(p)].canonical_dim))
 
     # ------------------------------------------------------------------------------ checkpointing
     def _pieces(self, primary_only: bool):

@@ -33,7 +33,7 @@ Notable choices
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -57,6 +57,7 @@ class Placement:
     init: float | str | None  # std, "ones", "zeros"; None for buffers
     primary: bool = True  # False: a copy of a parameter held elsewhere (not in the grad norm, not saved twice)
     stacked: bool = False  # [L, ...] stack of local experts: dim 0 sharded over ep (see Spec)
+    views: tuple[str, ...] = ()  # a stack's per-expert view names, in local expert order (ZeRO's piece names)
 
     @property
     def expert(self) -> bool:
@@ -64,11 +65,6 @@ class Placement:
 
     def ep_sharded(self, mesh) -> bool:
         return self.stacked and mesh.ep > 1
-
-    def expert_ids(self, local_shape, mesh) -> range:
-        """Global ids of the experts along dim 0 of a stack on this rank."""
-        first = mesh.ep_rank * local_shape[0] if self.ep_sharded(mesh) else 0
-        return range(first, first + local_shape[0])
 
     @property
     def canonical_dim(self) -> int:
@@ -196,8 +192,9 @@ def build_placement(root: nn.Module, mesh, default_std: float, shared: tuple[str
         if hasattr(mod, "expert_views"):  # one whole entry per expert view of the stacks (see the module doc)
             pre = f"{path}." if path else ""
             for vname in mod.expert_views():
-                entries[pre + vname] = Placement(None, "edp" if _under(pre + vname, experts) else "dp_cp",
-                                                 entries[pre + vname.split(".")[1]].init)
+                stack = pre + vname.split(".")[1]
+                entries[pre + vname] = Placement(None, entries[stack].group, entries[stack].init)
+                entries[stack] = replace(entries[stack], views=entries[stack].views + (pre + vname,))
     for name, t in root.state_dict(keep_vars=True).items():
         if name not in entries and id(t) not in seen:
             entries[name] = BUFFER
