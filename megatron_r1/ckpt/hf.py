@@ -5,6 +5,9 @@ Notable choices
   exceptions: the MTP layer of DeepSeek's release carries its own copies of the embedding and
   output head (`model.layers.{L+k}.embed_tokens`, `.shared_head.head`), which we share with the main
   model; tied embeddings have no `lm_head.weight` on disk.
+- Routed experts are stored stacked ([L, out, in] per projection, model/experts.py); `model_state` splits
+  the stacks into one view per expert under its HF name (`per_expert`), and loading writes into those
+  views (the join). So everything below, checkpoints and weight sync see one tensor per HF name.
 - How a parameter is sliced comes from the model's placement table (`model.placement[name]`,
   parallel/placement.py), so loading, conversion and vLLM weight sync all slice the same way.
 - Shards are streamed: `safe_open(...).get_slice(name)` reads only this rank's slice, so peak memory

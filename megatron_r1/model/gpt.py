@@ -3,7 +3,8 @@
 Notable features
 - Parameter names ARE the Hugging Face names (`model.layers.3.self_attn.q_b_proj.weight`,
   `model.layers.5.mlp.experts.17.up_proj.weight`, `lm_head.weight`); a tensor-parallel parameter holds
-  a contiguous slice, an expert-parallel rank holds only its experts. So `ckpt/hf.py` maps names once
+  a contiguous slice, an expert-parallel rank holds only its experts (stored stacked, named per expert:
+  model/experts.py). So `ckpt/hf.py` maps names once
   for loading, conversion and vLLM weight sync alike. Each model (chunk) carries its placement table
   (`model.placement`, parallel/placement.py: shard dim, reduction group, init, primary copy of each
   parameter), built once at construction from the layers' declarations.
