@@ -407,3 +407,35 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "step_000001" / ".metadata").write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"^{path}/.metadata: unreadable checkpoint metadata"):
         verify_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- HF names of expert stacks
+def _hf_roundtrip_ep(d):
+    """ep2: export the full model to HF (stacks split into one tensor per expert), reload it into a fresh
+    ep2 model (the per-expert tensors joined into this rank's stacks)."""
+    from megatron_r1.ckpt.hf import hf_tensors, load_hf_weights, save_hf
+    from megatron_r1.engine.runtime import gather_full_state
+    cfg = make_cfg(ep=2)
+    mesh = ParallelMesh.build(cfg.parallel, cfg.model)
+    chunks = build_parallel_model(cfg, mesh)
+    perturb(chunks, mesh)
+    full = gather_full_state(chunks, mesh)
+    if mesh.rank == 0:
+        save_hf(hf_tensors(full, cfg.model), cfg.model, d, dtype=torch.float32)
+    torch.distributed.barrier()
+    fresh = build_parallel_model(cfg, mesh, seed=4321)
+    load_hf_weights(fresh[0], d, cfg.model, mesh)
+    stacks = {n: p for n, p in chunks[0].named_parameters() if n.endswith("experts.up_proj")}
+    same = all(torch.equal(a, b) for a, b in zip(chunks[0].parameters(), fresh[0].parameters()))
+    return same, [n for n in full if ".mlp.experts." in n], {n: tuple(p.shape) for n, p in stacks.items()}
+
+
+def test_expert_stacks_export_and_load_one_hf_tensor_per_expert(tmp_path):
+    same, expert_names, stacks = run_ranks(_hf_roundtrip_ep, 2, str(tmp_path))[0]
+    assert same  # every parameter, the ep-sharded stacks included, reloaded bit for bit
+    # every MoE layer (and the MTP's): 8 experts × 3 projections by name, whichever rank held them
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in expert_names and len(expert_names) == 3 * 8 * len(stacks)
+    assert stacks and all(s[0] == 4 for s in stacks.values())  # 8 experts over ep2: 4 per rank, stacked
+    from megatron_r1.ckpt.hf import read_safetensors_header
+    header = read_safetensors_header(str(tmp_path / "model.safetensors"))
+    assert tuple(header["model.layers.1.mlp.experts.7.down_proj.weight"]["shape"]) == (64, 32)
