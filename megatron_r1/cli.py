@@ -23,12 +23,14 @@ COMMANDS = {
     "grpo": ("megatron_r1.rl.trainer", "main", "R1-Zero / R1 GRPO training"),
     "pretrain": ("megatron_r1.sft.trainer", "pretrain_main", "language-model pretraining (tiny base models)"),
     "sft": ("megatron_r1.sft.trainer", "main", "supervised fine-tuning (cold start, distillation)"),
+    "train-rm": ("megatron_r1.rl.train_rm", "main", "train a reward model on preference pairs (Bradley-Terry)"),
     "eval": ("megatron_r1.eval.runner", "main", "pass@1 / cons@k evaluation"),
     "rejection-sample": ("megatron_r1.rl.rejection", "main", "sample with the policy, keep rule-reward passes as SFT rows"),
     "score": ("megatron_r1.rl.score", "main", "score response rows with registered rewards (the trainer's code path)"),
     "export-distill": ("megatron_r1.tools.export_distill_dataset", "main",
                        "rejection samples -> deduplicated, decontaminated chat rows for a student"),
     "prepare-tiny": ("megatron_r1.recipes.tiny_r1_zero", "prepare_main", "data + tokenizer of the tiny R1-Zero demo"),
+    "general-data": ("megatron_r1.recipes.general_tasks", "main", "the tiny general task family: prompts and preference pairs"),
     "report-tiny": ("megatron_r1.recipes.tiny_r1_zero", "report_main", "before/after table of the tiny demo"),
 }
 

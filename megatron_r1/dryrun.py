@@ -429,6 +429,26 @@ def sft(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
                global_batch_size=cfg.train.global_batch_size, paths=_lm_paths(a, cfg, ("",)), needs_vllm=False)
 
 
+def train_rm(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
+    def pairs(r: Report, what: str, path: str) -> None:
+        from megatron_r1.data.prompts import DataError
+        from megatron_r1.rl.train_rm import read_pairs
+        if not os.path.exists(path):
+            return r.problem(f"{what} {path}", "missing")
+        try:
+            r.line(f"  ok        {what}: {path} ({len(read_pairs(path))} pairs parsed and validated)")
+        except DataError as e:
+            r.problem(f"{what}: {e}")
+
+    if not (a.tokenizer or cfg.data.tokenizer or a.init_hf):
+        raise ConfigError("train-rm needs a tokenizer: --tokenizer, data.tokenizer or --init-hf")
+    paths = [lambda r: pairs(r, "pairs (--data)", a.data)] + _lm_paths(a, cfg, ("",))[1:]
+    if a.eval:
+        paths.append(lambda r: pairs(r, "held-out pairs (--eval)", a.eval))
+    return run("train-rm", a, cfg, argv, seq_length=cfg.train.seq_length,
+               global_batch_size=cfg.train.global_batch_size, paths=paths, needs_vllm=False)
+
+
 def pretrain(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
     return run("pretrain", a, cfg, argv, seq_length=cfg.train.seq_length,
                global_batch_size=cfg.train.global_batch_size, paths=_lm_paths(a, cfg, (".bin", ".idx")),
