@@ -300,6 +300,10 @@ class RLConfig:
     rollout_is_cap: float = 2.0  # C: TIS truncates weights at C; MIS drops ratios outside [1/C, C]
     dynamic_sampling_max_rounds: int = 0  # DAPO refill: extra rollout rounds to replace all-equal groups
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    # per-prompt reward routing: task type (the prompt row's data.task_key field) -> its own rewards mapping,
+    # e.g. {general: {rm_helpful: {weight: 1, path: DIR}, rm_harmless: {...}}}; other tasks use rl.rewards
+    routes: dict = field(default_factory=dict)
+    ref_refresh_interval: int = 0  # every N steps the reference policy becomes the current policy (paper: 400); 0 = never
     template: str = "r1_zero"  # a registered template (data/templates.py): r1_zero, chat, r1_chat, ...
 
 
@@ -318,6 +322,7 @@ class DataConfig:
     eval_path: str | None = None  # held-out prompts for grpo --eval-every (the --eval flag wins)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    task_key: str = "task"  # the prompt row's task type, which rl.routes routes on (missing: rl.rewards)
     on_error: Literal["skip", "raise"] = "skip"  # malformed prompt rows
     tokenizer: str | None = None  # HF tokenizer dir or sentencepiece .model
 
@@ -629,15 +634,44 @@ def validate_rewards(r: RLConfig) -> None:
         get_template(r.template)
     except KeyError:
         raise ConfigError(f"rl.template={r.template!r}: expected one of {', '.join(sorted(_TEMPLATES))}") from None
-    fmt = r.rewards.get("format")
-    variant = fmt.get("variant", "r1_zero") if isinstance(fmt, dict) else "r1_zero"
-    expected = getattr(get_template(r.template), "answer_format", variant)
-    if fmt is not None and variant != expected:
-        raise ConfigError(f"rl.rewards.format variant {variant!r} does not match rl.template={r.template!r}, whose "
-                          f"outputs follow {expected!r}: every well-formed output would score format 0; set "
-                          f"rl.rewards.format to {{weight: ..., variant: {expected}}}")
-    from megatron_r1.rl.rewards import list_rewards
-    unknown = [name for name in r.rewards if name not in list_rewards()]
-    if unknown or not r.rewards:
-        raise ConfigError(f"rl.rewards: unknown {', '.join(map(repr, unknown)) or '(none given)'}; registered: "
-                          f"{', '.join(list_rewards())}")
+    if not isinstance(r.routes, dict):
+        raise ConfigError(f"rl.routes must map a task type to a rewards mapping, got {type(r.routes).__name__}")
+    for where, mapping in [("rl.rewards", r.rewards)] + [(f"rl.routes.{t}", m) for t, m in r.routes.items()]:
+        fmt = mapping.get("format") if isinstance(mapping, dict) else None
+        variant = fmt.get("variant", "r1_zero") if isinstance(fmt, dict) else "r1_zero"
+        expected = getattr(get_template(r.template), "answer_format", variant)
+        if fmt is not None and variant != expected:
+            raise ConfigError(f"{where}.format variant {variant!r} does not match rl.template={r.template!r}, whose "
+                              f"outputs follow {expected!r}: every well-formed output would score format 0; set "
+                              f"{where}.format to {{weight: ..., variant: {expected}}}")
+    _check_reward_mapping("rl.rewards", r.rewards)
+    for task, mapping in r.routes.items():
+        if task == "default":
+            raise ConfigError("rl.routes.default: 'default' is reserved for rl.rewards (the route of every other task)")
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"rl.routes.{task} must be a rewards mapping like rl.rewards, got {mapping!r}")
+        _check_reward_mapping(f"rl.routes.{task}", mapping)
+    if r.ref_refresh_interval < 0:
+        raise ConfigError(f"rl.ref_refresh_interval={r.ref_refresh_interval} must be >= 0 (0: never)")
+    if r.ref_refresh_interval and r.beta == 0:
+        raise ConfigError(f"rl.ref_refresh_interval={r.ref_refresh_interval} needs a reference model: rl.beta > 0")
+
+
+def _check_reward_mapping(where: str, mapping: dict) -> None:
+    """Registered names (NAME or NAME:ARG), numeric weights; a reward that needs an argument (a reward
+    model's path) has one. Files are not opened here: a stage's reward model may not exist at a dry run."""
+    from megatron_r1.rl.rewards.registry import get_reward_spec, list_rewards, split_name
+    if not mapping:
+        raise ConfigError(f"{where}: no rewards given; registered: {', '.join(list_rewards())}")
+    for full, value in mapping.items():
+        try:
+            name, kw = split_name(str(full))
+        except KeyError:
+            raise ConfigError(f"{where}: unknown {full!r}; registered: {', '.join(list_rewards())}") from None
+        opts = value if isinstance(value, dict) else {"weight": value}
+        w = opts.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ConfigError(f"{where}.{full}: needs a numeric weight (got {w!r})")
+        arg = get_reward_spec(name).arg
+        if arg and not (kw.get(arg) or opts.get(arg)):
+            raise ConfigError(f"{where}.{full}: needs its {arg}: {{weight: {w}, {arg}: ...}} or {name}:{arg.upper()}")

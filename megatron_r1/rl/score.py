@@ -19,6 +19,8 @@ Notable choices
   rewards fan out over worker pools per batch). Timing percentiles are per batch; with
   `--batch-size 1` they are per-row latencies.
 - The output is written to `OUT.tmp` and renamed when complete.
+- Reward models score too: `--reward rm_helpful:DIR,rm_harmless:DIR` (a `train-rm` export); they read
+  each row's `prompt` field (a string or chat messages) with its response, as in the GRPO loop.
 """
 from __future__ import annotations
 
@@ -62,14 +64,18 @@ class Scorer:
         from the mapping gets weight 1 and default options)."""
         if names is None:
             return cls(RewardCombiner(rewards))
-        unknown = [n for n in names if n not in list_rewards()]
+        unknown = [n for n in names if n.partition(":")[0] not in list_rewards()]
         if unknown:
             raise ConfigError(f"unknown reward {unknown[0]!r}; registered: {', '.join(list_rewards())}")
-        return cls(RewardCombiner({n: rewards.get(n, 1.0) for n in names}))
+        try:
+            return cls(RewardCombiner({n: rewards.get(n, 1.0) for n in names}))
+        except KeyError as e:  # e.g. NAME:ARG for a reward that takes no argument
+            raise ConfigError(str(e.args[0])) from None
 
-    def __call__(self, responses: Sequence[str], references: Sequence[Any]) -> RewardOutput:
+    def __call__(self, responses: Sequence[str], references: Sequence[Any],
+                 prompts: Sequence[Any] | None = None) -> RewardOutput:
         t0 = time.perf_counter()
-        out = self.combiner(responses, references)
+        out = self.combiner(responses, references, prompts)
         self.seconds["total"].append(time.perf_counter() - t0)
         self.rows += len(responses)
         for k, scores in [*out.components.items(), ("total", out.total)]:
@@ -153,7 +159,7 @@ def score_file(scorer: Scorer, input_path: str, output_path: str, batch_size: in
                      file=sys.stderr) as bar:
             for start in range(0, len(rows), batch_size):
                 part = rows[start:start + batch_size]
-                out = scorer([r[1] for r in part], [r[2] for r in part])
+                out = scorer([r[1] for r in part], [r[2] for r in part], [r[0].get("prompt", "") for r in part])
                 for i, (row, _, _) in enumerate(part):
                     row = dict(row, rewards={k: v[i] for k, v in out.components.items()}, reward=out.total[i])
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

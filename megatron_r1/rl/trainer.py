@@ -16,7 +16,12 @@ Notable choices
 - Loss normalisation uses the global count (tokens or sequences per `rl.loss_agg`) of each mini-batch,
   so micro-batches, dp and cp ranks add up to one big batch (see rl/grpo.py).
 - Rewards are scored by each rollout replica for its own samples (the symbolic checker runs in
-  killable worker processes), then gathered with the samples.
+  killable worker processes, reward models on the replica's device), then gathered with the samples.
+  Each prompt's task type (`data.task_key`) picks its rewards (`rl.routes`, else `rl.rewards`): rule
+  rewards for reasoning prompts, reward models for general ones; `reward/route/<task>` logs each route.
+- `rl.ref_refresh_interval` N > 0: after every N-th step the reference policy is replaced by the current
+  policy (DeepSeek-R1 refreshes every 400 steps). A resumed run refreshes it at resume (the checkpoint
+  holds the policy, not the reference), so its reference is at most N steps staler than uninterrupted.
 - After the update the full weights stream into vLLM in buckets (`rollout.bucket_mb`).
 """
 from __future__ import annotations
@@ -36,7 +41,8 @@ from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.engine.runtime import forward_only, train_step
 from megatron_r1.parallel.tensor import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_r1.rl import grpo
-from megatron_r1.rl.rewards import RewardCombiner
+from megatron_r1.rl.rewards import RewardRouter
+from megatron_r1.rl.rewards.registry import component_mean
 from megatron_r1.training import TrainSession
 
 
@@ -130,6 +136,7 @@ class GRPOTrainer:
                 load_hf_weights(c, init_hf, cfg.model, mesh, dtype=DTYPES[cfg.train.params_dtype])
                 c.requires_grad_(False)
                 c.use_mtp = False
+        self.rewards = RewardRouter(rl.rewards, rl.routes)  # reward-model paths checked before the engine starts
         self.dataset = self.read_prompts(path, "data")  # before the engine: a bad file costs no engine start
         from megatron_r1.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
@@ -137,7 +144,6 @@ class GRPOTrainer:
                                     tensor_parallel_size=cfg.rollout.tp,
                                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
         self.loader = PromptLoader(self.dataset, rl.prompts_per_step, seed=cfg.train.seed)
-        self.rewards = RewardCombiner(rl.rewards)
         self.eval_set = eval_set
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.replicas = self.world // cfg.rollout.tp
@@ -161,12 +167,14 @@ class GRPOTrainer:
                                       max_tokens=max_new, seed=self.cfg.train.seed + 7919 * (step * (1 + rl.dynamic_sampling_max_rounds) + round)
                                       + lo * rl.group_size)
         samples = [smp for g in groups for smp in g]
-        refs = [e.answer for e in examples[lo:hi] for _ in range(rl.group_size)]
+        mine = [e for e in examples[lo:hi] for _ in range(rl.group_size)]
+        refs = [e.answer for e in mine]
         t0 = time.time()
         # rewards read our tokenizer's decode of the sampled ids, not vLLM's streamed text: the two differ
         # when a weak policy samples byte tokens that do not form valid UTF-8
         texts = [self.tok.decode(smp.token_ids) for smp in samples]
-        scored = self.rewards(texts, refs)
+        scored = self.rewards(texts, refs, tasks=[e.extra.get(self.cfg.data.task_key) for e in mine],
+                              prompts=[e.prompt for e in mine])
         local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", t)
                               for smp, t in zip(samples, texts)],
                      total=scored.total, components=scored.components, reward_time=time.time() - t0)
@@ -362,6 +370,15 @@ class GRPOTrainer:
         t["train"] = time.time()
         return metrics, train_metrics
 
+    @torch.no_grad()
+    def refresh_reference(self) -> None:
+        """The reference policy becomes the current policy: a local copy, shard by shard (both are sharded
+        alike, so no collective)."""
+        for ref, pol in zip(self.ref_chunks, self.session.chunks):
+            ref_state = dict(ref.named_parameters()) | dict(ref.named_buffers())  # buffers: the MoE router bias
+            for name, t in list(pol.named_parameters()) + list(pol.named_buffers()):
+                ref_state[name].copy_(t)
+
     def sync_weights(self):
         """Push the updated weights into vLLM (on GPU, waking the engine first when it slept)."""
         bucket = int(self.cfg.rollout.bucket_mb * (1 << 20))
@@ -385,6 +402,10 @@ class GRPOTrainer:
         sync = self.sync_weights()
         t["sync"] = time.time()
         metrics.update(self._step_metrics(ro, batch, train_metrics, sync, t))
+        every = self.cfg.rl.ref_refresh_interval
+        if every and (step + 1) % every == 0:
+            self.refresh_reference()
+            metrics["ref_refreshed"] = 1.0
         if self.cfg.rl.dynamic_sampling:
             metrics["dynamic_sampling/extra_rounds"] = float(extra_rounds)
         self.last_rollout = ro
@@ -394,7 +415,7 @@ class GRPOTrainer:
         n = len(ro.response_ids)
         tok = max(train_metrics.get("tok", 0.0), 1.0)
         resp = batch["resp_len"]
-        comps = {f"reward/{k}": sum(v) / len(v) for k, v in ro.components.items()}
+        comps = {f"reward/{k}": component_mean(v) for k, v in ro.components.items()}  # routed: its route's mean
         metrics = dict(comps)
         for short, key in (("accuracy", "reward/accuracy"), ("format_rate", "reward/format")):
             if key in comps:
@@ -490,6 +511,12 @@ class GRPOTrainer:
             for line in report(ds, f"{what} {path}", f" (rl.max_prompt_len={limit}; rollout.max_model_len="
                                                    f"{self.cfg.rollout.max_model_len})"):
                 s.logger.write(line)
+            if self.cfg.rl.routes:  # where each task's prompts go, so a misspelt task type shows at once
+                from collections import Counter
+                counts = Counter(self.rewards.route_of(e.extra.get(data.task_key)) for e in ds)
+                s.logger.write(f"reward routes of {what} {path}: " + ", ".join(
+                    f"{r} {n} prompts -> {'rl.rewards' if r == RewardRouter.DEFAULT else 'rl.routes.' + r}"
+                    for r, n in sorted(counts.items())))
         return ds
 
     def prompt_tokens(self, example) -> int:
@@ -502,6 +529,8 @@ class GRPOTrainer:
             return
         if extra.get("prompts"):
             self.loader.load_state_dict(extra["prompts"])
+        if self.cfg.rl.ref_refresh_interval and self.ref_chunks is not None:
+            self.refresh_reference()  # see the module notes: the reference restarts from the resumed policy
         self.engine.update_weights(self.session.full_state(), bucket_bytes=int(self.cfg.rollout.bucket_mb * (1 << 20)))
 
     def fit(self, steps: int | None = None, eval_every: int = 0) -> list[dict]:

@@ -135,6 +135,15 @@ def test_grpo_refuses_a_misspelt_enum_before_building_anything(tmp_path):
     (["rl.prompts_per_step=12", "rollout.tp=4"], 6, "rollout.tp=4 does not divide the world size 6"),
     (["parallel.cp=2", "rl.loss_agg=seq_mean_token_mean"], 2, "not layout-invariant with parallel.cp > 1"),
     (["parallel.tp=3"], 3, "parallel.tp=3 does not divide num_attention_heads=4"),
+    # the reward routing table (rl.routes) and the reference refresh
+    (["rl.routes={general: {rm_helpfull: 1.0}}"], 1, "rl.routes.general: unknown 'rm_helpfull'"),
+    (["rl.routes={general: {rm_helpful: 1.0}}"], 1, "rl.routes.general.rm_helpful: needs its path"),
+    (["rl.routes={general: {rm_helpful: {path: x}}}"], 1, "rl.routes.general.rm_helpful: needs a numeric weight"),
+    (["rl.routes={general: {}}"], 1, "rl.routes.general: no rewards given"),
+    (["rl.routes={general: 1.0}"], 1, "rl.routes.general must be a rewards mapping"),
+    (["rl.routes={default: {accuracy: 1.0}}"], 1, "'default' is reserved"),
+    (["rl.routes={general: {format: {weight: 1, variant: r1}}}"], 1, "rl.routes.general.format variant 'r1'"),
+    (["rl.ref_refresh_interval=400"], 1, "rl.ref_refresh_interval=400 needs a reference model: rl.beta > 0"),
 ])
 def test_validate_names_the_keys(overrides, world, needle):
     from megatron_r1.config import validate
