@@ -105,7 +105,8 @@ def heldout_accuracy(session, pairs: list[tuple[list[int], list[int]]], token_id
 
 # ------------------------------------------------------------------------------------------- main
 def train(session, tok, kind: str, train_pairs, heldout_pairs, eval_every: int = 0) -> dict:
-    """The loop; returns the final held-out metrics (and the last step's training metrics)."""
+    """The loop; returns the held-out metrics at the end and before training (`initial`, when this run
+    started at step 0), and the last step's training metrics."""
     from megatron_r1.engine.runtime import train_step
     cfg, mesh = session.cfg, session.mesh
     g, mb, steps = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.train_steps
@@ -129,8 +130,7 @@ def train(session, tok, kind: str, train_pairs, heldout_pairs, eval_every: int =
             session.logger.log(step, {"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]}, advance=advance)
         return ev
 
-    if session.step == 0:
-        log_eval(0, advance=False)
+    initial = log_eval(0, advance=False) if session.step == 0 else {}
     last: dict = {}
     for step in range(session.step, steps):
         lr = session.set_lr(step)
@@ -156,7 +156,7 @@ def train(session, tok, kind: str, train_pairs, heldout_pairs, eval_every: int =
     ev = heldout_accuracy(session, held, token_id, tok.pad_id) if held else {"accuracy": float("nan"), "pairs": 0}
     if held and not session.stopped:
         session.logger.log(session.step, {"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]}, advance=False)
-    return {"heldout": ev, "last": last, "token_id": token_id}
+    return {"heldout": ev, "initial": initial, "last": last, "token_id": token_id}
 
 
 def main(argv: list[str]) -> int:
