@@ -3,11 +3,12 @@
 #
 # A stage script sets, then sources this file and calls `mr1_main "$@"`:
 #   STAGE          name of the stage: run dir runs/$STAGE, log names
-#   CMD            megatron-r1 subcommand: grpo | sft | pretrain | rejection-sample
+#   CMD            megatron-r1 subcommand: grpo | sft | pretrain | rejection-sample | train-rm
 #   CFG            YAML config (relative to the repo root)
 #   DEFAULT_NODES  the node count the YAML's layout is planned for; keep it equal to `#SBATCH --nodes`
 #   CMD_ARGS       bash array: the subcommand's flags (--init-hf ..., --data ...)
 #   OVERRIDES      bash array (optional): dotted config overrides (data.train_path=...)
+#   REQUIRES       bash array (optional): more inputs whose producing stage must have finished (reward models)
 # The script's own arguments are --dry-run and dotted overrides (train.lr=1e-6 ...), which win over all others.
 #
 # Notable choices (why the scripts look the way they do):
@@ -209,7 +210,7 @@ mr1_main() {
         mr1_log "already finished: $RUN_DIR/DONE exists (delete it, or choose another RUN_DIR, to run again)"
         exit 0
     fi
-    [ "$DRY_RUN" = 1 ] || mr1_require_done "${INIT_HF:-}" "${DATA:-}"
+    [ "$DRY_RUN" = 1 ] || mr1_require_done "${INIT_HF:-}" "${DATA:-}" ${REQUIRES[@]+"${REQUIRES[@]}"}
     mr1_preflight || exit $?
     if [ "$DRY_RUN" = 1 ]; then
         mr1_log "dry run only: nothing launched"

@@ -405,8 +405,27 @@ def grpo(a: argparse.Namespace, cfg: Config, argv: list[str]) -> int:
         paths.append(lambda r: _check_file(r, "tokenizer (data.tokenizer)", tok))
     if getattr(a, "eval", None):
         paths.append(lambda r: _check_prompts(r, "eval prompts (--eval)", a.eval, cfg, tok or a.init_hf, limit))
+    paths.append(lambda r: _check_reward_models(r, rl))
     return run("grpo", a, cfg, argv, seq_length=seq, global_batch_size=n // max(rl.updates_per_batch, 1), paths=paths,
                needs_vllm=True, extra_checks=[batch_checks])
+
+
+def _check_reward_models(r: Report, rl) -> None:
+    """Every reward model a reward mapping names (rl.rewards, rl.routes.*): trained and of the right kind. One
+    not trained yet is a warning: its stage may be queued ahead of this one (the scripts' afterok chain)."""
+    from megatron_r1.rl.rewards.registry import get_reward_spec, split_name
+    for where, mapping in [("rl.rewards", rl.rewards)] + [(f"rl.routes.{t}", m) for t, m in rl.routes.items()]:
+        for full, value in mapping.items():
+            name, kw = split_name(str(full))
+            spec = get_reward_spec(name)
+            if spec.check is None:
+                continue
+            opts = dict(kw, **{k: v for k, v in (value.items() if isinstance(value, dict) else ()) if k != "weight"})
+            try:
+                spec.check(**opts)
+                r.line(f"  ok        {where}.{name}: {opts.get(spec.arg or '', '')}")
+            except ConfigError as e:
+                r.warn(f"{where}.{name}: {e}")
 
 
 def _lm_paths(a, cfg: Config, data_suffixes: tuple) -> list:
