@@ -19,6 +19,7 @@
 #   KIND=helpful  DATA=/data/r1/helpful_pairs.jsonl  sbatch examples/r1_reward_model_671b.sh
 #   KIND=harmless DATA=/data/r1/harmless_pairs.jsonl sbatch examples/r1_reward_model_671b.sh
 #
+# RM_INIT_HF: the reward model's starting weights (a local dense HF dir, default /ckpt/qwen2.5-1.5b).
 # Output: runs/r1_rm_$KIND/hf (HF dir + tokenizer + rm.json), which examples/r1_general_rl_671b.yaml names in
 # rl.routes.general.
 KIND=${KIND:-helpful}
@@ -27,7 +28,7 @@ STAGE=${STAGE:-r1_rm_$KIND}
 CMD=train-rm
 CFG=examples/r1_reward_model_671b.yaml
 DEFAULT_NODES=1
-INIT_HF=${INIT_HF:-/ckpt/qwen2.5-1.5b}
+INIT_HF=${RM_INIT_HF:-/ckpt/qwen2.5-1.5b}   # not INIT_HF: the pipeline exports that as the policy base
 DATA=${DATA:-/data/r1/${KIND}_pairs.jsonl}
 CMD_ARGS=(--kind "$KIND" --init-hf "$INIT_HF" --data "$DATA" --eval-every 50)
 source "${MR1_REPO:-${SLURM_SUBMIT_DIR:-.}}/examples/cluster_common.sh"

@@ -123,7 +123,9 @@ class RewardModel:
         self.meta = json.load(open(meta_path))
         self.path, self.kind = path, self.meta["kind"]
         self.mesh = ParallelMesh.single(device=device or default_device())
-        self.model = from_hf(path, mesh=self.mesh)
+        # bf16 on an accelerator (half the memory beside the policy), float32 on CPU (tests compare exactly)
+        dtype = torch.float32 if self.mesh.device.type == "cpu" else torch.bfloat16
+        self.model = from_hf(path, mesh=self.mesh, dtype=dtype)
         self.model.use_mtp = False
         self.model.eval()
         self.tok = load_tokenizer(path)
