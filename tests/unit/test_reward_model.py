@@ -129,3 +129,23 @@ def test_reward_model_names_and_paths(tmp_path):
         RewardCombiner({"rm_harmless": {"weight": 1.0, "path": str(tmp_path)}})
     c = RewardCombiner({f"rm_helpful:{tmp_path}": 0.5})
     assert c.weights == {"rm_helpful": 0.5} and c.kwargs["rm_helpful"] == {"path": str(tmp_path)}
+
+
+def test_train_rm_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    from megatron_r1.cli import main
+    good = {"prompt": "Q", "chosen": "A", "rejected": "B"}
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "Q", "chosen": "A"}) + "\n")
+    tok = tmp_path / "tok"
+    from megatron_r1.data.tokenizer import train_sentencepiece
+    train_sentencepiece(["Q A B " * 20, "question answer"] * 20, tok, vocab_size=300)
+    args = ["train-rm", "--config", "tiny-qwen2", "--kind", "helpful", "--tokenizer", str(tok)]
+    run = f"run_dir={tmp_path / 'run'}"
+    assert main(args + ["--data", str(bad), run]) == 2
+    assert f"error: {bad}:2: expected an object with string fields 'prompt', 'chosen', 'rejected'" in \
+        capsys.readouterr().err
+    assert main(args + ["--data", str(tmp_path / "none.jsonl"), run]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(args + ["--data", str(bad), run, "parallel.cp=2"]) == 2
+    assert "parallel.cp=2 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started
