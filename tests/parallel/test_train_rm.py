@@ -1,6 +1,7 @@
 """`train-rm` on the runtime: a tiny reward model learns an easy preference (held-out pairwise accuracy well
-above chance, and above the untrained model's), dp2 and tp2 give dp1's losses and scores, and a run resumed
-from its checkpoint ends where an uninterrupted one does."""
+above chance, and above the untrained model's) and its export, served as GRPO serves it, ranks the held-out
+pairs alike; dp2 and tp2 give dp1's losses and scores; a run resumed from its checkpoint ends where an
+uninterrupted one does."""
 import json
 
 import pytest
@@ -44,15 +45,33 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_tiny_rm_learns_an_easy_preference(rm_data, tmp_path):
+def _cli(argv):
+    from megatron_r1.rl.train_rm import main
+    return main(argv)
+
+
+def test_tiny_rm_learns_an_easy_preference_and_its_export_serves(rm_data, tmp_path):
+    from megatron_r1.recipes.general_tasks import write_jsonl
+    from megatron_r1.rl.reward_model import RewardModel
     tok, train, held = rm_data
-    (res,) = run_ranks(_train, 1, tok, train, held, str(tmp_path / "run"), ["train.train_steps=14",
-                                                                           "train.global_batch_size=16"])
-    before, after = res["initial"], res["heldout"]
-    assert after["pairs"] == len(held) > 20
+    data, heldout = write_jsonl(str(tmp_path / "train.jsonl"), train), write_jsonl(str(tmp_path / "held.jsonl"), held)
+    run = tmp_path / "run"
+    (rc,) = run_ranks(_cli, 1, ["--config", "tiny-qwen2", "--kind", "helpful", "--data", data, "--eval", heldout,
+                                "--tokenizer", tok, f"run_dir={run}"] + BASE
+                    + ["train.train_steps=14", "train.global_batch_size=16"])
+    assert rc == 0 and (run / "DONE").exists()
+    evals = [r for r in map(json.loads, open(run / "metrics.jsonl")) if "eval/accuracy" in r]
+    before, after = evals[0], evals[-1]
+    meta = json.load(open(run / "hf" / "rm.json"))
+    assert meta["kind"] == "helpful" and meta["heldout_pairs"] == len(held) > 20
     # an unhelpful or wrong summary loses to the reference answer on unseen prompts
-    assert after["accuracy"] >= 0.8, (before, after)
-    assert after["loss"] < before["loss"] - 0.2 and after["loss"] < 0.6, (before, after)
+    assert meta["heldout_accuracy"] == after["eval/accuracy"] >= 0.8, (before, after)
+    assert after["eval/loss"] < before["eval/loss"] - 0.2 and after["eval/loss"] < 0.6, (before, after)
+    # the export, served as GRPO serves it, ranks the held-out pairs as training measured
+    served = RewardModel(str(run / "hf"))
+    c = served.score([r["prompt"] for r in held], [r["chosen"] for r in held])
+    r = served.score([r["prompt"] for r in held], [r["rejected"] for r in held])
+    assert sum(a > b for a, b in zip(c, r)) / len(held) == pytest.approx(meta["heldout_accuracy"])
 
 
 @pytest.fixture(scope="module")
