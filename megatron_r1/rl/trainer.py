@@ -55,7 +55,7 @@ class Rollout:
     truncated: list[bool]  # finish_reason == "length"
     texts: list[str]
     rewards: list[float]
-    components: dict[str, list[float]]
+    components: dict[str, list[float | None]]  # None: a routed reward that did not score this sample
 
     def select_groups(self, groups: list[int], group_size: int) -> "Rollout":
         """The samples of the given prompt groups, in that order."""
