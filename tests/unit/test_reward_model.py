@@ -127,8 +127,9 @@ def test_reward_model_names_and_paths(tmp_path):
     (tmp_path / "rm.json").write_text(json.dumps({"kind": "helpful"}))
     with pytest.raises(ConfigError, match="is a 'helpful' reward model"):
         RewardCombiner({"rm_harmless": {"weight": 1.0, "path": str(tmp_path)}})
-    c = RewardCombiner({f"rm_helpful:{tmp_path}": 0.5})
-    assert c.weights == {"rm_helpful": 0.5} and c.kwargs["rm_helpful"] == {"path": str(tmp_path)}
+    from megatron_r1.ckpt.hf import CheckpointError
+    with pytest.raises(CheckpointError, match="no config.json"):  # loaded at construction: fails before step 1
+        RewardCombiner({f"rm_helpful:{tmp_path}": 0.5})
 
 
 def test_train_rm_bad_inputs_are_one_line_errors(tmp_path, capsys):
@@ -149,3 +150,37 @@ def test_train_rm_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(args + ["--data", str(bad), run, "parallel.cp=2"]) == 2
     assert "parallel.cp=2 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_score_serves_reward_models_on_what_each_judges(tmp_path, capsys):
+    """`megatron-r1 score --reward rm_helpful:DIR,rm_harmless:DIR`: the helpful RM sees only the summary (two
+    responses that differ only in the reasoning score the same), the harmless RM the whole response."""
+    from megatron_r1.ckpt.hf import hf_tensors, model_state, save_hf
+    from megatron_r1.cli import main
+    from megatron_r1.config import load_config
+    from megatron_r1.data.tokenizer import train_sentencepiece
+    from megatron_r1.model import CausalLM
+    from megatron_r1.training import copy_tokenizer
+    pairs = gt.preference_pairs("harmless", 40, seed=0)
+    tok = train_sentencepiece([p["prompt"] + p["chosen"] + p["rejected"] for p in pairs], tmp_path / "tok",
+                              vocab_size=400)
+    cfg = load_config("tiny-qwen2", ["model.num_hidden_layers=1"]).model
+    torch.manual_seed(0)
+    state = dict(hf_tensors(model_state(CausalLM(cfg)), cfg))
+    for kind in ("helpful", "harmless"):  # one random model, two kinds: only what they read differs
+        d = tmp_path / kind
+        save_hf(iter(state.items()), cfg, str(d), dtype=torch.float32)
+        copy_tokenizer(str(tok), str(d))
+        (d / "rm.json").write_text(json.dumps({"kind": kind, "score_token_id": 2, "max_length": 128}))
+    cot_only = next(p for p in pairs if rm.summary_of(p["chosen"]) == rm.summary_of(p["rejected"]))
+    rows = [{"prompt": cot_only["prompt"], "response": cot_only[k], "answer": ""} for k in ("chosen", "rejected")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--reward", f"rm_helpful:{tmp_path / 'helpful'},rm_harmless:{tmp_path / 'harmless'}",
+                 "--input", str(tmp_path / "rows.jsonl"), "--output", str(out), "--no-progress"]) == 0
+    a, b = [json.loads(line)["rewards"] for line in open(out)]
+    assert a["rm_helpful"] == b["rm_helpful"]  # same summary
+    assert a["rm_harmless"] != b["rm_harmless"]  # the harmful aside in the reasoning is read
+    # and the prompt is part of what is judged
+    served = rm.load_reward_model(str(tmp_path / "helpful"))
+    assert served.score(["Q?"], [rows[0]["response"]]) != served.score(["other?"], [rows[0]["response"]])

@@ -31,6 +31,12 @@ def _check(kind: str, path: str | None = None, **_) -> None:
         raise ConfigError(f"rm_{kind}: {path} is a {found!r} reward model (its {RM_META})")
 
 
+def _load(path: str, **_) -> None:
+    """At construction (trainer, score): load the model once, so a broken checkpoint is an error at start."""
+    from megatron_r1.rl.reward_model import load_reward_model
+    load_reward_model(path)
+
+
 def _score(kind: str, responses, references, *, path: str | None = None, prompts=None):
     from megatron_r1.rl.reward_model import load_reward_model
     if not path:
@@ -51,12 +57,12 @@ def rm_harmless_batch(responses, references, path=None, prompts=None):
 
 
 @register_reward("rm_helpful", batch_fn=rm_helpful_batch, needs_prompt=True, arg="path",
-                 check=lambda **kw: _check("helpful", **kw))
+                 check=lambda **kw: _check("helpful", **kw), prepare=lambda **kw: _load(**kw))
 def rm_helpful(response, reference, path=None, prompt=""):
     return rm_helpful_batch([response], [reference], path=path, prompts=[prompt])[0]
 
 
 @register_reward("rm_harmless", batch_fn=rm_harmless_batch, needs_prompt=True, arg="path",
-                 check=lambda **kw: _check("harmless", **kw))
+                 check=lambda **kw: _check("harmless", **kw), prepare=lambda **kw: _load(**kw))
 def rm_harmless(response, reference, path=None, prompt=""):
     return rm_harmless_batch([response], [reference], path=path, prompts=[prompt])[0]

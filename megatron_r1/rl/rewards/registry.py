@@ -39,20 +39,23 @@ class RewardSpec:
     batch_fn: BatchRewardFn | None = None
     needs_prompt: bool = False  # called with prompts=[...] too
     arg: str | None = None  # "NAME:VALUE" passes VALUE as this keyword
-    check: Callable[..., None] | None = None  # check(**options) at construction: bad options fail before step 1
+    check: Callable[..., None] | None = None  # check(**options): cheap (the dry run calls it)
+    prepare: Callable[..., None] | None = None  # prepare(**options) at construction (loads a reward model):
+    # bad options or files fail before step 1, not as zero scores at every step
 
 
 _REWARDS: dict[str, RewardSpec] = {}
 
 
 def register_reward(name: str, batch_fn: BatchRewardFn | None = None, needs_prompt: bool = False,
-                    arg: str | None = None, check: Callable[..., None] | None = None):
+                    arg: str | None = None, check: Callable[..., None] | None = None,
+                    prepare: Callable[..., None] | None = None):
     """Decorator: ``@register_reward("format")`` over ``def f(response, reference, **kw)``."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _REWARDS and _REWARDS[name].fn is not fn:
             raise ValueError(f"reward {name!r} is already registered ({_REWARDS[name].fn.__module__})")
-        _REWARDS[name] = RewardSpec(name, fn, batch_fn, needs_prompt, arg, check)
+        _REWARDS[name] = RewardSpec(name, fn, batch_fn, needs_prompt, arg, check, prepare)
         return fn
 
     return decorator
@@ -126,8 +129,11 @@ class RewardCombiner:
                 self.kwargs[name] = {**kw, **opts}
             else:
                 self.weights[name], self.kwargs[name] = float(value), kw
-            if self.specs[name].check is not None:
-                self.specs[name].check(**self.kwargs[name])
+            spec = self.specs[name]
+            if spec.check is not None:
+                spec.check(**self.kwargs[name])
+            if spec.prepare is not None:
+                spec.prepare(**self.kwargs[name])
 
     def __call__(self, responses: Sequence[str], references: Sequence[str],
                  prompts: Sequence[Any] | None = None) -> RewardOutput:
