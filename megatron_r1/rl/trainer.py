@@ -21,7 +21,8 @@ Notable choices
   rewards for reasoning prompts, reward models for general ones; `reward/route/<task>` logs each route.
 - `rl.ref_refresh_interval` N > 0: after every N-th step the reference policy is replaced by the current
   policy (DeepSeek-R1 refreshes every 400 steps). A resumed run refreshes it at resume (the checkpoint
-  holds the policy, not the reference), so its reference is at most N steps staler than uninterrupted.
+  holds the policy, not the reference), so until its next multiple of N its reference is the resumed
+  policy, newer than an uninterrupted run's by fewer than N steps.
 - After the update the full weights stream into vLLM in buckets (`rollout.bucket_mb`).
 """
 from __future__ import annotations
