@@ -1,6 +1,6 @@
 """`train-rm` on the runtime: a tiny reward model learns an easy preference (held-out pairwise accuracy well
 above chance, and above the untrained model's) and its export, served as GRPO serves it, ranks the held-out
-pairs alike; dp2 and tp2 give dp1's losses and scores; a run resumed from its checkpoint ends where an
+pairs alike; dp2, tp2 and pp2 give dp1's losses and scores; a run resumed from its checkpoint ends where an
 uninterrupted one does."""
 import json
 
@@ -82,7 +82,7 @@ def dp1(rm_data, tmp_path_factory):
     return res, _losses(run)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"]], ids=["dp2", "tp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.pp=2"]], ids=["dp2", "tp2", "pp2"])
 def test_layouts_equal_one_rank(rm_data, dp1, layout, tmp_path):
     tok, train, held = rm_data
     ref, ref_losses = dp1
