@@ -272,6 +272,17 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_modules: list[RecomputeModule] | None = None  # selective; None: DEFAULT_RECOMPUTE_MODULES
     recompute_num_layers: int | None = None  # full: blocks recomputed per model chunk (None: all)
+    # FP8 GEMMs as in DeepSeek-V3 (kernels/fp8.py): every linear of MLA / GQA, the dense MLP, the shared and
+    # routed experts; embedding, head, router, norms, MTP's eh_proj and the attention core stay in params_dtype
+    fp8: Literal["none", "blockwise"] = "none"
+
+
+# ----------------------------------------------------------------------------------------------- MoE
+@dataclass
+class MoEConfig:
+    # the expert-parallel dispatch all-to-all: "bf16" sends the activations as they are (params_dtype);
+    # "fp8" sends E4M3 codes + one float32 scale per 1×128 tile (DeepSeek-V3); the combine stays unquantised
+    dispatch_dtype: Literal["bf16", "fp8"] = "bf16"
 
 
 # ------------------------------------------------------------------------------------------------ RL
@@ -332,6 +343,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -455,7 +467,7 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kw)
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "rl": RLConfig,
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "moe": MoEConfig, "rl": RLConfig,
              "rollout": RolloutConfig, "data": DataConfig}
 
 
@@ -570,6 +582,8 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
         raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} must be >= 1")
     if train.lr_warmup_steps < 0 or train.train_steps < 0 or train.save_interval < 0:
         raise ConfigError("train.lr_warmup_steps, train.train_steps and train.save_interval must be >= 0")
+    if train.fp8 == "blockwise":
+        validate_fp8_shards(cfg.model, par.tp)
     if not rl:
         return dp
     r, ro = cfg.rl, cfg.rollout
@@ -624,6 +638,40 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
                           f"rollout.bucket_mb={ro.bucket_mb} > 0")
     validate_rewards(r)
     return dp
+
+
+def fp8_tp_splits(m: ModelConfig) -> dict[str, tuple[int, str]]:
+    """The FP8 linears tensor parallelism splits: name -> (full size of the split dim, which dim)."""
+    nh = m.num_attention_heads
+    if m.is_mla:
+        out = {"q_b_proj" if m.q_lora_rank else "q_proj": (nh * m.qk_head_dim, "output rows"),
+               "kv_b_proj": (nh * (m.qk_nope_head_dim + m.v_head_dim), "output rows"),
+               "o_proj": (nh * m.v_head_dim, "input columns")}
+    else:
+        d = m.dense_head_dim
+        out = {"q_proj": (nh * d, "output rows"), "k_proj / v_proj": (m.num_key_value_heads * d, "output rows"),
+               "o_proj": (nh * d, "input columns")}
+    if not m.is_moe or m.first_k_dense_replace > 0:  # routed and shared experts are never split over tp
+        out["mlp.gate_proj / up_proj"] = (m.intermediate_size, "output rows")
+        out["mlp.down_proj"] = (m.intermediate_size, "input columns")
+    return out
+
+
+def validate_fp8_shards(m: ModelConfig, tp: int) -> None:
+    """train.fp8=blockwise quantises each tp shard on its own: correct (identical to one rank's blocks) only
+    when every shard boundary falls on a 128-element block boundary. We refuse a layout that would cut a
+    128-block rather than gather block maxima over tp in every GEMM (DeepSeek-V3's shapes split cleanly at
+    every tp a Hopper node offers)."""
+    if tp == 1:
+        return
+    from megatron_r1.kernels.fp8 import BLOCK
+    for name, (size, dim) in fp8_tp_splits(m).items():
+        if (size // tp) % BLOCK:
+            raise ConfigError(
+                f"train.fp8=blockwise with parallel.tp={tp}: {name} splits its {dim} ({size}) into {size // tp} "
+                f"per rank, which cuts its {BLOCK}-wide FP8 blocks; every tp shard must be a multiple of {BLOCK} "
+                + (f"(a tp dividing {size // BLOCK}" if size % BLOCK == 0 else f"({size} is not a multiple of {BLOCK}: tp=1")
+                + ", or train.fp8=none)")
 
 
 def validate_rewards(r: RLConfig) -> None:

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from megatron_r1.ckpt.hf import model_state, per_expert
 from megatron_r1.config import Config, ConfigError
+from megatron_r1.kernels.fp8 import FP8Use
 from megatron_r1.model.deepseek_v3 import MoE, update_expert_bias
 from megatron_r1.model.gpt import CausalLM
 from megatron_r1.parallel.data import DistributedAdamW, GradBuffers
@@ -82,7 +83,7 @@ def build_parallel_model(cfg: Config, mesh, seed: int | None = None, init: bool 
         j = v * pp + mesh.pp_rank
         with torch.device("meta"):
             chunk = CausalLM(m, mesh, layers=layers, pre_process=j == 0, post_process=j == pp * vpp - 1,
-                             recompute=Recompute.from_train(cfg.train))
+                             recompute=Recompute.from_train(cfg.train), fp8=FP8Use.from_config(cfg))
         for p in chunk.parameters():  # parameters only: rope frequencies and the expert bias stay float32
             p.data = p.data.to(dtype)
         chunks.append(materialize(chunk, mesh.device))

@@ -187,7 +187,7 @@ def attention_te(q, k, v, scale, q_chunks=None):
 # ------------------------------------------------------------------------------------------ experts
 # experts(x, counts, experts, counts_host) -> [T, H]: x [T, H] rows grouped by local expert, counts [L]
 # rows per expert (x's device), `experts` this rank's model.experts.GroupedExperts (stacks gate_proj,
-# up_proj [L, F, H], down_proj [L, H, F], each expert in its [out, in] layout; recompute_act), counts_host
+# up_proj [L, F, H], down_proj [L, H, F], each expert in its [out, in] layout; recompute_act, fp8), counts_host
 # the counts as a list (given when `fn.host_counts`). Both backends read the stacks in place, no copy.
 
 def _swiglu(g, u):
@@ -204,12 +204,14 @@ def _act(g, u, recompute: bool):
 @register("experts", "loop", priority=0)
 def experts_loop(x, counts, experts, counts_host):
     """The reference: one expert at a time, on views of the stacks (needs the counts on the host)."""
+    from megatron_r1.parallel.tensor import linear  # F.linear, or block-FP8 per expert (train.fp8=blockwise)
     wg, wu, wd = experts.gate_proj, experts.up_proj, experts.down_proj
     outs, start = [], 0
     for e, n in enumerate(counts_host):
         if n:
             xe = x[start:start + n]
-            outs.append(F.linear(_act(F.linear(xe, wg[e]), F.linear(xe, wu[e]), experts.recompute_act), wd[e]))
+            g, u = linear(xe, wg[e], None, experts.fp8), linear(xe, wu[e], None, experts.fp8)
+            outs.append(linear(_act(g, u, experts.recompute_act), wd[e], None, experts.fp8))
         start += n
     if outs:
         return torch.cat(outs, 0)
@@ -254,9 +256,37 @@ def experts_grouped(x, counts, experts, counts_host=None):
     MEGATRON_R1_KERNELS=experts:grouped."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     x = x.contiguous()
-    g = _GroupedMM.apply(x, experts.gate_proj, offs)
-    u = _GroupedMM.apply(x, experts.up_proj, offs)
-    return _GroupedMM.apply(_act(g, u, experts.recompute_act).contiguous(), experts.down_proj, offs)
+    mm = _expert_gemm(experts.fp8)
+    g = mm(x, experts.gate_proj, offs)
+    u = mm(x, experts.up_proj, offs)
+    return mm(_act(g, u, experts.recompute_act).contiguous(), experts.down_proj, offs)
+
+
+def _expert_gemm(fp8: bool) -> Callable:
+    """The experts' grouped GEMM (x [T, K], w [L, N, K] stack, offs) -> [T, N]: bf16, or FP8 with per-expert
+    blocks (train.fp8=blockwise; the one hook the FP8 experts need)."""
+    if fp8:
+        return get_kernel("fp8_grouped_mm")
+    return _GroupedMM.apply
 
 
 experts_grouped.host_counts = False
+
+
+# --------------------------------------------------------------------------------------------- FP8
+# fp8_linear(x [..., K], weight [N, K], bias) -> [..., N]; fp8_grouped_mm(x [T, K], w [L, N, K], offs) -> [T, N].
+# Block scaling as DeepSeek-V3 (kernels/fp8.py): 1×128 activation tiles, 128×128 weight blocks, E4M3.
+
+@register("fp8_linear", "reference", priority=0)
+def fp8_linear_reference(x, weight, bias=None):
+    """Float32 products of the dequantised block-FP8 operands (Fprop, Dgrad, Wgrad): what an FP8 GEMM with
+    FP32 accumulation computes, up to summation order; runs everywhere (CPU `_scaled_mm` refuses blocks)."""
+    from megatron_r1.kernels.fp8 import fp8_linear
+    return fp8_linear(x, weight, bias)
+
+
+@register("fp8_grouped_mm", "reference", priority=0)
+def fp8_grouped_mm_reference(x, w, offs):
+    """torch._grouped_mm on the dequantised operands, per-expert weight blocks, Wgrad tiles within an expert."""
+    from megatron_r1.kernels.fp8 import fp8_grouped_mm
+    return fp8_grouped_mm(x, w, offs)

@@ -21,6 +21,7 @@ Notable choices (DeepSeek-V3 technical report §3.3)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -77,6 +78,20 @@ def fake_quant(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return dequantize_blocks(*quantize_blocks(x, block), block=block)
 
 
+@dataclass(frozen=True)
+class FP8Use:
+    """What runs in FP8, from train.fp8 and moe.dispatch_dtype; handed to the model like `Recompute`."""
+    linears: bool = False  # train.fp8=blockwise: MLA / GQA projections, dense MLP, shared and routed experts
+    dispatch: bool = False  # moe.dispatch_dtype=fp8: tokens cross the expert-parallel all-to-all in FP8
+
+    @classmethod
+    def from_config(cls, cfg) -> "FP8Use":
+        return cls(cfg.train.fp8 == "blockwise", cfg.moe.dispatch_dtype == "fp8")
+
+
+NO_FP8 = FP8Use()
+
+
 # ------------------------------------------------------------------------------------ the linear
 class _FP8Linear(torch.autograd.Function):
     """y = x Wᵀ with Fprop, Dgrad and Wgrad on block-scaled FP8 operands (reference: float32 products of the
@@ -105,10 +120,65 @@ class _FP8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear in block-scaled FP8 (reference backend). x [..., K], weight [N, K]."""
+    """F.linear in block-scaled FP8 (reference backend; `kernels.get_kernel("fp8_linear")` picks the backend).
+    x [..., K], weight [N, K]."""
     shape = x.shape
     y = _FP8Linear.apply(x.reshape(-1, shape[-1]), weight).reshape(*shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------------------- grouped (experts)
+def fake_quant_token_tiles(x_TK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Wgrad operand of a grouped GEMM: x [T, K] in 1×128 tiles along T that restart at every group start
+    (offs [L] int32 cumulative row counts), so no tile mixes two experts' tokens; float32 values.
+    Equal, bit for bit, to fake_quant(x_g.t(), (1, 128)).t() per group g. On the device, no host sync:
+    the tile count is bounded by T/128 + L. Rows past offs[-1] belong to no group (the GEMM ignores them)."""
+    t, k = x_TK.shape
+    dev = x_TK.device
+    offs = offs.long()
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    rows = torch.arange(t, device=dev)
+    grp = torch.searchsorted(offs, rows, right=True).clamp(max=offs.numel() - 1)  # [T] group of each row
+    tiles = (counts + BLOCK - 1) // BLOCK
+    tile_of_row = (torch.cumsum(tiles, 0) - tiles)[grp] + (rows - (offs - counts)[grp]) // BLOCK  # [T]
+    n_tiles = t // BLOCK + offs.numel() + 1
+    xf = x_TK.float()
+    amax = torch.zeros(n_tiles, k, device=dev).scatter_reduce_(0, tile_of_row.unsqueeze(1).expand(t, k), xf.abs(),
+                                                                "amax", include_self=True)
+    scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)[tile_of_row]  # [T, K]
+    return (xf / scale).to(E4M3).float() * scale
+
+
+class _FP8GroupedMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e]ᵀ with FP8 operands, per-expert blocks (reference: float32 grouped
+    products of the dequantised codes). x [T, K] in 1×128 tiles along K; each expert's w[e] [N, K] (the
+    stack's [out, in] layout) in its own 128×128 blocks; Dgrad dy in 1×128 tiles along N; Wgrad x and dy in
+    1×128 tiles along T within a group. The gradient of w comes back in the stack's layout."""
+
+    @staticmethod
+    def forward(ctx, x_TK, w_LNK, offs):
+        wq_LNK = torch.stack([fake_quant(w, (BLOCK, BLOCK)) for w in w_LNK.unbind(0)])
+        ctx.save_for_backward(x_TK, wq_LNK, offs)
+        ctx.out_dtype = x_TK.dtype
+        return torch._grouped_mm(fake_quant(x_TK, (1, BLOCK)), wq_LNK.transpose(-2, -1), offs=offs).to(x_TK.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_TN):
+        x_TK, wq_LNK, offs = ctx.saved_tensors
+        dy_TN = dy_TN.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(fake_quant(dy_TN, (1, BLOCK)), wq_LNK, offs=offs).to(ctx.out_dtype)
+        if ctx.needs_input_grad[1]:
+            dyq_NT = fake_quant_token_tiles(dy_TN, offs).t()
+            dw = torch._grouped_mm(dyq_NT, fake_quant_token_tiles(x_TK, offs), offs=offs).to(ctx.out_dtype)
+        return dx, dw, None
+
+
+def fp8_grouped_mm(x_TK: torch.Tensor, w_LNK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The experts' GEMM in block-scaled FP8: what torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    computes, per expert; w is the [L, out, in] stack (model/experts.py)."""
+    return _FP8GroupedMM.apply(x_TK.contiguous(), w_LNK, offs)
 
 
 def dispatch_quantize(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,17 +123,17 @@ class MLP(nn.Module):
 
     `parallel=True`: a tensor-parallel region (gate/up column-parallel, down row-parallel, one reduction).
     `parallel=False`: whole weights on this rank (routed experts; shared experts on a token shard).
-    `recompute_act`: the SwiGLU is recomputed in backward (Megatron's `moe_act`)."""
+    `recompute_act`: the SwiGLU is recomputed in backward (Megatron's `moe_act`). `fp8`: its three GEMMs in FP8."""
 
     def __init__(self, hidden: int, inner: int, mesh, parallel: bool = True, out_std: float = 0.02,
-                 recompute_act: bool = False):
+                 recompute_act: bool = False, fp8: bool = False):
         super().__init__()
-        self.recompute_act = recompute_act
+        self.recompute_act, self.fp8 = recompute_act, fp8  # the experts kernel reads both (kernels/__init__.py)
         from megatron_r1.parallel.mesh import ParallelMesh
         self.mesh = mesh if parallel else ParallelMesh.single()
-        self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh)
-        self.up_proj = ColumnParallelLinear(hidden, inner, self.mesh)
-        self.down_proj = RowParallelLinear(inner, hidden, self.mesh, std=out_std)
+        self.gate_proj = ColumnParallelLinear(hidden, inner, self.mesh, fp8=fp8)
+        self.up_proj = ColumnParallelLinear(hidden, inner, self.mesh, fp8=fp8)
+        self.down_proj = RowParallelLinear(inner, hidden, self.mesh, std=out_std, fp8=fp8)
 
     def forward(self, x):
         x = tp_enter(x, self.mesh)

@@ -24,14 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_r1.config import ModelConfig
+from megatron_r1.kernels.fp8 import NO_FP8, FP8Use
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention, yarn_get_mscale
 from megatron_r1.model.experts import GroupedExperts
 from megatron_r1.parallel.context import gather_kv, query_chunks
 from megatron_r1.parallel.expert import moe_dispatch_combine
 from megatron_r1.parallel.recompute import NONE as NO_RECOMPUTE, Recompute, checkpoint_region, recomputing
-from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, _all_reduce, copy_to_region,
-                                         gather_from_region, reduce_from_region, scatter_to_region, tp_enter,
-                                         tp_exit)
+from megatron_r1.parallel.tensor import (ColumnParallelLinear, Linear, RowParallelLinear, _all_reduce,
+                                         copy_to_region, gather_from_region, reduce_from_region, scatter_to_region,
+                                         tp_enter, tp_exit)
 
 
 # -------------------------------------------------------------------------------------------- MLA
@@ -39,21 +40,24 @@ class MLA(nn.Module):
     # replicated over tp; each tp rank back-propagates only its heads' share into them (partial gradients)
     TP_PARTIAL = ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm")
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
         super().__init__()
         self.mesh, self.cfg, self.rc = mesh, cfg, recompute
         h, nh = cfg.hidden_size, cfg.num_attention_heads
         self.n_local = nh // mesh.tp
+        f8 = fp8.linears  # every projection; the attention core and the norms stay in the params dtype
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, fp8=f8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * cfg.qk_head_dim, mesh)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * cfg.qk_head_dim, mesh, fp8=f8)
         else:
-            self.q_proj = ColumnParallelLinear(h, nh * cfg.qk_head_dim, mesh)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+            self.q_proj = ColumnParallelLinear(h, nh * cfg.qk_head_dim, mesh, fp8=f8)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias, fp8=f8)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), mesh)
-        self.o_proj = RowParallelLinear(nh * cfg.v_head_dim, h, mesh, std=out_std)
+        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), mesh,
+                                              fp8=f8)
+        self.o_proj = RowParallelLinear(nh * cfg.v_head_dim, h, mesh, std=out_std, fp8=f8)
         for lin in (getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=cfg.initializer_range)
@@ -154,17 +158,19 @@ class MoE(nn.Module):
     TP_PARTIAL = ("gate", "shared_experts")  # replicated over tp, each tp rank routes a different token shard
     EXPERTS = ("experts",)  # whole on their ep rank, reduced over the expert-data-parallel group
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
         super().__init__()
-        self.cfg, self.mesh, self.rc = cfg, mesh, recompute
-        self.gate = Router(cfg)
+        self.cfg, self.mesh, self.rc, self.fp8 = cfg, mesh, recompute, fp8
+        self.gate = Router(cfg)  # the router stays in float32 (DeepSeek-V3 keeps the MoE gate out of FP8)
         per = cfg.n_routed_experts // mesh.ep
         first = mesh.ep_rank * per
         self.local_ids = list(range(first, first + per))
         self.experts = GroupedExperts(cfg.hidden_size, cfg.moe_intermediate_size, self.local_ids, out_std,
-                                      recompute.selects("moe_act"))
+                                      recompute.selects("moe_act"), fp8=fp8.linears)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, mesh,
-                                   parallel=False, out_std=out_std, recompute_act=recompute.selects("moe_act"))
+                                   parallel=False, out_std=out_std, recompute_act=recompute.selects("moe_act"),
+                                   fp8=fp8.linears)
                                if cfg.n_shared_experts else None)
         self.aux_normalizer = 1.0  # global number of sequences (a device tensor); set by the runtime each step
         self.last_aux_loss = None  # the last forward's sequence-balance loss (detached), when it is on
@@ -176,7 +182,8 @@ class MoE(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         w, idx, scores = self.gate(flat)
-        out = moe_dispatch_combine(flat, idx, w, self.experts, self.cfg.n_routed_experts, self.mesh)
+        out = moe_dispatch_combine(flat, idx, w, self.experts, self.cfg.n_routed_experts, self.mesh,
+                                   fp8_dispatch=self.fp8.dispatch)
         if self.shared_experts is not None:
             out = out + self.rc.run("shared_experts", self.shared_experts, flat)
         out = out.view(b, s, h)

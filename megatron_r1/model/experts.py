@@ -29,11 +29,12 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 
 class GroupedExperts(nn.Module):
     def __init__(self, hidden: int, inner: int, expert_ids: list[int], out_std: float, recompute_act: bool = False,
-                 std: float = 0.02):  # std: as model/common.py's MLP (its column-parallel linears' default)
+                 std: float = 0.02, fp8: bool = False):  # std: as model/common.py's MLP's linears' default
         super().__init__()
         n = len(expert_ids)
         self.expert_ids = list(expert_ids)
         self.recompute_act = recompute_act  # Megatron's moe_act: the SwiGLU is recomputed in backward
+        self.fp8 = fp8  # train.fp8=blockwise: every expert GEMM on block-FP8 operands, per-expert 128×128 blocks
         self.gate_proj = nn.Parameter(torch.empty(n, inner, hidden))  # [L, F, H]
         self.up_proj = nn.Parameter(torch.empty(n, inner, hidden))  # [L, F, H]
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inner))  # [L, H, F]

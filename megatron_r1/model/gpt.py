@@ -15,6 +15,8 @@ Notable features
   shared head after `shared_head.norm`. Loss λ/D Σ_k CEᵏ. Embedding and head are shared with the main model.
 - Residual layout: [B, S_l, H], S_l = this rank's tokens (S/cp, and /tp under sequence parallelism).
 - Dense students (Qwen2 / Llama) use GQA attention with the same blocks.
+- FP8 (`fp8`, from train.fp8 / moe.dispatch_dtype): the projections of every block, its MLP or experts run
+  block-scaled FP8 GEMMs; the embedding, the head, MTP's eh_proj, norms and the router do not (DeepSeek-V3 §3.3).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from megatron_r1.config import ModelConfig
+from megatron_r1.kernels.fp8 import NO_FP8, FP8Use
 from megatron_r1.model.common import MLP, RMSNorm, Rotary, attention
 from megatron_r1.model.deepseek_v3 import MLA, MoE
 from megatron_r1.parallel.context import cp_positions, gather_kv, query_chunks
@@ -37,15 +40,17 @@ from megatron_r1.parallel.tensor import (ColumnParallelLinear, RowParallelLinear
 class GQA(nn.Module):
     """Grouped-query attention (Qwen2: q/k/v bias; Llama: none), heads and kv-heads split over tp."""
 
-    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE):
+    def __init__(self, cfg: ModelConfig, mesh, out_std: float, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
         super().__init__()
         self.mesh, d, self.rc = mesh, cfg.dense_head_dim, recompute
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d, self.nh, self.nkv = d, nh // mesh.tp, nkv // mesh.tp
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, nh * d, mesh, bias=cfg.attention_bias)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=cfg.attention_bias)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=cfg.attention_bias)
-        self.o_proj = RowParallelLinear(nh * d, cfg.hidden_size, mesh, std=out_std)
+        f8, bias = fp8.linears, cfg.attention_bias
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, nh * d, mesh, bias=bias, fp8=f8)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=bias, fp8=f8)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, nkv * d, mesh, bias=bias, fp8=f8)
+        self.o_proj = RowParallelLinear(nh * d, cfg.hidden_size, mesh, std=out_std, fp8=f8)
         self.rotary = Rotary(d, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, interleaved=False)
         self.scale = d ** -0.5
 
@@ -74,15 +79,16 @@ def _residual_norm(dim: int, cfg: ModelConfig, mesh) -> RMSNorm:
 class Block(nn.Module):
     SP_PARTIAL = ("input_layernorm", "post_attention_layernorm")  # residual layout: a token shard under SP
 
-    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE):
+    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
         super().__init__()
         out_std = init_std_scaled(cfg.initializer_range, cfg.num_hidden_layers)
         self.rc = recompute
         self.input_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
-        self.self_attn = MLA(cfg, mesh, out_std, recompute) if cfg.is_mla else GQA(cfg, mesh, out_std, recompute)
+        self.self_attn = (MLA if cfg.is_mla else GQA)(cfg, mesh, out_std, recompute, fp8)
         self.post_attention_layernorm = _residual_norm(cfg.hidden_size, cfg, mesh)
-        self.mlp = (MoE(cfg, mesh, out_std, recompute) if cfg.is_moe_layer(layer)
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, mesh, out_std=out_std))
+        self.mlp = (MoE(cfg, mesh, out_std, recompute, fp8) if cfg.is_moe_layer(layer)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, mesh, out_std=out_std, fp8=fp8.linears))
         self.mlp_kind = "moe" if cfg.is_moe_layer(layer) else "mlp"  # its recompute module name
 
     def forward(self, x, pos):
@@ -103,8 +109,9 @@ class MTPLayer(Block):
     """One MTP module: the projection of [embedding of the token k ahead; previous depth's hidden] + a block."""
     SP_PARTIAL = Block.SP_PARTIAL + ("enorm", "hnorm", "eh_proj")
 
-    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE):
-        super().__init__(cfg, mesh, layer, recompute)
+    def __init__(self, cfg: ModelConfig, mesh, layer: int, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
+        super().__init__(cfg, mesh, layer, recompute, fp8)
         self.enorm = _residual_norm(cfg.hidden_size, cfg, mesh)
         self.hnorm = _residual_norm(cfg.hidden_size, cfg, mesh)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -128,7 +135,8 @@ class CausalLM(nn.Module):
     SP_PARTIAL = ("model.norm",)
 
     def __init__(self, cfg: ModelConfig, mesh: ParallelMesh | None = None, layers: list[int] | None = None,
-                 pre_process: bool = True, post_process: bool = True, recompute: Recompute = NO_RECOMPUTE):
+                 pre_process: bool = True, post_process: bool = True, recompute: Recompute = NO_RECOMPUTE,
+                 fp8: FP8Use = NO_FP8):
         super().__init__()
         mesh = mesh or ParallelMesh.single()
         self.cfg, self.mesh, self.rc = cfg, mesh, recompute
@@ -140,9 +148,9 @@ class CausalLM(nn.Module):
         needs_embed = pre_process or self.mtp_depth > 0
         if needs_embed:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, mesh, cfg.initializer_range)
-        blocks = {str(i): Block(cfg, mesh, i, recompute) for i in self.layer_ids}
+        blocks = {str(i): Block(cfg, mesh, i, recompute, fp8) for i in self.layer_ids}
         for k in range(self.mtp_depth):
-            blocks[str(cfg.num_hidden_layers + k)] = MTPLayer(cfg, mesh, cfg.num_hidden_layers + k, recompute)
+            blocks[str(cfg.num_hidden_layers + k)] = MTPLayer(cfg, mesh, cfg.num_hidden_layers + k, recompute, fp8)
         self.model.layers = nn.ModuleDict(blocks)
         if post_process:
             self.model.norm = _residual_norm(cfg.hidden_size, cfg, mesh)

@@ -8,6 +8,11 @@ Notable choices
   regrouping permutation is built on the device; the only host sync is the split sizes.
 - Router weights are applied on the token's home rank, after the combine, so the router's gradient
   never crosses ranks. Every collective is an autograd pair (the backward all-to-all reverses splits).
+- `fp8_dispatch` (moe.dispatch_dtype=fp8, DeepSeek-V3): the dispatched copies cross the all-to-all as E4M3
+  codes in 1×128 tiles along H with their float32 scales (kernels/fp8.py's quantiser), and are dequantised
+  on arrival; the combine and every backward all-to-all stay in the activations' dtype (the quantisation
+  is straight-through for the gradient, as in the FP8 linear). With ep = 1 the rows are quantised and
+  dequantised all the same, so a layout changes only who computes, not what.
 Shapes: N tokens on this rank, K experts per token, H hidden, E experts in total, L = E / ep local experts.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.kernels import get_kernel
+from megatron_r1.kernels.fp8 import BLOCK, E4M3, dequantize_blocks, dispatch_quantize
 
 
 class _AllToAll(torch.autograd.Function):
@@ -33,8 +39,31 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+class _AllToAllFP8(torch.autograd.Function):
+    """Forward: quantise rows per 1×128 tile, send codes (as bytes) and scales, dequantise on arrival
+    (group None: no transfer, the rows only go through FP8). Backward: the gradient in its own dtype."""
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        codes, scale = dispatch_quantize(x)  # [R, H] e4m3, [R, ceil(H/128)] float32
+        if group is not None:
+            n = sum(out_splits)
+            got = codes.new_empty((n, codes.shape[1]), dtype=torch.uint8)
+            dist.all_to_all_single(got, codes.view(torch.uint8).contiguous(), out_splits, in_splits, group=group)
+            got_scale = scale.new_empty((n, scale.shape[1]))
+            dist.all_to_all_single(got_scale, scale.contiguous(), out_splits, in_splits, group=group)
+            codes, scale = got.view(E4M3), got_scale
+        return dequantize_blocks(codes, scale, (1, BLOCK), x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.group is None:
+            return g, None, None, None
+        return _AllToAll.backward(ctx, g)
+
+
 def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                         local_experts, num_experts: int, mesh) -> torch.Tensor:
+                         local_experts, num_experts: int, mesh, fp8_dispatch: bool = False) -> torch.Tensor:
     """x: [N, H]; topk_idx, topk_w: [N, K]; local_experts: this rank's L experts in global order (the
     model's stacked experts, handed to the `experts` kernel as they are).
 
@@ -48,6 +77,8 @@ def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.
     counts = torch.bincount(flat, minlength=num_experts)  # [E]
     kernel = get_kernel("experts")
     if mesh.ep == 1:
+        if fp8_dispatch:
+            rows = _AllToAllFP8.apply(rows, None, None, None)
         y = kernel(rows, counts, local_experts, counts.tolist() if kernel.host_counts else None)
     else:
         ep, local = mesh.ep, num_experts // mesh.ep
@@ -59,7 +90,8 @@ def moe_dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.
         in_splits = [sum(sent[r * local:(r + 1) * local]) for r in range(ep)]
         out_splits = [sum(got[r * local:(r + 1) * local]) for r in range(ep)]
         per_expert = [sum(got[r * local + e] for r in range(ep)) for e in range(local)]
-        recv = _AllToAll.apply(rows, out_splits, in_splits, mesh.ep_group)  # grouped by (source, expert)
+        send = _AllToAllFP8 if fp8_dispatch else _AllToAll
+        recv = send.apply(rows, out_splits, in_splits, mesh.ep_group)  # grouped by (source, expert)
         # regroup by expert, on the device: each received row's block (source s, expert e), sorted by (e, s)
         blocks = torch.arange(ep * local, device=x.device)
         block_of_row = torch.repeat_interleave(blocks, recv_counts, output_size=sum(out_splits))

@@ -181,14 +181,34 @@ def _init_(w: torch.Tensor, std: float) -> torch.Tensor:
     return nn.init.normal_(w, mean=0.0, std=std)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+    """F.linear, or its block-scaled FP8 form (train.fp8=blockwise; the kernel registry picks the backend).
+    A tp shard is quantised on its own: config.validate_fp8_shards keeps shard edges on 128-block edges."""
+    if not fp8:
+        return F.linear(x, weight, bias)
+    from megatron_r1.kernels import get_kernel
+    return get_kernel("fp8_linear")(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (whole on every rank: MLA's low-rank projections) with the FP8 switch of the parallel ones."""
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, fp8: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.fp8 = fp8
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.fp8)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ with W's output rows split over tp; input already inside the tp region.
 
     `weight` is [out/tp, in]; its shard is a contiguous block of rows (heads, FFN columns)."""
-    def __init__(self, in_features: int, out_features: int, mesh, bias: bool = False, std: float = 0.02):
+    def __init__(self, in_features: int, out_features: int, mesh, bias: bool = False, std: float = 0.02,
+                 fp8: bool = False):
         super().__init__()
         assert out_features % mesh.tp == 0, f"{out_features} not divisible by tp={mesh.tp}"
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.fp8 = in_features, out_features, fp8
         self.weight = nn.Parameter(_init_(torch.empty(out_features // mesh.tp, in_features), std))
         self.bias = nn.Parameter(torch.zeros(out_features // mesh.tp)) if bias else None
         # the shard dim is part of the layer's definition, stated at tp = 1 too: ZeRO orders a
@@ -196,24 +216,25 @@ class ColumnParallelLinear(nn.Module):
         self.specs = {"weight": Spec(0, std), "bias": Spec(0, "zeros")}
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.fp8)
 
 
 class RowParallelLinear(nn.Module):
     """y = x Wᵀ with W's input columns split over tp; returns partial sums (caller calls `tp_exit`).
 
     Leaving the sum to the caller lets a block add its residual after one reduction."""
-    def __init__(self, in_features: int, out_features: int, mesh, bias: bool = False, std: float = 0.02):
+    def __init__(self, in_features: int, out_features: int, mesh, bias: bool = False, std: float = 0.02,
+                 fp8: bool = False):
         super().__init__()
         assert in_features % mesh.tp == 0, f"{in_features} not divisible by tp={mesh.tp}"
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.fp8 = in_features, out_features, fp8
         self.weight = nn.Parameter(_init_(torch.empty(out_features, in_features // mesh.tp), std))
         # a bias would be added tp times by the reduction: none of our models has one here
         assert not bias
         self.specs = {"weight": Spec(1, std)}
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, None, self.fp8)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -65,10 +65,10 @@ def test_registry_reports_the_backend_and_refuses_unknown(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ experts
-def _experts_run(backend, dtype, counts, recompute_act=False, seed=0):
+def _experts_run(backend, dtype, counts, recompute_act=False, seed=0, fp8=False):
     from megatron_r1.model.experts import GroupedExperts
     torch.manual_seed(seed)
-    ex = GroupedExperts(64, 32, [0, 1, 2, 3], out_std=0.5, recompute_act=recompute_act, std=0.5).to(dtype)
+    ex = GroupedExperts(64, 32, [0, 1, 2, 3], out_std=0.5, recompute_act=recompute_act, std=0.5, fp8=fp8).to(dtype)
     x = torch.randn(sum(counts), 64, dtype=dtype, requires_grad=True)
     y = get_kernel("experts", backend)(x, torch.tensor(counts), ex, counts)
     (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
@@ -87,6 +87,20 @@ def test_grouped_experts_equal_loop(counts, recompute_act):
         assert a.shape == b.shape
         if b.numel():
             assert (a - b).abs().max() <= 1e-6 * max(b.abs().max().item(), 1e-30)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 7], [130, 0, 1, 140]])
+def test_fp8_grouped_experts_equal_fp8_loop(counts):
+    """train.fp8=blockwise: the grouped FP8 GEMM (per-expert weight blocks, Wgrad tiles restarting at each
+    expert's first row) equals each expert's own FP8 linear run one at a time, forward and gradients, up to
+    float32 summation order; and FP8 is really on (the result differs from the float32 experts)."""
+    ref = _experts_run("loop", torch.float32, counts, fp8=True)
+    got = _experts_run("grouped", torch.float32, counts, fp8=True)
+    plain = _experts_run("loop", torch.float32, counts)
+    for a, b in zip(got, ref):
+        if b.numel():
+            assert (a - b).abs().max() <= 1e-6 * max(b.abs().max().item(), 1e-30)
+    assert (ref[0] - plain[0]).abs().max() > 1e-3 * plain[0].abs().max()
 
 
 def test_grouped_experts_bf16_tolerance():
