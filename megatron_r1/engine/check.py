@@ -18,6 +18,13 @@ Notable choices
 - adam_eps=1e-3 in the check: on a first step Adam's update is lr·g/(|g|+eps), which for |g| ~ eps
   amplifies float32 summation-order noise in g by ~1/eps (no layout is bit-exact); a larger eps keeps
   the update proportional to g for small gradients, so a wrong gradient or clip factor still shows.
+- `--fp8 blockwise`: both sides train in block-scaled FP8 (and FP8 dispatch unless --dispatch-dtype says
+  otherwise), and the tolerance is per quantity (FP8_TOL): loss and router bias at 1e-5, because forward
+  and Dgrad quantise per row with tp shards on whole 128-blocks (config.validate_fp8_shards) — measured
+  exact at pp2, ep2 and tp2; gradients at 0.125 = 2·2^-4 of max|g| (two E4M3 roundings), because Wgrad's
+  1×128 tiles run along tokens and a layout moves where a rank's tokens end (measured 6.5e-2 at ep2, 0 at
+  pp2, 8.0e-2 at tp2), grad norm 1e-2, params after the step 3e-2 (measured 1.6e-2 at tp2: float32 noise
+  that flips one E4M3 rounding moves that element by 2^-4, and AdamW's first step passes it on).
 - Several layouts with the same world size can share one spawn (`run_layouts`): new groups per layout.
 - `--strict-device` runs every rank's training step under `engine/strict.py`'s guard: a tensor created
   without an explicit device, or a host transfer off its short allow-list, fails the check with its
@@ -38,6 +45,11 @@ import torch.distributed as dist
 from megatron_r1.config import Config, ConfigError, ParallelConfig, load_config
 
 TOL = 1e-5
+# --fp8 blockwise: per quantity (see the module doc). Forward and Dgrad quantise per row (1×128 tiles along
+# the reduction dim, weight blocks that tp shards keep whole), so loss and routing stay at float32 noise;
+# Wgrad's 1×128 tiles run along tokens and end where a rank's tokens end (ep gathers rows of several
+# micro-batches on an expert, tp and cp split them), so a layout changes which tokens share a scale.
+FP8_TOL = {"loss": 1e-5, "grad": 0.125, "grad_norm": 1e-2, "param": 3e-2, "bias": 1e-5}
 QUANTITIES = ("loss", "grad", "grad_norm", "param", "bias")
 
 
@@ -117,7 +129,8 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
     from megatron_r1.engine.runtime import init_parameters
 
     mesh = ParallelMesh.single()
-    model = CausalLM(cfg.model, mesh)
+    from megatron_r1.kernels.fp8 import FP8Use
+    model = CausalLM(cfg.model, mesh, fp8=FP8Use.from_config(cfg))
     init_parameters([model], mesh, cfg.train.seed)
     before = {k: v.detach().clone() for k, v in model_state(model).items()}
     n = target_count(batch)
@@ -165,20 +178,24 @@ class Report:
     preset: str
     layout: str
     worst: dict = field(default_factory=dict)  # quantity -> (rel diff, tensor name)
-    tol: float = TOL
+    tol: float | dict = TOL  # one figure, or one per quantity (FP8_TOL)
     mesh: str = ""  # the degrees the ranks actually ran with
+
+    def tol_of(self, q: str) -> float:
+        return self.tol.get(q, TOL) if isinstance(self.tol, dict) else self.tol
 
     @property
     def ok(self) -> bool:
-        return all(v[0] <= self.tol for v in self.worst.values()) and set(self.worst) >= set(QUANTITIES)
+        return all(v[0] <= self.tol_of(q) for q, v in self.worst.items()) and set(self.worst) >= set(QUANTITIES)
 
     def __str__(self) -> str:
+        tol = (", ".join(f"{q} {t:g}" for q, t in self.tol.items()) if isinstance(self.tol, dict) else f"{self.tol:g}")
         lines = [f"{self.preset} [{self.layout}] {self.mesh}: {'OK' if self.ok else 'FAILED'} (tolerance "
-                 f"{self.tol:g}, rel = max|a-b| / max|b| per tensor)"]
+                 f"{tol}, rel = max|a-b| / max|b| per tensor)"]
         for q in QUANTITIES:
             if q in self.worst:
                 v, name = self.worst[q]
-                lines.append(f"  {q:<9} {v:9.2e}  {name}{'  <-- above tolerance' if v > self.tol else ''}")
+                lines.append(f"  {q:<9} {v:9.2e}  {name}{'  <-- above tolerance' if v > self.tol_of(q) else ''}")
             else:
                 lines.append(f"  {q:<9} missing")
         return "\n".join(lines)
@@ -288,15 +305,18 @@ def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), to
     from megatron_r1.parallel.spawn import run_ranks
     cfg = make_config(preset, list(overrides))
     batch = default_batch(cfg, layouts)
-    ref = reference(cfg, batch)
     from megatron_r1.parallel.mesh import validate_layout
     by_world: dict[int, list[str]] = {}
+    from megatron_r1.config import validate_fp8_shards
     for lay in layouts:  # refuse a bad layout here, with the arithmetic, before spawning anything
         par, dp = parse_layout(lay)
         validate_layout(world_size_of(lay), par, cfg.model)
+        if cfg.train.fp8 == "blockwise":
+            validate_fp8_shards(cfg.model, par.tp)
         if len(batch) % dp:
             raise ConfigError(f"layout {lay}: dp={dp} does not divide the {len(batch)} micro-batches of the check")
         by_world.setdefault(world_size_of(lay), []).append(lay)
+    ref = reference(cfg, batch)
     reports = {}
     for world, lays in by_world.items():
         for lay, rep in zip(lays, run_ranks(run_layouts, world, cfg, lays, batch, ref, strict_device, timeout=timeout)[0]):
@@ -327,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny-moe")
     ap.add_argument("--layout", required=True, help="e.g. tp2,ep2,pp2,vpp2,cp1,sp,dp2")
     ap.add_argument("--nproc", type=int, default=None, help="ranks (default: tp·cp·pp·dp of the layout)")
-    ap.add_argument("--tol", type=float, default=TOL)
+    ap.add_argument("--tol", type=float, default=None,
+                    help=f"relative tolerance (default {TOL:g}; with --fp8 blockwise per quantity: {FP8_TOL})")
+    ap.add_argument("--fp8", choices=["none", "blockwise"], default="none",
+                    help="both sides train in block-scaled FP8 (train.fp8); the layout against one rank in FP8")
+    ap.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], default=None,
+                    help="moe.dispatch_dtype on both sides (default: fp8 with --fp8 blockwise, else bf16)")
     ap.add_argument("--strict-device", action="store_true",
                     help="fail on any tensor made in the step without an explicit device, and on host transfers "
                          "(.item(), .tolist(), .cpu(), ...) off the allow-list in megatron_r1/engine/strict.py")
@@ -337,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_hidden_layers=8")
     args = ap.parse_args(argv)
     try:
-        overrides = [f"train.recompute={args.recompute}"] + list(args.overrides)
-        rep = check_layout(args.preset, args.layout, args.nproc, overrides, tol=args.tol,
+        dispatch = args.dispatch_dtype or ("fp8" if args.fp8 == "blockwise" else "bf16")
+        overrides = [f"train.recompute={args.recompute}", f"train.fp8={args.fp8}",
+                     f"moe.dispatch_dtype={dispatch}"] + list(args.overrides)
+        tol = args.tol if args.tol is not None else (FP8_TOL if args.fp8 == "blockwise" else TOL)
+        rep = check_layout(args.preset, args.layout, args.nproc, overrides, tol=tol,
                            strict_device=args.strict_device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
