@@ -86,8 +86,9 @@ print(f'Y_TP={p.tp} Y_CP={p.cp} Y_EP={p.ep} Y_PP={p.pp} Y_VPP={p.vpp}')")"
 
     # activation recompute is the config's train.recompute (671B configs: full); RECOMPUTE=x overrides it
     if [ -n "${RECOMPUTE:-}" ]; then LAYOUT+=(train.recompute="$RECOMPUTE"); fi
-    # ---- plan-only knob (the runtime dispatches in bf16 today; see the dry run's warning)
+    # ---- MoE dispatch all-to-all in FP8 (DeepSeek-V3's recipe): moe.dispatch_dtype, the run and the plan alike
     DISPATCH_DTYPE=${DISPATCH_DTYPE:-fp8}
+    LAYOUT+=(moe.dispatch_dtype="$DISPATCH_DTYPE")
 
     # ---- directories: stable across requeues
     RUN_DIR=${RUN_DIR:-runs/$STAGE}

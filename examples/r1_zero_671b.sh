@@ -21,8 +21,8 @@
 #
 # Layout (examples/r1_zero_671b.yaml, 64 nodes × 8 GPUs): pp16 × cp8 × ep32, dp4, no TP — DeepSeek-V3's
 # PP16 × EP without TP, with context parallelism for the 33k-token rollouts. The planner's worst stage
-# needs about 41 GB of 80 GB with full recompute (train.recompute: full) and FP8 dispatch (KNOWN GAP: the
-# runtime dispatches in bf16; the dry run prints what that needs: 44 GB). 61 layers run as uneven stages [4 ×15, 1]
+# needs about 41 GB of 80 GB with full recompute (train.recompute: full) and FP8 dispatch
+# (moe.dispatch_dtype=fp8, set by DISPATCH_DTYPE). 61 layers run as uneven stages [4 ×15, 1]
 # (parallel.last_stage_layers: 1, Megatron's decoder_last_pipeline_num_layers).
 #
 # Inputs (environment): INIT_HF  the base model as a bf16 Hugging Face dir (README: convert the FP8 release)

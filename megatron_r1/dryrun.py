@@ -14,8 +14,8 @@ Notable choices
     `missing:`  / `problem:` a path that does not exist, a vLLM that is absent or too old, a plan that does
                 not fit the GPU, a batch that does not split over the ranks -> exit 1 after the full report
                 (every problem at once, not one per submission);
-    `warning:`  what the runtime cannot do yet although the plan is valid (FP8 dispatch; a layer split
-                that differs from the plan's) -> still exit 0, so a script can dry-run the 671B layout
+    `warning:`  what the runtime cannot do yet although the plan is valid (a layer split that differs
+                from the plan's) -> still exit 0, so a script can dry-run the 671B layout
                 today and see, in one place, what stands between it and a real run.
 - Inputs are read as far as is cheap, so a bad file costs a second here, not an engine start there:
   every data row is parsed and validated as the trainer will (the first error named; prompts are
@@ -25,8 +25,9 @@ Notable choices
 - The plan is the trainer's: seq length and global batch per optimizer step are derived from the config
   the way the trainer uses them (GRPO: prompt + response tokens, rollout batch / updates_per_batch).
   Activation recompute is the config's (`train.recompute`, `recompute_modules`, `recompute_num_layers`:
-  the runtime runs what the plan assumes); `--recompute` is a shorthand for `train.recompute=`. Options
-  the runtime does not have as config (FP8 dispatch, GPU memory) are plan-only flags.
+  the runtime runs what the plan assumes); `--recompute` is a shorthand for `train.recompute=`, and
+  `--dispatch-dtype` for `moe.dispatch_dtype=` (the all-to-all bytes the plan counts are what
+  parallel/expert.py sends). GPU memory is a plan-only flag.
 - The co-located vLLM engine is outside the planner's model; the report adds its bf16 weights per GPU
   (parameters / rollout.tp) to the trainer's resident state, as a warning when they exceed the GPU.
 - `--plan-json PATH` writes `plan.plan_to_dict` plus the world and the verdict, for scripts and tests.
@@ -54,7 +55,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="GPUs (= ranks) per node (default: the Slurm allocation, else 1)")
     g.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
                    help="shorthand for train.recompute=... (default: the config's)")
-    g.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], default="bf16", help="MoE dispatch dtype in the plan")
+    g.add_argument("--dispatch-dtype", choices=["bf16", "fp8"], default=None,
+                   help="shorthand for moe.dispatch_dtype=... (default: the config's)")
     g.add_argument("--gpu-mem-gb", type=float, default=80.0)
     g.add_argument("--plan-json", default=None, help="also write the plan and verdict as JSON here")
 
@@ -258,13 +260,6 @@ def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
         if list(runtime_split) != list(plan.split):
             r.warn(f"runtime: the config splits the layers as {_fmt_split(runtime_split)}, the plan as "
                    f"{_fmt_split(plan.split)}")
-    if m.is_moe and a.dispatch_dtype != "bf16":
-        import dataclasses
-        from megatron_r1.parallel.plan import make_plan
-        today = make_plan(m, dataclasses.replace(plan.opts, dispatch_dtype="bf16"))
-        r.warn(f"runtime: the plan assumes dispatch={a.dispatch_dtype}; megatron_r1.parallel dispatches in bf16 "
-               f"today, which needs {today.worst.total_bytes / 1e9:.1f} GB on the worst stage with "
-               f"recompute={plan.opts.recompute} (fits {a.gpu_mem_gb:g} GB: {'yes' if today.fits else 'no'})")
 
 
 def _rollout(r: Report, cfg: Config, world: int, resident_gb: float | None, gpu_mem_gb: float) -> None:
@@ -289,8 +284,10 @@ def _would_run(r: Report, command: str, argv: list[str], nodes: int, gpn: int) -
         if skip:
             skip = False
             continue
-        if x.split("=", 1)[0] == "--recompute":  # not a flag of the real run: its config override
-            keep.append("train.recompute=" + (x.split("=", 1)[1] if "=" in x else argv[i + 1]))
+        flag = x.split("=", 1)[0]
+        if flag in ("--recompute", "--dispatch-dtype"):  # not flags of the real run: their config overrides
+            key = "train.recompute" if flag == "--recompute" else "moe.dispatch_dtype"
+            keep.append(f"{key}=" + (x.split("=", 1)[1] if "=" in x else argv[i + 1]))
             skip = "=" not in x
             continue
         if x in strip:
@@ -325,6 +322,8 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
            f"which does not change the plan")
     if a.recompute is not None:
         cfg.train.recompute = a.recompute
+    if a.dispatch_dtype is not None:
+        cfg.moe.dispatch_dtype = a.dispatch_dtype
     par = cfg.parallel
     plan = None
     if seq_length is not None:
@@ -336,7 +335,7 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
         opts = PlanOptions(gpus=world, parallel=par, seq_length=seq_length,
                            first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers,
                            micro_batch_size=cfg.train.micro_batch_size, global_batch_size=global_batch_size,
-                           recompute=cfg.train.recompute, dispatch_dtype=a.dispatch_dtype,
+                           recompute=cfg.train.recompute, dispatch_dtype=cfg.moe.dispatch_dtype,
                            recompute_modules=cfg.train.recompute_modules,
                            recompute_num_layers=cfg.train.recompute_num_layers,
                            param_dtype="fp32" if cfg.train.params_dtype == "float32" else "bf16",

@@ -65,7 +65,9 @@ Notable choices (the report states each formula it uses)
 - Pipeline bubble (idle fraction of a step): 1F1B (pp−1)/(m + pp − 1); interleaved with v = vpp
   ((pp−1)/v) / (m + (pp−1)/v) (Narayanan et al. 2021: the bubble time shrinks by v).
 - All-to-all, bytes a GPU sends per token per MoE layer, uniform routing over ep ranks:
-    dispatch k·h·bytes(dispatch_dtype)·(ep−1)/ep, combine k·h·2·(ep−1)/ep (combine stays bf16).
+    dispatch k·b_d·(ep−1)/ep, combine k·h·2·(ep−1)/ep (combine stays bf16); b_d = 2h for bf16, and for fp8
+    h code bytes + 4·⌈h/128⌉ bytes of float32 scales (kernels/fp8.py dispatch_bytes_per_token, what
+    parallel/expert.py sends with moe.dispatch_dtype=fp8).
   Per step per GPU: tokens (b·s/(cp·tp) per micro-batch, × m) × MoE layers of the stage × passes:
   forward (dispatch + combine), backward (the same volume in bf16), and with full recompute a second
   forward.
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_r1.kernels.fp8 import dispatch_bytes_per_token
 from megatron_r1.config import DEFAULT_RECOMPUTE_MODULES, RECOMPUTE_MODULES, ConfigError, ModelConfig, ParallelConfig
 from megatron_r1.parallel.mesh import stage_layer_counts, validate_layout
 
@@ -96,7 +99,7 @@ class PlanOptions:
     grad_dtype: str = "fp32"  # Megatron's default main grads
     master_dtype: str = "fp32"
     optimizer_dtype: str = "fp32"  # Adam m and v
-    dispatch_dtype: str = "bf16"  # token dispatch of the MoE all-to-all (DeepSeek-V3: fp8)
+    dispatch_dtype: str = "bf16"  # token dispatch of the MoE all-to-all: moe.dispatch_dtype (DeepSeek-V3: fp8)
     first_stage_layers: int | None = None  # None with last None: auto split
     last_stage_layers: int | None = None
     gpu_mem_gb: float = 80.0
@@ -421,7 +424,7 @@ def make_plan(model: ModelConfig, opts: PlanOptions, model_name: str = "model") 
 
     frac = (ep - 1) / ep
     k, h = (m.num_experts_per_tok, m.hidden_size) if m.is_moe else (0, m.hidden_size)
-    per_tok = {"dispatch": k * h * db * frac, "combine": k * h * 2 * frac}
+    per_tok = {"dispatch": k * dispatch_bytes_per_token(h, o.dispatch_dtype) * frac, "combine": k * h * 2 * frac}
     moe_stage = max(best, key=lambda st: st.moe_layers)
     tokens = o.micro_batch_size * o.seq_length / (cp * tp) * mb * moe_stage.moe_layers
     fwd = tokens * (per_tok["dispatch"] + per_tok["combine"])

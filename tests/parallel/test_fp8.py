@@ -14,3 +14,15 @@ def test_fp8_tp2_ep2_pp2_against_one_rank():
         assert "fp8_linear=reference" in rep.mesh, rep.mesh  # FP8 really ran on the ranks
         assert rep.worst["loss"][0] <= 1e-5
     assert reports[2].worst["grad"][0] <= 1e-5  # pp2: every rank sees the reference's tokens, so even Wgrad is exact
+
+
+def test_fp8_dispatch_alone_at_ep2():
+    """moe.dispatch_dtype=fp8 without FP8 GEMMs: the rows are quantised per 1×128 tile before the all-to-all
+    (codes as bytes + float32 scales) and dequantised on arrival, the gradient goes back unquantised. Each row
+    is quantised on its own, so ep2 equals one rank (which quantises the same rows): loss, norm, params and
+    router bias at the float32 1e-5; gradients at 1e-3, because float32 noise in a layer's input can flip one
+    E4M3 rounding (a 2^-4 step of that element) on one side (measured 1.1e-4)."""
+    from megatron_r1.engine.check import TOL
+    tol = {q: TOL for q in ("loss", "grad_norm", "param", "bias")} | {"grad": 1e-3}
+    rep, = check_layouts("tiny-moe", ["ep2"], ["moe.dispatch_dtype=fp8"], tol=tol, strict_device=True)
+    assert rep.ok, str(rep)

@@ -213,7 +213,7 @@ def test_all_to_all_volume():
     assert st["tokens"] == 4096 * 120 * st["moe_layers"]
     assert st["total"] == pytest.approx(st["tokens"] * 4 * k * h * 2 * 63 / 64)  # fwd + bwd, 2 directions each
     fp8 = plan(gpus=2048, parallel=ParallelConfig(pp=16, ep=64), dispatch_dtype="fp8")
-    assert fp8.a2a_per_token_layer["dispatch"] == pytest.approx(k * h * 63 / 64)
+    assert fp8.a2a_per_token_layer["dispatch"] == pytest.approx(k * (h + 4 * h / 128) * 63 / 64)  # codes + scales
     assert plan(gpus=16, parallel=ParallelConfig(pp=16, ep=1)).a2a_per_token_layer["dispatch"] == 0
 
 
