@@ -11,11 +11,13 @@
 #   a0+git version that never satisfies that pin, and NGC pins its own torch in
 #   /etc/pip/constraint.txt. So, as verl's NGC images do, we replace torch with the PyPI build
 #   vLLM was compiled against, and drop the NGC extensions tied to the old torch ABI
-#   (flash-attn, apex, TE's torch extension) rather than leave them importable-but-broken.
+#   (flash-attn, apex, TE's torch extension) rather than leave them importable-but-broken (that is the
+#   conflict with NGC's apex: its amp_C / fused_layer_norm_cuda are built for NGC's torch ABI).
 # - Transformer Engine is then rebuilt against the new torch: `transformer_engine_torch` ships as
 #   an sdist and compiles against whatever torch is installed; its core library
-#   (transformer_engine_cu13) is a prebuilt wheel. megatron_r1 does not use apex (FP8 goes
-#   through TE or torch._scaled_mm), so apex is not rebuilt.
+#   (transformer_engine_cu13) is a prebuilt wheel. apex is rebuilt the same way, from a pinned
+#   tag with its C++/CUDA extensions: megatron_r1's kernel registry uses its fused Adam (amp_C) and
+#   fused RMSNorm when they import (megatron_r1/kernels/__init__.py).
 # - When an NGC release ships torch 2.13.0 final, set NGC_TAG to it: the uninstall/reinstall of
 #   torch then becomes a no-op and only the TE rebuild may still be needed.
 # - ENTRYPOINT is the package's console script (setup.py: megatron-r1 = megatron_r1.cli:main);
@@ -29,6 +31,7 @@ ARG TORCHVISION_VERSION=0.28.0
 ARG TORCHAUDIO_VERSION=2.11.0
 ARG VLLM_VERSION=0.32.0
 ARG TE_VERSION=2.20.2
+ARG APEX_REF=25.09
 ARG MAX_JOBS=16
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -49,6 +52,8 @@ RUN pip uninstall -y torch torchvision torchaudio flash-attn apex \
 # fresh one pip would fetch into an isolated build env.
 RUN NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation \
         "transformer_engine[pytorch,core-cu13]==${TE_VERSION}"
+RUN APEX_CPP_EXT=1 APEX_CUDA_EXT=1 MAX_JOBS=${MAX_JOBS} pip install -v --no-build-isolation \
+        "apex @ git+https://github.com/NVIDIA/apex.git@${APEX_REF}"
 
 WORKDIR /opt/megatron-r1
 COPY . .

@@ -35,7 +35,6 @@ Notable choices
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -226,7 +225,7 @@ def _check_file(r: Report, what: str, path: str | None, suffixes: tuple = ("",))
     r.line(f"  ok        {what}: {path}" + ("" if suffixes == ("",) else f"{{{','.join(suffixes)}}}"))
 
 
-def _versions(r: Report, needs_vllm: bool) -> None:
+def _versions(r: Report, needs_vllm: bool, cfg: Config) -> None:
     import torch
     from megatron_r1.rollout.engine import check_vllm_version, installed_vllm_version
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
@@ -241,9 +240,8 @@ def _versions(r: Report, needs_vllm: bool) -> None:
             r.problem(str(e), "problem")
         else:
             r.line(f"  vllm      {found or 'not installed'} (not needed by this command)")
-    te = importlib.util.find_spec("transformer_engine") is not None
-    r.line(f"  TE        {'installed' if te else 'not installed'}; GEMMs run in the params dtype: FP8 training "
-           f"(kernels/fp8.py's block-scaled linear) is not wired into the model yet")
+    from megatron_r1.kernels import fp8_path
+    r.line(f"  FP8       {fp8_path(cfg)}")
 
 
 def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
@@ -359,7 +357,7 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
         _rollout(r, cfg, world, resident, a.gpu_mem_gb)
     for check in paths:
         check(r)
-    _versions(r, needs_vllm)
+    _versions(r, needs_vllm, cfg)
     if command != "rejection-sample":
         _check_resume(r, cfg.train.save_dir or os.path.join(cfg.run_dir, "ckpt"))
     else:

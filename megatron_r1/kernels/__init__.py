@@ -6,6 +6,12 @@ Notable choices
 - Numerics of every backend that runs here are checked against a reference in float32
   (tests/unit/test_kernels.py); `report()` says which backend ran (check-parallel prints it).
 - `MEGATRON_R1_KERNELS=attention:torch,experts:grouped` forces a backend, e.g. to compare two of them.
+- FP8 (train.fp8=blockwise): `fp8_linear` and `fp8_grouped_mm` have a reference backend (float32 products of
+  dequantised block-FP8 operands: FP8 numerics everywhere, no FP8 speed) and Transformer Engine's
+  `Linear` / `GroupedLinear` under `fp8_autocast(Float8BlockScaling())` when TE imports on a Hopper GPU;
+  `fp8_path(cfg)` says which a launch would use (the dry run prints it). TE and apex also serve
+  `rms_norm` and `adamw`. Every TE/apex backend wraps OUR parameters (the TE module's `weight` is replaced
+  by the model's own Parameter), so names, placement, checkpoints and weight sync do not depend on the backend.
 - Attention never builds an S² mask: causal SDPA when queries and keys are the same positions, and
   for context parallelism the query chunks' offsets (each chunk sees a key prefix).
 """
@@ -290,3 +296,141 @@ def fp8_grouped_mm_reference(x, w, offs):
     """torch._grouped_mm on the dequantised operands, per-expert weight blocks, Wgrad tiles within an expert."""
     from megatron_r1.kernels.fp8 import fp8_grouped_mm
     return fp8_grouped_mm(x, w, offs)
+
+
+# ---------------------------------------------------------------------- Transformer Engine and apex
+# Present in the NGC image, absent on the CPU machines of the tests: these backends are written against
+# TE >= 2.3 (Float8BlockScaling) and apex's amp_C / fused_rms_norm_affine, and their numerics tests
+# (tests/unit/test_kernel_backends.py) run wherever they import and skip with the reason elsewhere.
+
+def _te_fp8_ok() -> bool:
+    """TE with the block-scaling recipe, on a GPU that runs it (Hopper, sm_90+)."""
+    if not _te_ok():
+        return False
+    try:
+        from transformer_engine.common.recipe import Float8BlockScaling  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+def _apex_ok() -> bool:
+    try:
+        import amp_C  # noqa: F401
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # noqa: F401
+    except Exception:  # ImportError, or an apex built for another torch / CUDA
+        return False
+    return torch.cuda.is_available()
+
+
+_TE_MODULES: dict = {}  # id of our weight -> (weight, the TE module that computes with it)
+
+
+def _te_module(weight: torch.Tensor, make: Callable, names=("weight",), weights=None):
+    """A TE module (built once per weight) whose parameters ARE ours: TE's own are replaced."""
+    key = id(weight)
+    hit = _TE_MODULES.get(key)
+    if hit is None or hit[0] is not weight:
+        mod = make()
+        for name, w in zip(names, weights or (weight,)):
+            delattr(mod, name)
+            setattr(mod, name, w)
+        _TE_MODULES[key] = hit = (weight, mod)
+    return hit[1]
+
+
+def _block_recipe():
+    from transformer_engine.common.recipe import Float8BlockScaling
+    if "recipe" not in _TE:
+        _TE["recipe"] = Float8BlockScaling()  # E4M3, 1×128 activation tiles, 128×128 weight blocks
+    return _TE["recipe"]
+
+
+@register("fp8_linear", "te", priority=2, available=_te_fp8_ok)
+def fp8_linear_te(x, weight, bias=None):
+    """transformer_engine.pytorch.Linear on our weight under fp8_autocast(Float8BlockScaling): DeepSeek-V3's
+    recipe with real FP8 tensor-core GEMMs (Fprop, Dgrad, Wgrad)."""
+    import transformer_engine.pytorch as te
+    mod = _te_module(weight, lambda: te.Linear(weight.shape[1], weight.shape[0], bias=False, params_dtype=weight.dtype,
+                                               device="meta"))
+    with te.fp8_autocast(enabled=True, fp8_recipe=_block_recipe()):
+        y = mod(x)
+    return y if bias is None else y + bias
+
+
+@register("fp8_grouped_mm", "te", priority=2, available=_te_fp8_ok)
+def fp8_grouped_mm_te(x, w, offs):
+    """transformer_engine.pytorch.GroupedLinear (one GEMM per expert, block-FP8) on the stacked [L, K, N]
+    expert operand. TE wants the per-expert row counts on the host: one sync per call."""
+    import transformer_engine.pytorch as te
+    n_exp, k, n = w.shape
+    per = [w[e].t() for e in range(n_exp)]  # [N, K] each (views of the stack)
+    mod = _te_module(w, lambda: te.GroupedLinear(n_exp, k, n, bias=False, params_dtype=w.dtype, device="meta"),
+                     names=tuple(f"weight{e}" for e in range(n_exp)), weights=per)
+    counts = torch.diff(offs.long(), prepend=offs.new_zeros(1, dtype=torch.long)).tolist()
+    counts[-1] += x.shape[0] - sum(counts)  # rows past the last offset: none in practice
+    with te.fp8_autocast(enabled=True, fp8_recipe=_block_recipe()):
+        return mod(x, counts)
+
+
+# rms_norm(x [..., D], weight [D], eps) -> [..., D] in x's dtype
+@register("rms_norm", "torch", priority=0)
+def rms_norm_torch(x, weight, eps):
+    """In float32, cast back, times the weight (DeepSeek's and HF's reference code)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+@register("rms_norm", "apex", priority=1, available=_apex_ok)
+def rms_norm_apex(x, weight, eps):
+    """apex's fused RMSNorm (one kernel forward and backward, float32 inside)."""
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    return fused_rms_norm_affine(x, weight, weight.shape, eps)
+
+
+@register("rms_norm", "te", priority=2, available=_te_ok)
+def rms_norm_te(x, weight, eps):
+    """transformer_engine.pytorch.RMSNorm on our weight (zero_centered_gamma off: y = x / rms · weight)."""
+    import transformer_engine.pytorch as te
+    mod = _te_module(weight, lambda: te.RMSNorm(weight.shape[0], eps=eps, params_dtype=weight.dtype, device="meta"))
+    return mod(x)
+
+
+# adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay): one step, in place,
+# on a flat owned shard (parallel/data.py's DistributedAdamW)
+@register("adamw", "torch", priority=0)
+def adamw_torch(*args):
+    from megatron_r1.parallel.data import adamw_
+    adamw_(*args)
+
+
+@register("adamw", "apex", priority=1, available=_apex_ok)
+def adamw_apex(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """apex's fused multi-tensor Adam kernel (FusedAdam's, adam_w_mode=1: decoupled weight decay, bias
+    correction on), float32 master shards."""
+    import amp_C
+    from apex.multi_tensor_apply import multi_tensor_applier
+    flag = torch.zeros(1, dtype=torch.int, device=param.device)
+    multi_tensor_applier(amp_C.multi_tensor_adam, flag, [[grad.contiguous()], [param], [exp_avg], [exp_avg_sq]],
+                         lr, beta1, beta2, eps, step, 1, 1, weight_decay)
+
+
+def fp8_path(cfg) -> str:
+    """What FP8 a launch of `cfg` would run, on this machine, in one line (the dry run prints it)."""
+    disp = f"moe.dispatch_dtype={cfg.moe.dispatch_dtype}"
+    if cfg.train.fp8 == "none":
+        return f"train.fp8=none: GEMMs in {cfg.train.params_dtype}; {disp}"
+    te = _te_fp8_ok()
+    here = ("Transformer Engine Float8BlockScaling (fp8_linear=te, fp8_grouped_mm=te)" if te else
+            "the reference backend (fp8_linear=reference, fp8_grouped_mm=reference: FP8 numerics as float32 "
+            "products of dequantised block-FP8 operands, no FP8 speed-up)")
+    why = "" if te else (" — Transformer Engine " + ("is installed but needs CUDA on Hopper (sm_90+) and "
+                                                       "Float8BlockScaling" if _te_installed() else "is not installed"))
+    return f"train.fp8=blockwise: on this machine {here}{why}; {disp}"
+
+
+def _te_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformer_engine") is not None

@@ -31,10 +31,8 @@ class RMSNorm(nn.Module):
         self.specs = {"weight": Spec(init="ones")}
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        from megatron_r1.kernels import get_kernel
+        return get_kernel("rms_norm")(x, self.weight, self.eps)  # torch: float32 inside, cast back, × weight
 
 
 # ------------------------------------------------------------------------------------------- rotary

@@ -328,13 +328,15 @@ class DistributedAdamW:
             coef = (self.clip_grad / (norm + 1e-6)).float().clamp(max=1.0)
         self.step_count += 1
         beta1, beta2 = self.betas
+        from megatron_r1.kernels import get_kernel
+        adamw = get_kernel("adamw")  # adamw_ below, or apex's fused kernel where it imports
         for b, st in zip(self.grads.buckets, self.state):
             g_all = b.grad_shard * coef
             for pc in b.pieces:
                 s = slice(pc.shard_at, pc.shard_at + pc.hi - pc.lo)
                 wd = self.weight_decay if pc.param.dim() >= 2 else 0.0
-                adamw_(st["master"][s], g_all[s], st["exp_avg"][s], st["exp_avg_sq"][s], self.step_count,
-                       self.lr, beta1, beta2, self.eps, wd)
+                adamw(st["master"][s], g_all[s], st["exp_avg"][s], st["exp_avg_sq"][s], self.step_count,
+                      self.lr, beta1, beta2, self.eps, wd)
             self._publish(b, st["master"])
         return {"grad_norm": norm, "clip_coef": coef}
 

@@ -511,7 +511,8 @@ def format_plan(plan: Plan) -> str:
     if m.is_moe:
         lines += [
             f"all-to-all   per token per MoE layer, sent: dispatch {a['dispatch'] / 1e3:.1f} KB ({o.dispatch_dtype}) "
-            f"+ combine {a['combine'] / 1e3:.1f} KB (bf16) = k·h·bytes·(ep−1)/ep, k={m.num_experts_per_tok}, "
+            f"+ combine {a['combine'] / 1e3:.1f} KB (bf16) = k·bytes per token·(ep−1)/ep (fp8: h codes + a float32 "
+            f"scale per 128), k={m.num_experts_per_tok}, "
             f"h={m.hidden_size}, ep={par.ep}",
             f"             per step per GPU (stage {st['stage']}, {st['moe_layers']} MoE layers, "
             f"{st['tokens'] / st['moe_layers'] if st['moe_layers'] else 0:.0f} tokens each): "

@@ -52,6 +52,7 @@ MODULE_TO_DIST = {
     "typing_extensions": "typing-extensions",
     "latex2sympy2_extended": "latex2sympy2-extended",
     "cv2": "opencv-python-headless",
+    "amp_C": "apex",  # apex's CUDA extension (fused multi-tensor Adam)
 }
 
 # Packages whose wheel installs under another distribution name we also accept
@@ -65,9 +66,11 @@ def normalize(name: str) -> str:
 
 
 def requirement_name(req: str) -> str | None:
-    """'vllm[audio]==0.32.0; python_version>"3"' -> 'vllm'; paths, URLs and options -> None."""
+    """'vllm[audio]==0.32.0; python_version>"3"' -> 'vllm'; 'apex @ git+https://...' -> 'apex' (a PEP 508
+    direct reference names its distribution); bare paths, URLs and options -> None."""
     m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(?:[=<>!~;@ ]|$)", req)
-    if m is None or "/" in req.split(";")[0] or req.startswith(("-", ".")):
+    direct = re.match(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*(?:\[[^\]]*\])?\s*@", req)
+    if m is None or ("/" in req.split(";")[0] and not direct) or req.startswith(("-", ".")):
         return None
     return normalize(m.group(1))
 
