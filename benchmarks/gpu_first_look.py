@@ -19,6 +19,12 @@ each written to the JSON as soon as it finishes (a crash keeps the sections befo
              our runtime (build_parallel_model, DistributedAdamW, train_step) on one device: step time,
              model FLOPs utilisation (6·activated params·tokens + causal attention, over the peak) and
              peak memory.
+  fp8        block-scaled FP8 (DeepSeek-V3: 1×128 activation tiles, 128×128 weight blocks, E4M3) side by side
+             with bf16: the GEMM alone (torch's F.scaled_mm block-wise, Hopper), the linear forward + backward
+             (3 GEMMs) and the experts' grouped GEMM per backend of the registry: `reference` (float32
+             products of dequantised codes, runs anywhere), `te` (Transformer Engine Float8BlockScaling,
+             when importable on Hopper), against the bf16 F.linear / grouped GEMM; sizes 4096, 8192 and
+             DeepSeek-V3's expert shape (H 7168, F 2048, 8 local experts).
   weight_sync the trainer side of the weight sync: full tensors streamed by iter_full_state, named by
              ckpt/hf.py, bucketed (rollout/engine.iter_buckets) and cloned as a consumer would: GB/s.
 Every case records its shapes, dtype, device and the error text if it failed; nothing is extrapolated.
@@ -40,8 +46,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12}
-SECTIONS = ("gemm", "experts", "attention", "slice", "weight_sync")
-BUDGET_S = {"gemm": 60, "experts": 120, "attention": 120, "slice": 180, "weight_sync": 60}
+SECTIONS = ("gemm", "experts", "attention", "slice", "weight_sync", "fp8")
+BUDGET_S = {"gemm": 60, "experts": 120, "attention": 120, "slice": 180, "weight_sync": 60, "fp8": 120}
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -171,6 +177,69 @@ def section_attention(sec: Section, dev, smoke: bool, reps):
                 return _tflops(3 * 2 * n * sum(rows) * (dqk + dv), sec_s)
             sec.case({"backend": backend, "s": s, "query_rows": sq, "cp_chunks": chunks, "heads": n,
                       "dqk": dqk, "dv": dv, "dtype": "bf16"}, run)
+
+
+# -------------------------------------------------------------------------------------------- fp8
+def section_fp8(sec: Section, dev, smoke: bool, reps):
+    from megatron_r1 import kernels
+    from megatron_r1.kernels import _GroupedMM
+    from megatron_r1.kernels.fp8 import quantize_blocks
+    avail = {name: kernels.backends(name) for name in ("fp8_linear", "fp8_grouped_mm")}
+    why_te = "Transformer Engine with Float8BlockScaling on a Hopper GPU is not available here"
+    for n in ((128, 256) if smoke else (4096, 8192)):
+        shape = {"m": n, "n": n, "k": n}
+        x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, n, device=dev, dtype=torch.bfloat16) * 0.02
+        sec.case({"what": "gemm", "backend": "bf16", **shape},
+                 lambda: _tflops(2 * n ** 3, timeit(lambda: x @ w.t(), dev, *reps)))
+        if dev.type != "cuda":
+            sec.skip({"what": "gemm", "backend": "torch_scaled_mm_blockwise", **shape},
+                     "F.scaled_mm block-wise scales need CUDA (the CPU kernel does tensor- and row-wise only)")
+        else:
+            def blockwise():
+                xq, xs = quantize_blocks(x, (1, 128))
+                wq, ws = quantize_blocks(w, (128, 128))
+                xs = xs.t().contiguous().t()  # activation scales token-major, as cuBLASLt wants
+
+                def mm():
+                    return F.scaled_mm(xq, wq.t(), xs, F.ScalingType.BlockWise1x128, ws.t(),
+                                       F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+                return _tflops(2 * n ** 3, timeit(mm, dev, *reps))
+            sec.case({"what": "gemm", "backend": "torch_scaled_mm_blockwise", **shape}, blockwise)
+        for backend in ("bf16", "reference", "te"):
+            if backend != "bf16" and backend not in avail["fp8_linear"]:
+                sec.skip({"what": "linear_fwd_bwd", "backend": backend, **shape}, why_te)
+                continue
+
+            def linear(backend=backend):
+                fn = F.linear if backend == "bf16" else kernels.get_kernel("fp8_linear", backend)
+                xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+                def step():
+                    y = fn(xx, ww)
+                    y.backward(torch.ones_like(y))
+                return _tflops(3 * 2 * n ** 3, timeit(step, dev, *reps))  # Fprop, Dgrad, Wgrad
+            sec.case({"what": "linear_fwd_bwd", "backend": backend, **shape}, linear)
+    n_exp, rows, h, f = (4, 64, 128, 128) if smoke else (8, 2048, 7168, 2048)
+    x = torch.randn(n_exp * rows, h, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n_exp, h, f, device=dev, dtype=torch.bfloat16) * 0.02
+    offs = torch.arange(1, n_exp + 1, device=dev, dtype=torch.int32) * rows
+    for backend in ("bf16", "reference", "te"):
+        desc = {"what": "grouped_fwd_bwd", "backend": backend, "experts": n_exp, "rows_per_expert": rows, "h": h,
+                "f": f}
+        if backend != "bf16" and backend not in avail["fp8_grouped_mm"]:
+            sec.skip(desc, why_te)
+            continue
+
+        def grouped(backend=backend):
+            fn = _GroupedMM.apply if backend == "bf16" else kernels.get_kernel("fp8_grouped_mm", backend)
+            xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+            def step():
+                y = fn(xx, ww, offs)
+                y.backward(torch.ones_like(y))
+            return _tflops(3 * 2 * n_exp * rows * h * f, timeit(step, dev, *reps))
+        sec.case(desc, grouped)
 
 
 # ------------------------------------------------------------------------------------------- slice
