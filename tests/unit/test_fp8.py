@@ -202,3 +202,10 @@ def test_fp8_dispatch_on_one_rank_sends_quantised_rows():
     assert torch.allclose(y, want, rtol=1e-6, atol=1e-7) and not torch.equal(xq, x.detach())
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_check_parallel_fp8_refuses_a_block_splitting_layout_in_one_line(capsys):
+    from megatron_r1.engine.check import main
+    assert main(["--layout", "tp2", "--fp8", "blockwise"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: train.fp8=blockwise with parallel.tp=2: q_b_proj")
