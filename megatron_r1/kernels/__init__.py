@@ -10,8 +10,9 @@ Notable choices
   dequantised block-FP8 operands: FP8 numerics everywhere, no FP8 speed) and Transformer Engine's
   `Linear` / `GroupedLinear` under `fp8_autocast(Float8BlockScaling())` when TE imports on a Hopper GPU;
   `fp8_path(cfg)` says which a launch would use (the dry run prints it). TE and apex also serve
-  `rms_norm` and `adamw`. Every TE/apex backend wraps OUR parameters (the TE module's `weight` is replaced
-  by the model's own Parameter), so names, placement, checkpoints and weight sync do not depend on the backend.
+  `rms_norm` and `adamw`. Every TE/apex backend computes with OUR parameters (a TE module's own weights are
+  dropped and the model's Parameter is handed to it per call), so names, placement, checkpoints and weight
+  sync do not depend on the backend.
 - Attention never builds an S² mask: causal SDPA when queries and keys are the same positions, and
   for context parallelism the query chunks' offsets (each chunk sees a key prefix).
 """
@@ -323,20 +324,23 @@ def _apex_ok() -> bool:
     return torch.cuda.is_available()
 
 
-_TE_MODULES: dict = {}  # id of our weight -> (weight, the TE module that computes with it)
+_TE_MODULES: dict = {}  # (kind, shape, dtype, device) -> a TE module without weights of its own
 
 
-def _te_module(weight: torch.Tensor, make: Callable, names=("weight",), weights=None):
-    """A TE module (built once per weight) whose parameters ARE ours: TE's own are replaced."""
-    key = id(weight)
-    hit = _TE_MODULES.get(key)
-    if hit is None or hit[0] is not weight:
+def _te_module(key: tuple, make: Callable, weights: dict):
+    """A TE module per shape (built once, on `meta`), computing with the tensors given for this call: its
+    own parameters are dropped, ours are set before each call (only the last call's stay referenced).
+    Float8BlockScaling computes every scale from the current block (no amax history), so modules of one
+    shape can be shared by every weight of that shape."""
+    mod = _TE_MODULES.get(key)
+    if mod is None:
         mod = make()
-        for name, w in zip(names, weights or (weight,)):
+        for name in weights:
             delattr(mod, name)
-            setattr(mod, name, w)
-        _TE_MODULES[key] = hit = (weight, mod)
-    return hit[1]
+        _TE_MODULES[key] = mod
+    for name, w in weights.items():
+        object.__setattr__(mod, name, w)  # a plain attribute: the Parameter stays registered in OUR model only
+    return mod
 
 
 def _block_recipe():
@@ -351,8 +355,9 @@ def fp8_linear_te(x, weight, bias=None):
     """transformer_engine.pytorch.Linear on our weight under fp8_autocast(Float8BlockScaling): DeepSeek-V3's
     recipe with real FP8 tensor-core GEMMs (Fprop, Dgrad, Wgrad)."""
     import transformer_engine.pytorch as te
-    mod = _te_module(weight, lambda: te.Linear(weight.shape[1], weight.shape[0], bias=False, params_dtype=weight.dtype,
-                                               device="meta"))
+    key = ("linear", tuple(weight.shape), weight.dtype, weight.device)
+    mod = _te_module(key, lambda: te.Linear(weight.shape[1], weight.shape[0], bias=False, params_dtype=weight.dtype,
+                                            device="meta"), {"weight": weight})
     with te.fp8_autocast(enabled=True, fp8_recipe=_block_recipe()):
         y = mod(x)
     return y if bias is None else y + bias
@@ -364,9 +369,9 @@ def fp8_grouped_mm_te(x, w, offs):
     expert operand. TE wants the per-expert row counts on the host: one sync per call."""
     import transformer_engine.pytorch as te
     n_exp, k, n = w.shape
-    per = [w[e].t() for e in range(n_exp)]  # [N, K] each (views of the stack)
-    mod = _te_module(w, lambda: te.GroupedLinear(n_exp, k, n, bias=False, params_dtype=w.dtype, device="meta"),
-                     names=tuple(f"weight{e}" for e in range(n_exp)), weights=per)
+    mod = _te_module(("grouped", tuple(w.shape), w.dtype, w.device),
+                     lambda: te.GroupedLinear(n_exp, k, n, bias=False, params_dtype=w.dtype, device="meta"),
+                     {f"weight{e}": w[e].t() for e in range(n_exp)})  # [N, K] views of the stack
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1, dtype=torch.long)).tolist()
     counts[-1] += x.shape[0] - sum(counts)  # rows past the last offset: none in practice
     with te.fp8_autocast(enabled=True, fp8_recipe=_block_recipe()):
@@ -394,7 +399,9 @@ def rms_norm_apex(x, weight, eps):
 def rms_norm_te(x, weight, eps):
     """transformer_engine.pytorch.RMSNorm on our weight (zero_centered_gamma off: y = x / rms · weight)."""
     import transformer_engine.pytorch as te
-    mod = _te_module(weight, lambda: te.RMSNorm(weight.shape[0], eps=eps, params_dtype=weight.dtype, device="meta"))
+    mod = _te_module(("rmsnorm", tuple(weight.shape), eps, weight.dtype, weight.device),
+                     lambda: te.RMSNorm(weight.shape[0], eps=eps, params_dtype=weight.dtype, device="meta"),
+                     {"weight": weight})
     return mod(x)
 
 
