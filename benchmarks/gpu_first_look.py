@@ -222,7 +222,7 @@ def section_fp8(sec: Section, dev, smoke: bool, reps):
             sec.case({"what": "linear_fwd_bwd", "backend": backend, **shape}, linear)
     n_exp, rows, h, f = (4, 64, 128, 128) if smoke else (8, 2048, 7168, 2048)
     x = torch.randn(n_exp * rows, h, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(n_exp, h, f, device=dev, dtype=torch.bfloat16) * 0.02
+    w = torch.randn(n_exp, f, h, device=dev, dtype=torch.bfloat16) * 0.02  # [L, out, in], the experts' stack
     offs = torch.arange(1, n_exp + 1, device=dev, dtype=torch.int32) * rows
     for backend in ("bf16", "reference", "te"):
         desc = {"what": "grouped_fwd_bwd", "backend": backend, "experts": n_exp, "rows_per_expert": rows, "h": h,

@@ -365,13 +365,13 @@ def fp8_linear_te(x, weight, bias=None):
 
 @register("fp8_grouped_mm", "te", priority=2, available=_te_fp8_ok)
 def fp8_grouped_mm_te(x, w, offs):
-    """transformer_engine.pytorch.GroupedLinear (one GEMM per expert, block-FP8) on the stacked [L, K, N]
-    expert operand. TE wants the per-expert row counts on the host: one sync per call."""
+    """transformer_engine.pytorch.GroupedLinear (one GEMM per expert, block-FP8) on the experts' [L, N, K]
+    stack (model/experts.py). TE wants the per-expert row counts on the host: one sync per call."""
     import transformer_engine.pytorch as te
-    n_exp, k, n = w.shape
+    n_exp, n, k = w.shape
     mod = _te_module(("grouped", tuple(w.shape), w.dtype, w.device),
                      lambda: te.GroupedLinear(n_exp, k, n, bias=False, params_dtype=w.dtype, device="meta"),
-                     {f"weight{e}": w[e].t() for e in range(n_exp)})  # [N, K] views of the stack
+                     {f"weight{e}": w[e] for e in range(n_exp)})  # [N, K] views of the stack
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1, dtype=torch.long)).tolist()
     counts[-1] += x.shape[0] - sum(counts)  # rows past the last offset: none in practice
     with te.fp8_autocast(enabled=True, fp8_recipe=_block_recipe()):

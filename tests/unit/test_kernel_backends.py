@@ -41,7 +41,7 @@ def test_fp8_grouped_mm_te_matches_reference():
     _need("fp8_grouped_mm", "te")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(300, 256, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = torch.randn(4, 256, 128, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    w = torch.randn(4, 128, 256, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02  # [L, out, in]
     offs = torch.tensor([100, 100, 250, 300], device="cuda", dtype=torch.int32)
     got = get_kernel("fp8_grouped_mm", "te")(x, w, offs).float()
     ref = get_kernel("fp8_grouped_mm", "reference")(x.float(), w.float(), offs)
