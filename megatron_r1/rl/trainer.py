@@ -23,7 +23,9 @@ Notable choices
   policy (DeepSeek-R1 refreshes every 400 steps). A resumed run refreshes it at resume (the checkpoint
   holds the policy, not the reference), so until its next multiple of N its reference is the resumed
   policy, newer than an uninterrupted run's by fewer than N steps.
-- After the update the full weights stream into vLLM in buckets (`rollout.bucket_mb`).
+- After the update each rollout rank receives exactly the slices its vLLM engine holds, from the
+  training ranks that own them, in buckets of at most `rollout.bucket_mb` (rollout/sync.py; the plan
+  is built once, at the first sync).
 """
 from __future__ import annotations
 
@@ -152,6 +154,7 @@ class GRPOTrainer:
         self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64, device=mesh.device)  # see update()
         # vLLM's CPU worker implements sleep as a no-op, so only a GPU engine sleeps between phases
         self.sleeps = cfg.rollout.sleep_between_steps and self.engine.on_gpu
+        self._sync = None  # rollout/sync.py WeightSync, made at the first sync
 
     # ------------------------------------------------------------------------------------- rollout
     def rollout(self, step: int, round: int = 0) -> Rollout:
@@ -385,7 +388,10 @@ class GRPOTrainer:
         bucket = int(self.cfg.rollout.bucket_mb * (1 << 20))
         if self.sleeps:
             self.engine.wake_up(["weights"])
-        stats = self.engine.update_weights(self.session.full_state(), bucket_bytes=bucket)
+        if self._sync is None:  # the transfer plan: once per run (collective)
+            from megatron_r1.rollout.sync import WeightSync
+            self._sync = WeightSync(self.engine, self.session.chunks, self.mesh, self.cfg.model, bucket)
+        stats = self._sync()
         if self.sleeps:
             self.engine.wake_up(["kv_cache"])
         return stats
@@ -532,7 +538,7 @@ class GRPOTrainer:
             self.loader.load_state_dict(extra["prompts"])
         if self.cfg.rl.ref_refresh_interval and self.ref_chunks is not None:
             self.refresh_reference()  # see the module notes: the reference restarts from the resumed policy
-        self.engine.update_weights(self.session.full_state(), bucket_bytes=int(self.cfg.rollout.bucket_mb * (1 << 20)))
+        self.sync_weights()
 
     def fit(self, steps: int | None = None, eval_every: int = 0) -> list[dict]:
         s = self.session

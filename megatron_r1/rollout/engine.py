@@ -434,6 +434,22 @@ class RolloutEngine:
         stats.bytes_per_s = stats.bytes / stats.seconds if stats.seconds > 0 else 0.0
         return stats
 
+    def probe_slices(self, hf_shapes: dict) -> list:
+        """Which box of each HF tensor this rank's engine holds and where (rollout/sync.py's probe):
+        vLLM's own loaders run on meta tensors, nothing is copied."""
+        from megatron_r1.rollout.sync import probe_on_worker
+
+        return self.llm.collective_rpc(probe_on_worker, args=(hf_shapes,))[0]
+
+    @torch.no_grad()
+    def apply_slices(self, pieces: Iterable, expected: dict[str, int], seconds: dict) -> None:
+        """Write received slices into vLLM's parameters, post-processing each layer once complete
+        (rollout/sync.py `push` is the caller); the prefix cache is flushed afterwards."""
+        from megatron_r1.rollout.sync import apply_on_worker
+
+        self.llm.collective_rpc(apply_on_worker, args=(pieces, expected, seconds))
+        self.llm.reset_prefix_cache()
+
     # ------------------------------------------------------------------ memory
 
     def sleep(self) -> None:
