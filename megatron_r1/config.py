@@ -320,11 +320,15 @@ class RLConfig:
 
 @dataclass
 class RolloutConfig:
-    tp: int = 1  # vLLM tensor parallel size (over training ranks)
-    bucket_mb: float = 512.0  # weight-sync bucket cap
-    gpu_memory_utilization: float = 0.5
+    tp: int = 1  # vLLM tensor parallel size (over training ranks); world / tp rollout replicas
+    ep: int = 1  # vLLM expert parallelism: 1 (experts TP-sharded) or tp·dp (whole experts, spread over the engine)
+    dp: int = 1  # vLLM data-parallel attention ranks per engine (each its own batch; experts EP over tp·dp)
+    bucket_mb: float = 512.0  # weight-sync bucket cap (bytes in flight per peer and round)
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of the device vLLM may take (weights + KV cache)
     max_model_len: int = 4096
-    sleep_between_steps: bool = True  # free KV cache during training (GPU)
+    sleep_between_steps: bool = True  # free rollout memory during training (GPU)
+    sleep_level: int = 1  # 1: weights to host, KV cache dropped; 2: both dropped (the sync rewrites the weights)
+    enforce_eager: bool | None = None  # None: CUDA graphs on GPU, eager on CPU
 
 
 @dataclass
@@ -607,6 +611,7 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
                           "use token_mean or seq_mean_token_sum_norm")
     if ro.tp < 1 or world_size % ro.tp:
         raise ConfigError(f"rollout.tp={ro.tp} does not divide the world size {world_size}")
+    validate_rollout_layout(ro, world_size)
     replicas = world_size // ro.tp
     if r.prompts_per_step % replicas:
         raise ConfigError(f"rl.prompts_per_step={r.prompts_per_step} is not divisible by the {replicas} rollout "
@@ -672,6 +677,25 @@ def validate_fp8_shards(m: ModelConfig, tp: int) -> None:
                 f"per rank, which cuts its {BLOCK}-wide FP8 blocks; every tp shard must be a multiple of {BLOCK} "
                 + (f"(a tp dividing {size // BLOCK}" if size % BLOCK == 0 else f"({size} is not a multiple of {BLOCK}: tp=1")
                 + ", or train.fp8=none)")
+
+
+def validate_rollout_layout(ro: RolloutConfig, world_size: int) -> None:
+    """rollout.tp/ep/dp against the world and what vLLM 0.32's external launcher can build."""
+    if ro.dp < 1 or ro.ep < 1:
+        raise ConfigError(f"rollout.dp={ro.dp} and rollout.ep={ro.ep} must be >= 1")
+    engine = ro.tp * ro.dp
+    if world_size % engine:
+        raise ConfigError(f"rollout.tp·dp = {ro.tp}·{ro.dp} = {engine} ranks per engine does not divide the "
+                          f"world size {world_size}")
+    if ro.ep not in (1, engine):
+        raise ConfigError(f"rollout.ep={ro.ep}: vLLM's expert parallelism spans the whole engine, so ep must be 1 "
+                          f"or tp·dp = {ro.tp}·{ro.dp} = {engine}")
+    if ro.dp > 1 and engine != world_size:
+        raise ConfigError(f"rollout.dp={ro.dp}: vLLM 0.32's external launcher derives the data-parallel rank as "
+                          f"RANK // tp, so a DP engine must span the whole world (tp·dp = {engine} != world "
+                          f"{world_size}); use rollout.dp=1 with more replicas")
+    if ro.sleep_level not in (1, 2):
+        raise ConfigError(f"rollout.sleep_level={ro.sleep_level} must be 1 or 2")
 
 
 def validate_rewards(r: RLConfig) -> None:

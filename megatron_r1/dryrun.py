@@ -260,18 +260,32 @@ def _runtime_warnings(r: Report, cfg: Config, plan, a) -> None:
                    f"{_fmt_split(plan.split)}")
 
 
-def _rollout(r: Report, cfg: Config, world: int, resident_gb: float | None, gpu_mem_gb: float) -> None:
-    tp = cfg.rollout.tp
-    if world % tp:
-        return r.problem(f"rollout.tp={tp} does not divide the world size {world}")
-    n = cfg.model.num_parameters()
-    w_gb = (n["total"] + n["mtp"]) * 2 / tp / 1e9
-    replicas = world // tp
-    r.line(f"  rollout   vLLM co-located, tp={tp}: {replicas} replicas; bf16 weights {w_gb:.1f} GB per GPU, "
-           f"KV cache ≤ gpu_memory_utilization={cfg.rollout.gpu_memory_utilization:g} of the GPU")
-    if resident_gb is not None and resident_gb + w_gb > gpu_mem_gb:
-        r.warn(f"rollout: trainer resident state {resident_gb:.1f} GB (weights+grads+optimizer, worst stage) + vLLM "
-               f"weights {w_gb:.1f} GB > {gpu_mem_gb:g} GB; raise rollout.tp or rely on sleep mode offload")
+def _rollout(r: Report, cfg: Config, world: int, plan, gpu_mem_gb: float) -> None:
+    """The rollout layout and its memory per GPU beside the training state (parallel/plan.py rollout_memory)."""
+    from megatron_r1.config import validate_rollout_layout
+    from megatron_r1.parallel.plan import format_rollout_memory, rollout_memory
+    ro = cfg.rollout
+    if world % ro.tp:
+        return r.problem(f"rollout.tp={ro.tp} does not divide the world size {world}")
+    try:
+        validate_rollout_layout(ro, world)
+    except ConfigError as e:
+        return r.problem(str(e))
+    replicas = world // ro.tp
+    if plan is None:
+        n = cfg.model.num_parameters()
+        return r.line(f"  rollout   vLLM co-located, tp={ro.tp} dp={ro.dp} ep={ro.ep}: {replicas} replicas; bf16 "
+                      f"weights {n['total'] * 2 / ro.tp / 1e9:.1f} GB per GPU (no training plan: memory not checked)")
+    mem = rollout_memory(plan, cfg.model, tp=ro.tp, ep=ro.ep, dp=ro.dp,
+                         gpu_memory_utilization=ro.gpu_memory_utilization, sleeps=ro.sleep_between_steps,
+                         sleep_level=ro.sleep_level, beta=cfg.rl.beta, max_model_len=ro.max_model_len)
+    lines = format_rollout_memory(mem)
+    r.line("  " + lines[0] + f"; {replicas} replicas of tp={ro.tp}")
+    for s in lines[1:]:
+        r.line("  " + s)
+    if not mem.fits:
+        r.warn(f"rollout: co-located memory does not fit {gpu_mem_gb:g} GB per GPU (rollout phase "
+               f"{mem.rollout_phase:.1f} GB, training phase {mem.training_phase:.1f} GB); " + "; ".join(mem.advice))
 
 
 def _would_run(r: Report, command: str, argv: list[str], nodes: int, gpn: int) -> None:
@@ -350,11 +364,7 @@ def run(command: str, a: argparse.Namespace, cfg: Config, argv: list[str], *, se
         check(r, world, plan)
     r.line("checks")
     if needs_vllm:
-        resident = None
-        if plan is not None:
-            w = plan.worst.memory
-            resident = (w["weights"] + w["grads"] + w["master"] + w["adam_mv"]) / 1e9
-        _rollout(r, cfg, world, resident, a.gpu_mem_gb)
+        _rollout(r, cfg, world, plan, a.gpu_mem_gb)
     for check in paths:
         check(r)
     _versions(r, needs_vllm, cfg)

@@ -47,7 +47,9 @@ def current_dist_env():
         return None
     from megatron_r1.parallel.launch import DistEnv
     rank, world = dist.get_rank(), dist.get_world_size()
-    return DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, master_addr="",
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))  # a launcher's, else one node
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, master_addr="",
                    master_port=0, backend=dist.get_backend(), launcher="existing")
 
 

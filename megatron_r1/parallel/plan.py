@@ -556,3 +556,95 @@ def plan_to_dict(plan: Plan) -> dict:
         "all_to_all": {"per_token_per_moe_layer_bytes": plan.a2a_per_token_layer,
                        "per_step_per_gpu_bytes": plan.a2a_per_step},
     }
+
+
+# ------------------------------------------------------------------------------ co-located rollout
+@dataclass
+class RolloutMemory:
+    """Per GPU, GB, for a vLLM engine co-located with the trainer (rollout.tp/ep/dp)."""
+    layout: str
+    vllm_weights: float  # vLLM's weights (main model; vLLM skips the MTP layer)
+    kv_cache: float  # gpu_memory_utilization · GPU − vLLM's weights
+    kv_tokens: int  # tokens the KV cache holds per GPU (MLA: the latent cache, replicated over tp)
+    trainer_resident: float  # worst stage: weights + grads + master + Adam (+ the frozen reference when β > 0)
+    reference: float  # frozen reference weights (β > 0), part of trainer_resident
+    trainer_peak: float  # worst stage of the training phase (activations, reserved) + reference
+    rollout_phase: float  # trainer_resident + vLLM weights + KV + reserved
+    training_phase: float  # trainer_peak + what vLLM keeps on the GPU while asleep (or awake)
+    gpu: float
+    advice: list  # settings that make it fit, or why nothing does
+
+    @property
+    def fits(self) -> bool:
+        return self.rollout_phase <= self.gpu and self.training_phase <= self.gpu
+
+
+def _routed_params(m: ModelConfig) -> float:
+    if not m.is_moe:
+        return 0.0
+    return sum(m.n_routed_experts * 3 * m.hidden_size * m.moe_intermediate_size
+               for i in range(m.num_hidden_layers) if m.is_moe_layer(i))
+
+
+def _kv_bytes_per_token(m: ModelConfig, tp: int, nbytes: int) -> float:
+    if m.is_mla:  # latent c_kv + k_pe per layer, every tp rank holds all of it
+        return (m.kv_lora_rank + m.qk_rope_head_dim) * m.num_hidden_layers * nbytes
+    heads = max(1, m.num_key_value_heads // tp)
+    return 2 * heads * m.dense_head_dim * m.num_hidden_layers * nbytes
+
+
+def rollout_memory(plan: Plan, m: ModelConfig, *, tp: int, ep: int, dp: int, gpu_memory_utilization: float,
+                   sleeps: bool, sleep_level: int, beta: float, max_model_len: int) -> RolloutMemory:
+    """What the co-located engine adds to the training plan, per GPU, in both phases, and which settings
+    (KV fraction, sleep level) make it fit. vLLM's weights: dense parts / tp, routed experts / (tp·dp) under
+    EP else / tp, in bf16. KV: vLLM takes gpu_memory_utilization of the GPU for weights + KV."""
+    o = plan.opts
+    gpu = o.gpu_mem_gb
+    pb = DTYPE_BYTES[o.param_dtype]
+    routed = _routed_params(m)
+    dense = m.num_parameters()["total"] - routed
+    w = (dense / tp + routed / (tp * dp if ep > 1 else tp)) * 2 / GB
+    kv = max(0.0, gpu_memory_utilization * gpu - w)
+    per_tok = _kv_bytes_per_token(m, tp, 2)
+    ref_of = {s.stage: (s.params.total * pb / GB if beta > 0 else 0.0) for s in plan.stages}
+    static = {s.stage: (s.memory["weights"] + s.memory["grads"] + s.memory["master"] + s.memory["adam_mv"]) / GB
+              for s in plan.stages}
+    worst_res = max(plan.stages, key=lambda s: static[s.stage] + ref_of[s.stage])
+    resident = static[worst_res.stage] + ref_of[worst_res.stage]
+    ref = ref_of[worst_res.stage]
+    peak = max(s.total_bytes / GB + ref_of[s.stage] for s in plan.stages)
+    reserved = o.reserved_gb
+    rollout = resident + w + kv + reserved
+    asleep = 0.0 if sleeps else w + kv  # level 1: weights to host; level 2: dropped; the KV cache always dropped
+    training = peak + asleep
+    advice = []
+    one_seq = per_tok * max_model_len / GB
+    room = gpu - resident - w - reserved  # what is left for the KV cache in the rollout phase
+    if rollout > gpu:
+        if room >= one_seq:
+            advice.append(f"set rollout.gpu_memory_utilization <= {(w + room) / gpu:.2f} (KV cache {room:.1f} GB, "
+                          f"{int(room * GB / per_tok):,} tokens = {room / one_seq:.1f} sequences of "
+                          f"max_model_len per GPU)")
+        else:
+            advice.append(f"no KV fraction fits: {gpu:g} GB − trainer {resident:.1f} − vLLM weights {w:.1f} − reserved "
+                          f"{reserved:g} = {room:.1f} GB < one max_model_len sequence ({one_seq:.1f} GB); raise "
+                          f"rollout.tp (or rollout.ep) to shrink vLLM's weights")
+    if training > gpu:
+        advice.append("set rollout.sleep_between_steps=true (level 1 keeps vLLM's weights on the host; level 2 drops "
+                      "them, the sync rewrites every weight)" if not sleeps else
+                      f"the training phase alone needs {peak:.1f} GB")
+    if sleeps and sleep_level == 1:
+        advice.append(f"sleep level 1 moves {w:.1f} GB to the host and back every step (PCIe); rollout.sleep_level=2 "
+                      f"drops them instead (the sync rewrites every weight)")
+    layout = f"tp={tp} dp={dp} ep={ep} (engine of {tp * dp} GPUs, experts {'EP' if ep > 1 else 'TP'}-sharded)"
+    return RolloutMemory(layout, w, kv, int(kv * GB / per_tok) if per_tok else 0, resident, ref, peak, rollout,
+                         training, gpu, advice)
+
+
+def format_rollout_memory(r: RolloutMemory) -> list[str]:
+    return [f"rollout   vLLM co-located, {r.layout}",
+            f"          per GPU: vLLM weights {r.vllm_weights:.1f} GB (bf16) + KV cache {r.kv_cache:.1f} GB "
+            f"({r.kv_tokens:,} tokens); trainer resident {r.trainer_resident:.1f} GB"
+            + (f" (incl. frozen reference {r.reference:.1f} GB)" if r.reference else ""),
+            f"          rollout phase {r.rollout_phase:.1f} GB, training phase {r.training_phase:.1f} GB of "
+            f"{r.gpu:g} GB: {'FITS' if r.fits else 'DOES NOT FIT'}"] + [f"          -> {a}" for a in r.advice]

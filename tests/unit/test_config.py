@@ -104,7 +104,7 @@ def test_real_hf_config_loads(tmp_path):
     ("train.params_dtype=fp32", "train.params_dtype='fp32': expected one of float32, bfloat16"),
     ("train.lr_decay_style=cos", "train.lr_decay_style='cos': expected one of constant, cosine, linear"),
     ("data.on_error=ignore", "data.on_error='ignore': expected one of skip, raise"),
-    ("rollout.sleep_betwen_steps=false", "unknown config key 'rollout.sleep_betwen_steps' (did you mean sleep_between_steps?)"),
+    ("rollout.sleep_betwen_steps=false", "unknown config key 'rollout.sleep_betwen_steps' (did you mean sleep_between_steps, sleep_level?)"),
 ])
 def test_misspelt_enum_fails_at_load(override, needle):
     with pytest.raises(ConfigError) as e:

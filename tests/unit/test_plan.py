@@ -247,3 +247,34 @@ def test_recompute_terms_follow_the_runtime_module_list():
     assert act(recompute="full") < act(recompute="full", recompute_num_layers=2) < none
     with pytest.raises(ConfigError, match="recompute modules attn"):
         act(recompute="selective", recompute_modules=("attn",))
+
+
+# ---------------------------------------------------------------------------- co-located rollout memory
+def test_rollout_memory_671b_fits_with_sleep_and_says_what_fixes_it_otherwise():
+    from megatron_r1.config import RolloutConfig, validate_rollout_layout
+    from megatron_r1.parallel.plan import rollout_memory
+
+    p = plan(**V3_LAYOUT)
+    kw = dict(gpu_memory_utilization=0.45, sleep_level=1, beta=0.001, max_model_len=33792)
+    ok = rollout_memory(p, V3, tp=64, ep=1, dp=1, sleeps=True, **kw)
+    # vLLM serves the main model (no MTP) in bf16: 671.0 B params / 64 GPUs
+    assert ok.vllm_weights == pytest.approx(V3.num_parameters()["total"] * 2 / 64 / GB)
+    assert ok.reference > 0 and ok.kv_cache == pytest.approx(0.45 * 80 - ok.vllm_weights)
+    assert ok.fits and ok.rollout_phase <= 80 and ok.training_phase <= 80
+    assert any("sleep_level=2" in a for a in ok.advice)  # level 1 works but pays PCIe both ways
+    # beta = 0: no frozen reference copy
+    assert rollout_memory(p, V3, tp=64, ep=1, dp=1, sleeps=True, **{**kw, "beta": 0.0}).reference == 0
+    # awake during training and a quarter of the rollout GPUs: neither phase fits, and the advice says why
+    bad = rollout_memory(p, V3, tp=16, ep=1, dp=1, sleeps=False, **kw)
+    assert not bad.fits
+    assert any("sleep_between_steps=true" in a for a in bad.advice)
+    assert any("no KV fraction fits" in a or "gpu_memory_utilization <=" in a for a in bad.advice)
+    # a KV fraction that is too large is answered with the one that fits
+    big_kv = rollout_memory(p, V3, tp=64, ep=1, dp=1, sleeps=True, **{**kw, "gpu_memory_utilization": 0.9})
+    assert not big_kv.fits and any("gpu_memory_utilization <=" in a for a in big_kv.advice)
+    # rollout.ep: vLLM's EP spans the engine, so it is 1 or tp·dp
+    validate_rollout_layout(RolloutConfig(tp=8, ep=8), 2048)
+    with pytest.raises(ConfigError, match=r"ep must be 1 or tp·dp = 8·1 = 8"):
+        validate_rollout_layout(RolloutConfig(tp=8, ep=4), 2048)
+    with pytest.raises(ConfigError, match="must span the whole world"):
+        validate_rollout_layout(RolloutConfig(tp=8, dp=2, ep=16), 2048)
