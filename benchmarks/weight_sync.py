@@ -69,12 +69,37 @@ def main() -> None:
     ap.add_argument("--bucket-mb", nargs="+", type=float, default=[0.25, 4, 64, 1024])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="engine dtype; tensors are pushed as stored (float32)")
-    ap.add_argument("--layout", default="tp=2", help="part 2's training layout, e.g. 'tp=2,pp=2' or 'ep=2'; 'none' skips")
-    ap.add_argument("--world", type=int, default=2, help="part 2's number of ranks")
-    ap.add_argument("--rollout-tp", type=int, default=2, help="part 2's vLLM tensor-parallel size")
+    ap.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
+    ap.add_argument("--layouts", nargs="+", default=None, metavar="LAYOUT",
+                    help=f"part 2's training layouts (default all: {', '.join(t for t, _, _ in LAYOUTS)})")
+    ap.add_argument("--sync-bucket-mb", type=float, default=0.25,
+                    help="part 2's rollout.bucket_mb (small: the tiny models then travel in several buckets)")
     ap.add_argument("--preset", default="tiny-moe", help="part 2's model preset")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write every measured row and the fit here")
     args = ap.parse_args()
+    report: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count()}
+    if 1 in args.parts:
+        report["reload"] = reload_part(args)
+    costs = None
+    if 2 in args.parts:
+        rows = layout_part(args)
+        costs = fit_push(rows)
+        report["push"], report["push_costs"] = rows, costs
+        print(f"fit over these rows (this CPU, gloo): {1e6 * costs['message_s']:.0f} us/message + "
+              f"{1e9 * costs['wire_s_per_byte']:.2f} ns/byte on the wire; pack + copy {1e6 * costs['piece_s']:.0f} "
+              f"us/piece + {1e9 * costs['copy_s_per_byte']:.2f} ns/byte; vLLM post-processing "
+              f"{1e6 * costs['module_s']:.0f} us/module + {1e9 * costs['post_s_per_byte']:.2f} ns/byte")
+    if 3 in args.parts:
+        report["extrapolation"] = extrapolate(costs)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
 
+
+def reload_part(args) -> list[dict]:
+    """Part 1: vLLM's reload of whole HF tensors (RolloutEngine.update_weights) alone, one process."""
     import torch
     from safetensors.torch import load_file
 
@@ -117,13 +142,8 @@ def main() -> None:
     print(f"fit over these rows: seconds = {c_call:.3f} per call + {1e6 * c_tensor:.0f} us/tensor * tensors + "
           f"{1e9 * c_byte:.2f} ns/byte * bytes  ({1 / c_byte / 1e9 if c_byte > 0 else float('inf'):.2f} GB/s per-byte rate)")
 
-    per_tensor, source = c_tensor, "part 1's fit"
-    if args.layout != "none":
-        r = layout_part(args)
-        # the reload of the DeepSeek-V3 architecture itself, per tensor, everything included (per-layer
-        # re-layout, MLA absorption, MoE prepacking, the per-call overhead): an upper bound per tensor
-        per_tensor, source = r["reload"] / r["tensors"], f"part 2's reload of {args.preset}, all costs per tensor"
-    extrapolate(per_tensor, source)
+    return [dict(model=name, cap_mb=mb, bytes=s.bytes, tensors=s.num_tensors, buckets=s.num_buckets,
+                 seconds=s.seconds, peak_mb=peak) for name, mb, s, peak in rows]
 
 
 def fit_costs(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
@@ -150,65 +170,105 @@ def fit_costs(samples: list[tuple[int, int, float]]) -> tuple[float, float, floa
 
 
 
-def _layout_rank(preset: str, layout: dict, rollout_tp: int, root: str, repeats: int, bucket_bytes: int) -> dict:
+# training layout -> rollout tp, grouped by world: one engine per spawned world, layouts in turn
+LAYOUTS = [("tp=2", 2, 2), ("ep=2", 2, 1), ("tp=2,pp=2", 4, 2), ("ep=4", 4, 2), ("tp=2,ep=2", 4, 2)]
+
+
+def _parse_layout(text: str) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def _layout_rank(preset: str, layouts: list[str], rollout_tp: int, root: str, repeats: int,
+                 bucket_bytes: int) -> list[dict]:
     import torch
     import torch.distributed as dist
 
     from megatron_r1.config import load_config
     from megatron_r1.data.tokenizer import write_word_tokenizer
     from megatron_r1.rollout.engine import RolloutEngine
+    from megatron_r1.rollout.sync import WeightSync
     from megatron_r1.training import TrainSession
 
-    cfg = load_config(preset, ["train.params_dtype=float32", f"run_dir={root}/run"]
-                      + [f"parallel.{k}={v}" for k, v in layout.items()])
-    session = TrainSession(cfg, logger=False)
-    hf_dir = os.path.join(root, "hf")
-    session.export_hf(hf_dir, dtype=torch.float32)
-    if dist.get_rank() == 0:
-        write_word_tokenizer(cfg.model.vocab_size, hf_dir)
-    dist.barrier()
-    engine = RolloutEngine(hf_dir, dtype="float32", tensor_parallel_size=rollout_tp, max_model_len=128,
-                           kv_cache_bytes=16 << 20, max_num_seqs=8)
-    engine.update_weights(session.full_state(), bucket_bytes)  # warm-up
-
-    def best(fn):
-        times = []
+    engine, out = None, []
+    for text in layouts:
+        cfg = load_config(preset, ["train.params_dtype=float32", f"run_dir={root}/run-{text}"]
+                          + [f"parallel.{k}={v}" for k, v in _parse_layout(text).items()])
+        session = TrainSession(cfg, logger=False)
+        if engine is None:  # initial weights are layout-independent: one export, one engine for every layout
+            hf_dir = os.path.join(root, "hf")
+            session.export_hf(hf_dir, dtype=torch.float32)
+            if dist.get_rank() == 0:
+                write_word_tokenizer(cfg.model.vocab_size, hf_dir)
+            dist.barrier()
+            engine = RolloutEngine(hf_dir, dtype="float32", tensor_parallel_size=rollout_tp, max_model_len=128,
+                                   kv_cache_bytes=16 << 20, max_num_seqs=8, verbose=False)
+        t0 = time.perf_counter()
+        sync = WeightSync(engine, session.chunks, session.mesh, cfg.model, bucket_bytes)
+        plan_s = time.perf_counter() - t0
+        sync()  # warm-up
+        best = None
         for _ in range(repeats):
-            dist.barrier()  # start together: the gather is collective
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    n_bytes = n_tensors = 0
-    for _, t in session.full_state():
-        n_bytes += t.numel() * t.element_size()
-        n_tensors += 1
-    gather = best(lambda: [None for _ in session.full_state()])
-    sync = best(lambda: engine.update_weights(session.full_state(), bucket_bytes))
-    local = list(session.full_state())
-    reload = best(lambda: engine.update_weights(local, bucket_bytes))
-    session.close()
-    return dict(bytes=n_bytes, tensors=n_tensors, gather=gather, sync=sync, reload=reload)
+            dist.barrier()  # start together: the push is collective
+            st = sync()
+            if best is None or st.seconds["total"] < best.seconds["total"]:
+                best = st
+        rank = dist.get_rank()
+        out.append(dict(layout=text, rollout_tp=rollout_tp, world=dist.get_world_size(), rank=rank,
+                        plan_build_s=plan_s, slices=len(sync.plan.slices[rank]),
+                        served_bytes=sync.plan.received_bytes(rank, remote_only=False),
+                        received=best.received, sent=best.sent, local=best.local, messages=best.messages,
+                        buckets=best.buckets, pieces=best.pieces, modules=best.modules, seconds=best.seconds))
+        session.close()
+    return out
 
 
-def layout_part(args) -> None:
+def layout_part(args) -> list[dict]:
     from megatron_r1.parallel.spawn import run_ranks
 
-    layout = {k: int(v) for k, v in (kv.split("=") for kv in args.layout.split(","))}
-    cap = int(max(args.bucket_mb) * (1 << 20))
-    with tempfile.TemporaryDirectory(prefix="weight_sync_layout_") as tmp:
-        res = run_ranks(_layout_rank, args.world, args.preset, layout, args.rollout_tp, tmp, args.repeats, cap,
-                        timeout=900, start_method="spawn")
-    r = max(res, key=lambda x: x["sync"])  # the slowest rank sets the step time
-    print(f"\n== 2. GRPO's sync: update_weights(TrainSession.full_state()), {args.preset} trained at {args.layout} "
-          f"on {args.world} ranks (gloo) -> vLLM TP{args.rollout_tp} x {args.world // args.rollout_tp} engine(s), "
-          f"cap {cap >> 20} MB, best of {args.repeats}, slowest rank")
-    print(f"{'':<28} {'s':>8} {'MB/s':>8} {'us/tensor':>10}   ({r['tensors']} tensors, {r['bytes'] / 2**20:.2f} MB per rank)")
-    for label, key in (("gather only (full_state)", "gather"), ("reload only (materialised)", "reload"),
-                       ("gather + reload (GRPO)", "sync")):
-        print(f"{label:<28} {r[key]:>8.3f} {r['bytes'] / r[key] / 2**20:>8.1f} {1e6 * r[key] / r['tensors']:>10.0f}")
-    return r
+    cap = int(args.sync_bucket_mb * (1 << 20))
+    worlds: dict[tuple[int, int], list[str]] = {}
+    for text, world, rtp in LAYOUTS:
+        if args.layouts and text not in args.layouts:
+            continue
+        worlds.setdefault((world, rtp), []).append(text)
+    rows = []
+    for (world, rtp), layouts in worlds.items():
+        with tempfile.TemporaryDirectory(prefix="weight_sync_layout_") as tmp:
+            res = run_ranks(_layout_rank, world, args.preset, layouts, rtp, tmp, args.repeats, cap,
+                            timeout=1200, start_method="spawn")
+        rows += [r for per_rank in res for r in per_rank]
+    rows.sort(key=lambda r: ([t for t, _, _ in LAYOUTS].index(r["layout"]), r["rank"]))
+    print(f"\n== 2. GRPO's sync (rollout/sync.py push), {args.preset} in float32, cap {args.sync_bucket_mb:g} MB, "
+          f"best of {args.repeats} per rank; KiB and ms")
+    print(f"{'training -> rollout':<24} {'rank':>4} {'served':>7} {'recv':>7} {'local':>7} {'sent':>7} {'msgs':>5} "
+          f"{'plan':>6} {'pack':>6} {'send':>6} {'copy':>6} {'post':>6} {'total':>7}")
+    for r in rows:
+        s = r["seconds"]
+        print(f"{r['layout'] + ' -> tp' + str(r['rollout_tp']):<24} {r['rank']:>4} {r['served_bytes'] >> 10:>7} "
+              f"{r['received'] >> 10:>7} {r['local'] >> 10:>7} {r['sent'] >> 10:>7} {r['messages']:>5} "
+              + " ".join(f"{1e3 * s[k]:>6.1f}" for k in ("plan", "pack", "send", "copy", "post")) +
+              f" {1e3 * s['total']:>7.1f}")
+    return rows
+
+
+def fit_push(rows: list[dict]) -> dict:
+    """Per-message, per-piece, per-module and per-byte costs of the push on this machine (least squares over
+    ranks and layouts): send = a·messages + b·(bytes sent + received); pack + copy = c·pieces + d·bytes moved;
+    post = e·modules + f·bytes served."""
+    import torch
+
+    def lsq(cols, y):
+        a = torch.tensor(cols, dtype=torch.float64)
+        scale = a.abs().amax(0).clamp_min(1)
+        c = torch.linalg.lstsq(a / scale, torch.tensor(y, dtype=torch.float64)[:, None]).solution[:, 0] / scale
+        return [max(v, 0.0) for v in c.tolist()]
+
+    msg, per_byte = lsq([[r["messages"], r["sent"] + r["received"]] for r in rows], [r["seconds"]["send"] for r in rows])
+    piece, copy = lsq([[r["pieces"], r["received"] + r["local"] + r["sent"]] for r in rows],
+                      [r["seconds"]["pack"] + r["seconds"]["copy"] for r in rows])
+    module, post = lsq([[r["modules"], r["served_bytes"]] for r in rows], [r["seconds"]["post"] for r in rows])
+    return dict(message_s=msg, wire_s_per_byte=per_byte, piece_s=piece, copy_s_per_byte=copy, module_s=module,
+                post_s_per_byte=post)
 
 
 # ----------------------------------------------------------------------------- 3. 671B on H800
@@ -261,63 +321,88 @@ def model_tensors_671b() -> dict:
     return acc
 
 
-def extrapolate(c_tensor: float, source: str) -> None:
+# Published figures for the targeted push (NCCL/RDMA point-to-point between GPUs of different nodes)
+P2P_IB_GBPS = 45.0  # achieved per GPU over one 400 Gb/s CX7: DeepEP on H800 measured 43-58 GB/s RDMA (normal kernels,
+#                     EP16-64) and 39-48 GB/s (low-latency, EP32-256), github.com/deepseek-ai/DeepEP docs/legacy.md;
+#                     NVIDIA measured ~49 GB/s per GPU NIC<->GPU P2P on DGX H100, mlcommons/inference_results_v3.1
+#                     closed/NVIDIA/documentation/start_from_device/dgx-h100.md. 45 GB/s sits inside both.
+P2P_MSG_S = 20e-6  # per message (post + completion over IB); DeepEP's low-latency dispatch of a whole EP round
+#                    is 77-194 us on H800 (same doc), so 20 us for one rendezvous p2p is on the safe side
+ROLLOUT = dict(tp=32, ep=32)  # the rollout layout of the extrapolation: one engine = 4 nodes, attention TP32,
+#                               experts EP32 (vLLM enable_expert_parallel; rollout.tp=32 rollout.ep=32)
+SYNC_BUCKET = 1 << 30  # rollout.bucket_mb of examples/r1_zero_671b.yaml
+
+
+def extrapolate(costs: dict | None) -> dict:
+    """DeepSeek-V3 671B, PP16 x EP64 training on 2048 H800 -> rollout TP32·EP32 engines: today's broadcast
+    (the code before this change) against the targeted push, bf16 and FP8, from measured costs (part 2's
+    fit, this CPU) and the published link figures above."""
     m = model_tensors_671b()
-    gpus = 2048
-    main_params = m["params"] - m["mtp"]  # vLLM's main model skips the MTP layer (no speculative decoding)
-    print(f"\n== 3. DeepSeek-V3 671B on {gpus} H800 (PP16 x EP64 training, ZeRO-1 DP; DeepSeek's layout)")
-    print(f"model: {m['params'] / 1e9:.1f} B params in {m['n']:.0f} HF tensors incl. MTP "
-          f"({m['mtp'] / 1e9:.1f} B in {m['n_mtp']:.0f} tensors, release copies of embedding/head included); "
-          f"routed experts {m['expert'] / 1e9:.1f} B; FP8-eligible {m['fp8'] / 1e9:.1f} B in {m['n_fp8']:.0f} tensors")
-    print(f"hardware per GPU: IB {IB_GBPS:g} GB/s, NVLink {NVLINK_GBPS:g} GB/s per direction (achieved; spec 400 "
-          f"bidirectional), PCIe Gen5 {PCIE_GBPS:g} GB/s, HBM {HBM_GBPS:g} GB/s; per-tensor vLLM cost "
-          f"{1e6 * c_tensor:.0f} us ({source}; this CPU, an upper bound for a GPU host); collective latency {1e6 * COLLECTIVE_LATENCY_S:.0f} us")
-    print(f"{'weights':<6} {'engine':<22} {'path':<10} {'GB in/GPU':>9} {'tensors/GPU':>11} {'wire s':>7} "
-          f"{'latency s':>9} {'vLLM s':>7} {'HBM s':>6} {'total s':>8} {'GB/s/GPU':>8}")
-    print("  wire: bytes / link rate; latency: collectives x latency; vLLM: tensors x per-tensor cost; "
-          "HBM: read + write of the bytes on the GPU")
+    gpus, stages, ep_train = 2048, 16, 64
+    tp, ep = ROLLOUT["tp"], ROLLOUT["ep"]
+    main_params = m["params"] - m["mtp"]
+    main_share = main_params / m["params"]
+    print(f"\n== 3. DeepSeek-V3 671B: PP{stages} x EP{ep_train} training on {gpus} H800 -> rollout engines of "
+          f"TP{tp}·EP{ep} ({tp // GPUS_PER_NODE} nodes each, {gpus // tp} engines)")
+    print(f"model: {m['params'] / 1e9:.1f} B params in {m['n']:.0f} HF tensors incl. MTP; vLLM serves "
+          f"{main_params / 1e9:.1f} B (no MTP); routed experts {m['expert'] / 1e9:.1f} B")
+    print(f"links: IB p2p {P2P_IB_GBPS:g} GB/s per GPU, {1e6 * P2P_MSG_S:.0f} us per message (published, see "
+          f"source); NVLink {NVLINK_GBPS:g} GB/s; HBM {HBM_GBPS:g} GB/s; broadcast latency {1e6 * COLLECTIVE_LATENCY_S:.0f} "
+          f"us per tensor (assumed)")
+    measured = costs is not None
+    costs = costs or dict(piece_s=50e-6, module_s=1e-3, copy_s_per_byte=0.0, post_s_per_byte=0.0)
+    print(f"host-side overheads {'measured in part 2' if measured else 'NOT measured (part 2 skipped), assumed'}: "
+          f"{1e6 * costs['piece_s']:.0f} us per piece written, {1e6 * costs['module_s']:.0f} us per vLLM module "
+          f"post-processed (Python + CPU kernels on this 2-core CPU: upper bounds for a GPU host); bytes at HBM rate")
+    print(f"{'weights':<6} {'path':<14} {'GB in/GPU':>9} {'msgs/GPU':>9} {'wire s':>7} {'latency s':>9} "
+          f"{'copy s':>7} {'post s':>7} {'total s':>8}")
+    out = []
     for fmt in ("bf16", "fp8"):
-        main_share = main_params / m["params"]  # vLLM's share of the stream (MTP: 2%)
         if fmt == "bf16":
-            stream_bytes, stream_tensors, expert_bytes, n_expert = 2 * m["params"], m["n"], 2 * m["expert"], m["n_expert"]
-        else:  # e4m3 linear weights + one fp32 scale per 128x128 block (1/4096 of the bytes) as extra tensors
-            stream_bytes = m["fp8"] + 2 * (m["params"] - m["fp8"])
-            stream_tensors, expert_bytes, n_expert = m["n"] + m["n_fp8"], m["expert"], 2 * m["n_expert"]
-        main_bytes, expert_bytes, n_expert = stream_bytes * main_share, expert_bytes * main_share, n_expert * main_share
-        n_dense = stream_tensors * main_share - n_expert
-        # the smallest engine whose weights take at most ~55% of 80 GB (KV cache and activations need the rest)
-        g_r = GPUS_PER_NODE
-        while main_bytes / g_r > 0.55 * GPU_GB * 1e9:
-            g_r *= 2
-        engine = f"TP8 x EP{g_r} ({g_r // GPUS_PER_NODE} nodes)"
-        # A (the code today): iter_full_state broadcasts every full tensor to all ranks and every vLLM rank
-        # is handed the whole model, keeping its slice. At best (NCCL rings, one NIC per channel) a node
-        # takes the model in over its 8 NICs (400 GB/s) and every GPU receives all of it over NVLink.
-        wire = stream_bytes / 1e9 / min(NVLINK_GBPS, IB_GBPS * GPUS_PER_NODE)
-        lat = stream_tensors * COLLECTIVE_LATENCY_S
-        vllm = stream_tensors * c_tensor
-        hbm = 2 * stream_bytes / 1e9 / HBM_GBPS
-        _row(fmt, engine, "A: today", stream_bytes, stream_tensors, wire, lat, vllm, hbm)
-        # B (targeted): each GPU receives only its rollout shard: attention/dense TP8-sharded, experts
-        # EP-sharded over the engine; sources are spread over all 16 pipeline stages (other nodes), so
-        # ~all of it crosses IB, balanced: every GPU also sends as much as it receives.
-        shard = (main_bytes - expert_bytes) / GPUS_PER_NODE + expert_bytes / g_r
-        n_shard = n_dense + n_expert / g_r  # a slice of every dense tensor, whole tensors of its experts
-        # what a GPU already holds (its stage's 1/16 of the layers, 4 of the 256/g_r experts it serves),
-        # if training and rollout ranks are aligned: a device-local copy, no wire
-        local = expert_bytes / g_r * (1 / 16) * (4 / (256 / g_r))
-        wire_b = (shard - local) / 1e9 / IB_GBPS
-        lat_b = shard / BUCKET_BYTES * COLLECTIVE_LATENCY_S  # one all-to-all per bucket
-        _row(fmt, engine, "B: shards", shard, n_shard, wire_b, lat_b, n_shard * c_tensor, 2 * shard / 1e9 / HBM_GBPS)
-        print(f"{'':<6} sleep level 1 (weights to host and back over PCIe) would add 2 x {shard / 1e9:.0f} GB / "
-              f"{PCIE_GBPS:g} GB/s = {2 * shard / 1e9 / PCIE_GBPS:.1f} s per step; level 2 (drop them: the sync "
-              f"overwrites them anyway) adds nothing")
+            stream_bytes, stream_tensors, expert_bytes = 2 * m["params"], m["n"], 2 * m["expert"]
+        else:  # e4m3 linear weights + fp32 128x128 block scales (1/4096 of their bytes, as extra tensors)
+            stream_bytes = m["fp8"] * (1 + 4 / 128 ** 2) + 2 * (m["params"] - m["fp8"])
+            stream_tensors, expert_bytes = m["n"] + m["n_fp8"], m["expert"] * (1 + 4 / 128 ** 2)
+        main_bytes, expert_main = stream_bytes * main_share, expert_bytes * main_share
+        n_expert_main = m["n_expert"] * main_share * (2 if fmt == "fp8" else 1)
+        n_dense_main = stream_tensors * main_share - n_expert_main
+        modules = 12 * 61 + 3  # vLLM modules with weights per GPU: ~12 per decoder layer, embedding, norm, head
+        # A: today (before rollout/sync.py): every full tensor broadcast to all 2048 ranks; at best a node takes
+        # the model in over its 8 NICs and every GPU gets all of it over NVLink; one collective per tensor
+        wire_a = stream_bytes / 1e9 / min(NVLINK_GBPS, IB_GBPS * GPUS_PER_NODE)
+        lat_a = stream_tensors * COLLECTIVE_LATENCY_S
+        copy_a = 2 * stream_bytes / 1e9 / HBM_GBPS + stream_tensors * costs["piece_s"]
+        post_a = 2 * main_bytes / tp / 1e9 / HBM_GBPS + modules * costs["module_s"]  # vLLM keeps its slice
+        out.append(_row(fmt, "A: broadcast", stream_bytes, stream_tensors, wire_a, lat_a, copy_a, post_a))
+        # B: targeted push: each GPU receives its slice of every dense tensor (/tp) and its ep-share of the experts;
+        # peers: the nearest holder of each slice (training stage p holds 1/16 of the layers; dense parts are
+        # replicated over the stage's 128 GPUs, so a node-mate or the least-loaded GPU sends them, experts come
+        # from the 2 EP ranks per stage holding them) -> ~ (1 + 2) * 16 peers, and one message per bucket
+        shard = (main_bytes - expert_main) / tp + expert_main / ep
+        local = shard / stages / (gpus // stages // GPUS_PER_NODE)  # same stage and node: a device copy
+        peers = 3 * stages
+        msgs = peers + shard / SYNC_BUCKET
+        wire_b = (shard - local) / 1e9 / P2P_IB_GBPS
+        lat_b = msgs * P2P_MSG_S
+        pieces = n_dense_main + n_expert_main / ep  # a slice of every dense tensor, whole tensors of its experts
+        # pack on the owner and copy into vLLM's views (a read + write each), plus the host-side cost per piece
+        copy_b = 2 * 2 * shard / 1e9 / HBM_GBPS + pieces * costs["piece_s"]
+        post_b = 2 * shard / 1e9 / HBM_GBPS + modules * costs["module_s"]  # vLLM's per-layer processing
+        out.append(_row(fmt, "B: targeted", shard, msgs, wire_b, lat_b, copy_b, post_b))
+        sol = shard / 1e9 / (P2P_IB_GBPS / 0.9)  # speed of light: the shard over the NIC's line rate (50 GB/s)
+        out[-1]["speed_of_light_s"] = sol
+        out[-1]["pieces"] = pieces
+        print(f"{'':<6} {'':<14} speed of light: {shard / 1e9:.1f} GB at {P2P_IB_GBPS / 0.9:.0f} GB/s line rate = "
+              f"{sol:.2f} s")
+    return {"rollout": ROLLOUT, "rows": out}
 
 
-def _row(fmt, engine, path, nbytes, ntensors, wire, lat, vllm, hbm) -> None:
-    total = wire + lat + vllm + hbm
-    print(f"{fmt:<6} {engine:<22} {path:<10} {nbytes / 1e9:>9.1f} {ntensors:>11.0f} {wire:>7.1f} {lat:>9.1f} "
-          f"{vllm:>7.1f} {hbm:>6.2f} {total:>8.1f} {nbytes / 1e9 / total:>8.1f}")
+def _row(fmt, path, nbytes, msgs, wire, lat, copy, post) -> dict:
+    total = wire + lat + copy + post
+    print(f"{fmt:<6} {path:<14} {nbytes / 1e9:>9.1f} {msgs:>9.0f} {wire:>7.2f} {lat:>9.2f} {copy:>7.2f} {post:>7.2f} "
+          f"{total:>8.2f}")
+    return dict(weights=fmt, path=path, gb_in_per_gpu=nbytes / 1e9, messages=msgs, wire_s=wire, latency_s=lat,
+                copy_s=copy, post_s=post, total_s=total)
 
 
 if __name__ == "__main__":

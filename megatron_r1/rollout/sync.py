@@ -416,6 +416,8 @@ class PushStats:
     local: int = 0  # bytes copied from this rank's own shards
     messages: int = 0  # sends + receives
     buckets: int = 0  # buckets this rank received
+    pieces: int = 0  # pieces written into vLLM's parameters (local and received)
+    modules: int = 0  # vLLM modules post-processed
     seconds: dict = field(default_factory=lambda: dict(plan=0.0, pack=0.0, send=0.0, copy=0.0, post=0.0, total=0.0))
 
     # the trainer's sync/* metrics
@@ -497,8 +499,14 @@ def push(plan: SyncPlan, engine, tensors: dict[str, tuple[torch.Tensor, Box]], g
                     yield s, p.box, flat[o:o + p.nbytes].view(dtype_of[s.hf]).view(shape)
                     o += p.nbytes + (-p.nbytes % _ALIGN)
 
+    def counted():
+        for item in received():
+            st.pieces += 1
+            yield item
+
     if rank in plan.slices:
-        engine.apply_slices(received(), plan.layer_numel.get(rank, {}), sec)
+        st.modules = len(plan.layer_numel.get(rank, {}))
+        engine.apply_slices(counted(), plan.layer_numel.get(rank, {}), sec)
     else:  # a training rank without an engine still sends
         for _ in received():
             pass

@@ -50,7 +50,7 @@ WORLDS = {
     "moe_w4_rollout_tp2": ("tiny-moe", 4, 2, [dict(tp=2), dict(tp=2, pp=2), dict(ep=4), dict(tp=2, ep=2)]),
     "llama_w2_rollout_tp2": ("tiny-llama", 2, 2, [dict(tp=2)]),
 }
-LONG = {"llama_w2_rollout_tp2"}
+LONG = {"moe_w4_rollout_tp2", "llama_w2_rollout_tp2"}  # 4.5 min and 2 min here: run by tests/run.sh --all
 
 
 def _our_logprobs(session, seq) -> torch.Tensor:
