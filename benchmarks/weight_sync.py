@@ -1,30 +1,25 @@
-"""Time RolloutEngine.update_weights (trainer -> vLLM hot-swap) on tiny models.
+"""Weight sync (trainer -> co-located vLLM) on tiny models, measured; DeepSeek-V3 671B, extrapolated.
 
-Prints, per model and bucket cap: bytes pushed, buckets, seconds, bytes/s, the cost
-per tensor, and the peak host memory the push added (VmHWM reset before each push).
-The producer clones each tensor when vLLM pulls it, as a gather or a dequantisation
-would, so the peak shows what one push holds at once: up to a bucket of produced
-tensors plus the layer vLLM has materialised but not finished.
-
-    python benchmarks/weight_sync.py                       # tiny DeepSeek-V3, Qwen2, wider Qwen2
-    python benchmarks/weight_sync.py --kinds qwen2 --bucket-mb 1 16 --repeats 5
-    python benchmarks/weight_sync.py --layout tp=2 --world 2 --rollout-tp 2    # part 2's layout
+    python benchmarks/weight_sync.py --json runs/weight_sync.json         # all three parts
+    python benchmarks/weight_sync.py --parts 2 3 --repeats 3              # the push and the extrapolation
+    python benchmarks/weight_sync.py --parts 2 --layouts ep=2 tp=2,pp=2   # some layouts only
 
 Timings on a shared 2-core machine are noisy: the best of --repeats is shown.
-The tiny models are overhead-bound (hundreds of small tensors, a re-layout per layer);
-bytes/s on the 190 MB model is closer to the per-byte cost a large model would see.
 
-Three parts, in order:
-1. vLLM reload alone (one process, tensors already materialised), per model and bucket cap.
-   A least-squares fit  seconds = c_tensor * tensors + c_byte * bytes  over these rows gives the
-   per-tensor (Python/bookkeeping) and per-byte (copy + re-layout) costs of vLLM's reload.
-2. The sync GRPO runs: `update_weights(TrainSession.full_state())` from a sharded training layout
-   (run_ranks, gloo), split into the gather alone (the full_state stream consumed, no vLLM) and
-   gather + reload. `--layout none` skips it.
-3. Extrapolation to DeepSeek-V3 671B on H800 nodes (bf16 and FP8 weights) for the path the code
-   takes today (every rank receives every full tensor) and for the targeted path (each GPU
-   receives only its rollout shard). The hardware figures and what they assume are printed with
-   the table; see benchmarks/weight_sync.md.
+Three parts:
+1. vLLM's reload of whole HF tensors alone (RolloutEngine.update_weights, one process), per model and
+   bucket cap, with the peak host memory a push adds (VmHWM reset before each push).
+2. The sync GRPO runs (rollout/sync.py): the transfer plan built once, then the targeted push, for the
+   training -> rollout layouts tp2 -> tp2, ep2 -> tp1, tp2·pp2 -> tp2, ep4 -> tp2, tp2·ep2 -> tp2 (one
+   spawned gloo world per (world size, rollout tp), one engine per world, layouts in turn). Per rank:
+   the bytes it serves, receives from other ranks, copies from its own shards and sends; messages;
+   seconds split into plan lookup, pack, send (batch_isend_irecv and wait), copy into vLLM's parameter
+   views and vLLM's per-layer post-processing. A least-squares fit over the rows gives this machine's
+   per-message, per-piece, per-module and per-byte costs.
+3. DeepSeek-V3 671B, PP16 x EP64 training on 2048 H800 -> rollout engines of TP32·EP32: the broadcast
+   path the code had before rollout/sync.py (every rank receives every full tensor) against the targeted
+   push, bf16 and FP8, from part 2's host-side costs and published p2p link figures (sources beside
+   the constants). See benchmarks/weight_sync.md.
 """
 
 from __future__ import annotations

@@ -557,6 +557,9 @@ class WeightSync:
         self.group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="nccl" if torch.device(mesh.device).type == "cuda" else "gloo")
+            # NCCL: every rank of a group must take part in its first call, and a push round skips ranks
+            # with nothing to exchange, so the communicator is brought up here, by all
+            dist.barrier(group=self.group)
 
     def __call__(self, bucket_bytes: int | None = None) -> PushStats:
         tensors = training_boxes(self.chunks, self.mesh, self.model_cfg)  # views of the live parameters
