@@ -278,3 +278,23 @@ def test_rollout_memory_671b_fits_with_sleep_and_says_what_fixes_it_otherwise():
         validate_rollout_layout(RolloutConfig(tp=8, ep=4), 2048)
     with pytest.raises(ConfigError, match="must span the whole world"):
         validate_rollout_layout(RolloutConfig(tp=8, dp=2, ep=16), 2048)
+
+
+def test_671b_dry_run_prints_rollout_layout_and_memory(capsys, tmp_path):
+    """The GRPO dry run of examples/r1_zero_671b.yaml (64 × 8 GPUs) prints the rollout engine layout and its
+    memory per GPU beside the training state, says it fits, and names the setting that fixes a layout
+    that does not."""
+    from megatron_r1.cli import main
+
+    base = ["grpo", "--config", str(REPO / "examples" / "r1_zero_671b.yaml"), "--init-hf", str(tmp_path / "none"),
+            "--dry-run", "--nodes", "64", "--gpus-per-node", "8", f"run_dir={tmp_path / 'run'}"]
+    main(base)  # exit 1: the checkpoint and prompts are missing; the plan is printed all the same
+    out = capsys.readouterr().out
+    assert "rollout   vLLM co-located, tp=64 dp=1 ep=1 (engine of 64 GPUs, experts TP-sharded); 8 replicas" in out
+    assert "(incl. frozen reference" in out  # beta = 0.001
+    line = next(x for x in out.splitlines() if "rollout phase" in x)
+    assert line.endswith("of 80 GB: FITS"), line
+    main(base + ["rollout.tp=16", "rollout.sleep_between_steps=false"])
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "warning: rollout: co-located memory does not fit 80 GB" in out
+    assert "raise rollout.tp (or rollout.ep)" in out and "set rollout.sleep_between_steps=true" in out
