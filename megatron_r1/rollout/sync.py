@@ -20,7 +20,9 @@ Notable choices
   no message), else a rank on the same node, else the least-loaded holder, so the dp replicas of the
   training layout share the sends that identical rollout replicas need.
 - **Plain data.** `SyncPlan` is tuples of ints and strings: printable (`describe`), comparable in
-  tests, cached (built once, reused for every step; the layouts do not change during a run).
+  tests, cached (built once, reused for every step; the layouts do not change during a run). Every
+  rank computes the whole plan from everyone's lists: fine to hundreds of ranks; at thousands each
+  rank should keep only its own pieces (not done).
 - **The push.** For each (owner, receiver) pair the pieces, in the receiver's layer order, are cut
   into flat byte buckets of at most `bucket_bytes` (a piece larger than a bucket is cut along its
   first dim). Round k exchanges every pair's k-th bucket with ONE `batch_isend_irecv` per rank on a
