@@ -26,6 +26,9 @@ Notable choices
   pp2, 8.0e-2 at tp2), grad norm 1e-2, params after the step 3e-2 (measured 1.6e-2 at tp2: float32 noise
   that flips one E4M3 rounding moves that element by 2^-4, and AdamW's first step passes it on).
 - Several layouts with the same world size can share one spawn (`run_layouts`): new groups per layout.
+- `replay_routes=True` gives every micro-batch random MoE routes (`routes`, [B, S, L, K], some tokens -1:
+  route themselves) that both sides take instead of their own top-k: rollout routing replay, checked to
+  slice correctly over cp/tp/sp/pp and to dispatch over ep.
 - `--strict-device` runs every rank's training step under `engine/strict.py`'s guard: a tensor created
   without an explicit device, or a host transfer off its short allow-list, fails the check with its
   file:line (what would break or stall on a GPU, found on a CPU).
@@ -92,14 +95,23 @@ def make_config(preset: str, overrides: list[str] = ()) -> Config:
     return load_config(preset, base + list(overrides))
 
 
-def make_batch(cfg: Config, n_micro: int, micro_bs: int, seq: int, seed: int = 0) -> list[dict]:
-    """Global batch: n_micro micro-batches of [micro_bs, seq] random tokens with a random loss mask."""
+def make_batch(cfg: Config, n_micro: int, micro_bs: int, seq: int, seed: int = 0,
+               replay_routes: bool = False) -> list[dict]:
+    """Global batch: n_micro micro-batches of [micro_bs, seq] random tokens with a random loss mask, and with
+    `replay_routes` random given routes [micro_bs, seq, L, K] (K distinct experts; ~1/8 of tokens -1)."""
     g = torch.Generator().manual_seed(seed)
     out = []
+    m = cfg.model
     for _ in range(n_micro):
-        ids = torch.randint(0, cfg.model.vocab_size, (micro_bs, seq), generator=g)
+        ids = torch.randint(0, m.vocab_size, (micro_bs, seq), generator=g)
         mask = (torch.rand(micro_bs, seq, generator=g) > 0.2).float()
-        out.append({"input_ids": ids, "loss_mask": mask})
+        mb = {"input_ids": ids, "loss_mask": mask}
+        if replay_routes:
+            shape = (micro_bs, seq, m.num_hidden_layers)
+            routes = torch.rand(*shape, m.n_routed_experts, generator=g).argsort(-1)[..., :m.num_experts_per_tok]
+            own = torch.rand(*shape, 1, generator=g) < 0.125
+            mb["routes"] = routes.masked_fill(own, -1).to(torch.int16)
+        out.append(mb)
     return out
 
 
@@ -139,7 +151,7 @@ def _reference(cfg: Config, batch: list[dict]) -> dict:
             mod.aux_normalizer = float(sum(mb["input_ids"].shape[0] for mb in batch))
     loss_total = 0.0
     for mb in batch:
-        loss, _ = lm_loss(model(mb["input_ids"]), mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
+        loss, _ = lm_loss(model(mb["input_ids"], routes=mb.get("routes")), mb["input_ids"], mb["loss_mask"], cfg.model, mesh, n)
         loss.backward()
         loss_total += loss.item()
     params = dict(model.named_parameters())
@@ -288,7 +300,7 @@ def run_layouts(cfg: Config, layouts: list[str], batch: list[dict], ref: dict, s
     return [run_layout_on_rank(cfg, lay, batch, ref, strict_device) for lay in layouts]
 
 
-def default_batch(cfg: Config, layouts: list[str]) -> list[dict]:
+def default_batch(cfg: Config, layouts: list[str], replay_routes: bool = False) -> list[dict]:
     """The global batch every layout is checked on: 8 micro-batches of [2, S], S = 16 (or the next
     multiple of 2·cp·tp). Split over dp ranks that is still ≥ 2·pp micro-batches per rank for dp ≤ 2, so
     gradient accumulation and the steady 1F1B phase are exercised, and a multiple of pp for interleaving."""
@@ -296,15 +308,16 @@ def default_batch(cfg: Config, layouts: list[str]) -> list[dict]:
     for lay in layouts:
         par, _ = parse_layout(lay)
         unit = math.lcm(unit, 2 * par.cp * par.tp)
-    return make_batch(cfg, 8, 2, -(-16 // unit) * unit)
+    return make_batch(cfg, 8, 2, -(-16 // unit) * unit, replay_routes=replay_routes)
 
 
 def check_layouts(preset: str, layouts: list[str], overrides: list[str] = (), tol: float = TOL,
-                  timeout: float = 300.0, verbose: bool = True, strict_device: bool = False) -> list[Report]:
+                  timeout: float = 300.0, verbose: bool = True, strict_device: bool = False,
+                  replay_routes: bool = False) -> list[Report]:
     """Every layout against one rank; layouts of the same world size share one spawn."""
     from megatron_r1.parallel.spawn import run_ranks
     cfg = make_config(preset, list(overrides))
-    batch = default_batch(cfg, layouts)
+    batch = default_batch(cfg, layouts, replay_routes)
     from megatron_r1.parallel.mesh import validate_layout
     by_world: dict[int, list[str]] = {}
     from megatron_r1.config import validate_fp8_shards

@@ -12,6 +12,10 @@ Notable features
 - Balancing: after each optimizer step bias_i += γ·sign(mean load − load_i) (`update_expert_bias`),
   loads summed over every rank of the pipeline stage; optional sequence-wise balance loss α·Σ f_i·P_i,
   attached to the activations so it backpropagates without threading a second loss through the pipeline.
+- Routing replay (R3): `MoE.forward(x, routes)` takes given experts per token (the rollout engine's)
+  instead of its top-k; the gate weights are still the chosen experts' sigmoid scores (the router keeps
+  its gradient), and the bias is untouched (it moves only in `update_expert_bias`, counting the loads
+  actually routed). Routes arrive in cp layout and are cut to the MoE's tp token shard here.
 - Tokens: the MoE runs on a token shard (split over tp when tp > 1), experts folded over ep; a rank's
   experts are stacked weights (model/experts.py), still named one per expert outside it.
 Shapes: B batch, S sequence, H hidden, N local heads, E experts, K experts per token.
@@ -123,7 +127,10 @@ class Router(nn.Module):
         self.e_score_correction_bias.zero_()
         self.tokens_per_expert.zero_()
 
-    def forward(self, x):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
+    def forward(self, x, given=None):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
+        """given: None, or [T, K] expert ids to use instead of the top-k (routing replay); a token with any
+        id < 0 keeps its own selection. The weights are the chosen experts' scores either way, so the router
+        still learns through them; the bias only ever moves in `update_expert_bias`."""
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.e_score_correction_bias
@@ -133,6 +140,9 @@ class Router(nn.Module):
         group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1.0).bool()
         expert_mask = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e)
         idx = choice.masked_fill(~expert_mask, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        if given is not None:
+            given = given.to(idx.dtype)
+            idx = torch.where((given >= 0).all(-1, keepdim=True), given, idx)
         w = scores.gather(1, idx)
         if cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -175,13 +185,15 @@ class MoE(nn.Module):
         self.aux_normalizer = 1.0  # global number of sequences (a device tensor); set by the runtime each step
         self.last_aux_loss = None  # the last forward's sequence-balance loss (detached), when it is on
 
-    def forward(self, x):  # x: [B, S_l, H] residual layout
+    def forward(self, x, routes=None):  # x: [B, S_l, H] residual layout; routes: [B, S/cp, K] or None
         split = self.mesh.tp > 1 and not self.mesh.sp  # replicated tokens: each tp rank takes a shard
         if split:
             x = scatter_to_region(x, self.mesh.tp_group, dim=1)
+        if routes is not None and self.mesh.tp > 1:  # the same token shard as x (SP's or the split's)
+            routes = routes.chunk(self.mesh.tp, dim=1)[self.mesh.tp_rank]
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        w, idx, scores = self.gate(flat)
+        w, idx, scores = self.gate(flat, None if routes is None else routes.reshape(b * s, -1))
         out = moe_dispatch_combine(flat, idx, w, self.experts, self.cfg.n_routed_experts, self.mesh,
                                    fp8_dispatch=self.fp8.dispatch)
         if self.shared_experts is not None:

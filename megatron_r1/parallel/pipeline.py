@@ -277,7 +277,8 @@ def run_pipeline(chunks: list, micro_batches: list[dict], mesh, fn: Callable, fo
                 if not forward_only:
                     h.requires_grad_()
             with torch.set_grad_enabled(not forward_only):
-                out = chunk(mb["input_ids"], hidden=h)
+                # routes: given MoE routes (routing replay), [B, S, L, K] with -1 = recompute; else None
+                out = chunk(mb["input_ids"], hidden=h, routes=mb.get("routes"))
                 if last:
                     res = fn(out, mb)
                     if forward_only:

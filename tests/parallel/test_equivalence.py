@@ -55,3 +55,49 @@ def test_many_small_buckets():
     """~40 KB buckets: several buckets per kind and chunk, launched from hooks in order, ZeRO-1 slices
     cutting through parameters."""
     _assert_all_ok(check_layouts("tiny-moe", ["dp2", "pp2,dp2,ep2", "tp2,sp,dp2"], ["parallel.grad_bucket_mb=0.04"]))
+
+
+def test_routing_replay_layouts():
+    """Rollout routing replay (R3): the same given routes give the same loss, gradients and step at one rank
+    and at ep2, tp2·ep2, pp2 (and under sp + cp), so the routes are sliced to each rank's tokens and layers
+    and dispatched over ep like computed ones."""
+    _assert_all_ok(check_layouts("tiny-moe", ["ep2", "tp2,ep2", "pp2", "tp2,sp,ep2"], replay_routes=True))
+
+
+def test_routing_replay_changes_the_step():
+    """The given routes are really used: with them the one-rank expert and router gradients differ from the
+    model's own routing (at random init the MoE barely moves the loss), and routes equal to the model's own
+    top-k change nothing."""
+    import torch
+    from megatron_r1.engine.check import default_batch, make_config, reference
+    from megatron_r1.model.deepseek_v3 import Router
+    cfg = make_config("tiny-moe")
+    batch = default_batch(cfg, ["ep2"], replay_routes=True)
+    own = [{k: v for k, v in mb.items() if k != "routes"} for mb in batch]
+    from megatron_r1.engine.check import rel
+    given, plain = reference(cfg, batch)["grads"], reference(cfg, own)["grads"]
+    assert max(rel(given[k], plain[k]) for k in plain if ".mlp." in k) > 0.1
+    # the model's own routes, recorded from a plain forward, replayed: the same step
+    from megatron_r1.engine.runtime import init_parameters
+    from megatron_r1.model.gpt import CausalLM
+    from megatron_r1.parallel.mesh import ParallelMesh
+    model = CausalLM(cfg.model, ParallelMesh.single())
+    init_parameters([model], ParallelMesh.single(), cfg.train.seed)
+    recorded = []
+    for mb in own:
+        layers = {}
+        hooks = [m.register_forward_hook(lambda m, a, o, i=i: layers.__setitem__(i, o[1]))
+                 for i, m in ((int(n.split(".")[2]), m) for n, m in model.named_modules() if isinstance(m, Router))]
+        with torch.no_grad():
+            model(mb["input_ids"])
+        for h in hooks:
+            h.remove()
+        b, s = mb["input_ids"].shape
+        r = torch.full((b, s, cfg.model.num_hidden_layers, cfg.model.num_experts_per_tok), -1, dtype=torch.int16)
+        for i, idx in layers.items():
+            if i < cfg.model.num_hidden_layers:  # the MTP block routes itself (no given routes)
+                r[:, :, i] = idx.view(b, s, -1).to(torch.int16)
+        recorded.append(dict(mb, routes=r))
+    a, b = reference(cfg, recorded), reference(cfg, own)
+    assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"])
+    assert all(torch.allclose(a["grads"][k], b["grads"][k], rtol=1e-5, atol=1e-8) for k in b["grads"])
