@@ -309,6 +309,10 @@ class RLConfig:
     rollout_is: Literal["none", "tis", "mis"] = "none"  # correct the vLLM/trainer mismatch: truncated / masked IS
     rollout_is_level: Literal["token", "sequence"] = "token"
     rollout_is_cap: float = 2.0  # C: TIS truncates weights at C; MIS drops ratios outside [1/C, C]
+    # rollout routing replay (R3): the engine returns each token's routed experts; "measure" only compares them
+    # with the trainer's top-k (route_flips metric), "old" replays them in the old-logprob pass, "all" in the
+    # updates too (the reference policy always routes itself)
+    routing_replay: Literal["none", "measure", "old", "all"] = "none"
     dynamic_sampling_max_rounds: int = 0  # DAPO refill: extra rollout rounds to replace all-equal groups
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     # per-prompt reward routing: task type (the prompt row's data.task_key field) -> its own rewards mapping,
@@ -321,6 +325,7 @@ class RLConfig:
 @dataclass
 class RolloutConfig:
     tp: int = 1  # vLLM tensor parallel size (over training ranks); world / tp rollout replicas
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's dtype; auto: float32 iff the trainer's is
     ep: int = 1  # vLLM expert parallelism: 1 (experts TP-sharded) or tp·dp (whole experts, spread over the engine)
     dp: int = 1  # vLLM data-parallel attention ranks per engine (each its own batch; experts EP over tp·dp)
     bucket_mb: float = 512.0  # weight-sync bucket cap (bytes in flight per peer and round)
@@ -638,6 +643,8 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
                           f"(got {r.policy_loss})")
     if r.rollout_is != "none" and r.rollout_is_cap <= 1:
         raise ConfigError(f"rl.rollout_is_cap={r.rollout_is_cap} must be > 1")
+    if r.routing_replay != "none" and not cfg.model.is_moe:
+        raise ConfigError(f"rl.routing_replay={r.routing_replay} needs an MoE model (model.n_routed_experts > 0)")
     if r.dynamic_sampling_max_rounds < 0 or (r.dynamic_sampling_max_rounds and not r.dynamic_sampling):
         raise ConfigError(f"rl.dynamic_sampling_max_rounds={r.dynamic_sampling_max_rounds} must be >= 0 and needs "
                           f"rl.dynamic_sampling=true")

@@ -121,16 +121,20 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         # tokens routed to each expert since the last bias update (this rank only; summed at update time)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # tokens given routes, and of those the ones whose own top-k differs (routing replay; since the last reset)
+        self.register_buffer("route_flips", torch.zeros(2), persistent=False)
 
     def reset_buffers(self):
         """After materialising from `meta` (parallel/placement.py): no bias, no counts yet."""
         self.e_score_correction_bias.zero_()
         self.tokens_per_expert.zero_()
+        self.route_flips.zero_()
 
-    def forward(self, x, given=None):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
+    def forward(self, x, given=None, replay: bool = True):  # x: [T, H] -> weights [T, K], indices [T, K], scores [T, E]
         """given: None, or [T, K] expert ids to use instead of the top-k (routing replay); a token with any
         id < 0 keeps its own selection. The weights are the chosen experts' scores either way, so the router
-        still learns through them; the bias only ever moves in `update_expert_bias`."""
+        still learns through them; the bias only ever moves in `update_expert_bias`. `replay=False` only
+        counts the tokens whose own top-k differs from the given routes (`route_flips`)."""
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.e_score_correction_bias
@@ -142,7 +146,12 @@ class Router(nn.Module):
         idx = choice.masked_fill(~expert_mask, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
         if given is not None:
             given = given.to(idx.dtype)
-            idx = torch.where((given >= 0).all(-1, keepdim=True), given, idx)
+            has = (given >= 0).all(-1, keepdim=True)  # [T, 1]
+            if not recomputing():  # as sets: vLLM's order of the k experts is its own
+                differs = (given.sort(-1).values != idx.sort(-1).values).any(-1, keepdim=True) & has
+                self.route_flips += torch.stack([has.sum(), differs.sum()]).to(self.route_flips.dtype)
+            if replay:
+                idx = torch.where(has, given, idx)
         w = scores.gather(1, idx)
         if cfg.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -185,7 +194,7 @@ class MoE(nn.Module):
         self.aux_normalizer = 1.0  # global number of sequences (a device tensor); set by the runtime each step
         self.last_aux_loss = None  # the last forward's sequence-balance loss (detached), when it is on
 
-    def forward(self, x, routes=None):  # x: [B, S_l, H] residual layout; routes: [B, S/cp, K] or None
+    def forward(self, x, routes=None, replay: bool = True):  # x: [B, S_l, H] residual layout; routes: [B, S/cp, K]
         split = self.mesh.tp > 1 and not self.mesh.sp  # replicated tokens: each tp rank takes a shard
         if split:
             x = scatter_to_region(x, self.mesh.tp_group, dim=1)
@@ -193,7 +202,7 @@ class MoE(nn.Module):
             routes = routes.chunk(self.mesh.tp, dim=1)[self.mesh.tp_rank]
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        w, idx, scores = self.gate(flat, None if routes is None else routes.reshape(b * s, -1))
+        w, idx, scores = self.gate(flat, None if routes is None else routes.reshape(b * s, -1), replay)
         out = moe_dispatch_combine(flat, idx, w, self.experts, self.cfg.n_routed_experts, self.mesh,
                                    fp8_dispatch=self.fp8.dispatch)
         if self.shared_experts is not None:

@@ -91,12 +91,12 @@ class Block(nn.Module):
                     else MLP(cfg.hidden_size, cfg.intermediate_size, mesh, out_std=out_std, fp8=fp8.linears))
         self.mlp_kind = "moe" if cfg.is_moe_layer(layer) else "mlp"  # its recompute module name
 
-    def forward(self, x, pos, routes=None):  # routes: [B, S_cp, K] given experts of an MoE layer, or None
+    def forward(self, x, pos, routes=None, replay: bool = True):  # routes: [B, S_cp, K] given experts, or None
         rc = self.rc
         x = x + self.self_attn(rc.run("layernorm", self.input_layernorm, x), pos)
         h = rc.run("layernorm", self.post_attention_layernorm, x)
         if routes is not None and self.mlp_kind == "moe":
-            return x + rc.run("moe", self.mlp, h, routes)
+            return x + rc.run("moe", self.mlp, h, routes, replay)
         return x + rc.run(self.mlp_kind, self.mlp, h)
 
 
@@ -170,11 +170,12 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, with_mtp: bool = True,
-                routes: torch.Tensor | None = None):
+                routes: torch.Tensor | None = None, replay_routes: bool = True):
         """input_ids: [B, S] the whole sequence (every stage and cp rank gets it).
         routes: None, or [B, S, L, K] expert ids per token and global layer for the MoE layers to take
         instead of their own top-k (rollout routing replay; -1 = route that token itself). Like the ids,
-        every stage and cp rank gets the whole tensor and slices its positions and layers.
+        every stage and cp rank gets the whole tensor and slices its positions and layers. `replay_routes=False`
+        only counts where the model's own top-k differs (`Router.route_flips`).
 
         Returns hidden [B, S_l, H] on a non-last stage, else a StageOutput."""
         mesh = self.mesh
@@ -189,7 +190,10 @@ class CausalLM(nn.Module):
         for j, i in enumerate(self.layer_ids):  # full recompute: a block keeps only its input
             layer = self.model.layers[str(i)]
             r = None if routes is None else routes[:, :, i]
-            h = checkpoint_region(layer, h, pos_b, r) if self.rc.full_layer(j) else layer(h, pos_b, r)
+            if self.rc.full_layer(j):
+                h = checkpoint_region(layer, h, pos_b, r, replay_routes)
+            else:
+                h = layer(h, pos_b, r, replay_routes)
         if not self.post_process:
             return h
         logits = self.lm_head(tp_enter(self.model.norm(h), mesh))

@@ -278,7 +278,8 @@ def run_pipeline(chunks: list, micro_batches: list[dict], mesh, fn: Callable, fo
                     h.requires_grad_()
             with torch.set_grad_enabled(not forward_only):
                 # routes: given MoE routes (routing replay), [B, S, L, K] with -1 = recompute; else None
-                out = chunk(mb["input_ids"], hidden=h, routes=mb.get("routes"))
+                out = chunk(mb["input_ids"], hidden=h, routes=mb.get("routes"),
+                            replay_routes=mb.get("replay_routes", True))
                 if last:
                     res = fn(out, mb)
                     if forward_only:

