@@ -313,6 +313,11 @@ class RLConfig:
     # with the trainer's top-k (route_flips metric), "old" replays them in the old-logprob pass, "all" in the
     # updates too (the reference policy always routes itself)
     routing_replay: Literal["none", "measure", "old", "all"] = "none"
+    # RL micro-batches: 0 = train.micro_batch_size rows, right-padded to the step's longest; N > 0 = rows sorted
+    # by length and grouped while rows × (their longest, rounded to the layout's multiple) <= N tokens, each
+    # micro-batch trimmed to its longest row (rl/trainer.py `pack_rows`)
+    pack_tokens: int = 0
+    logprob_chunk_tokens: int = 4096  # logprobs over this many tokens at a time (recomputed in backward); 0 = all
     dynamic_sampling_max_rounds: int = 0  # DAPO refill: extra rollout rounds to replace all-equal groups
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     # per-prompt reward routing: task type (the prompt row's data.task_key field) -> its own rewards mapping,
@@ -643,6 +648,13 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
                           f"(got {r.policy_loss})")
     if r.rollout_is != "none" and r.rollout_is_cap <= 1:
         raise ConfigError(f"rl.rollout_is_cap={r.rollout_is_cap} must be > 1")
+    if r.pack_tokens < 0 or r.logprob_chunk_tokens < 0:
+        raise ConfigError(f"rl.pack_tokens={r.pack_tokens} and rl.logprob_chunk_tokens={r.logprob_chunk_tokens} "
+                          f"must be >= 0")
+    if r.pack_tokens and par.vpp > 1:
+        raise ConfigError(f"rl.pack_tokens={r.pack_tokens} with parallel.vpp={par.vpp}: interleaved pipelining "
+                          f"needs a multiple of pp micro-batches, which token-budget packing does not keep; "
+                          f"set rl.pack_tokens=0")
     if r.routing_replay != "none" and not cfg.model.is_moe:
         raise ConfigError(f"rl.routing_replay={r.routing_replay} needs an MoE model (model.n_routed_experts > 0)")
     if r.dynamic_sampling_max_rounds < 0 or (r.dynamic_sampling_max_rounds and not r.dynamic_sampling):

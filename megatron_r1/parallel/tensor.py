@@ -308,6 +308,33 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, mesh) ->
     return -vocab_parallel_cross_entropy(logits, target, mesh)
 
 
+def chunked_logprobs(logits: torch.Tensor, target: torch.Tensor, mesh, temperature: float = 1.0,
+                     chunk_tokens: int = 0) -> torch.Tensor:
+    """log π(target) at `temperature`, float32 [B, S], from logits [B, S, V/tp] of any dtype, `chunk_tokens`
+    tokens (whole positions of all B rows) at a time: each chunk's float32 logits and softmax are made,
+    used and dropped, and rebuilt from the chunk's slice of `logits` in backward (a checkpointed region),
+    so no [B·S, V/tp] float32 copy is ever alive. 0: one chunk (no checkpoint)."""
+    b, s = target.shape
+    per = s if chunk_tokens <= 0 else max(1, chunk_tokens // max(b, 1))
+    if per >= s:
+        return vocab_parallel_logprobs(logits.float() / temperature, target, mesh)
+    from megatron_r1.parallel.recompute import checkpoint_region
+
+    def piece(lg, tg):
+        return vocab_parallel_logprobs(lg.float() / temperature, tg, mesh)
+
+    return torch.cat([checkpoint_region(piece, logits[:, a:a + per], target[:, a:a + per])
+                      for a in range(0, s, per)], dim=1)
+
+
+def chunked_entropy(logits: torch.Tensor, mesh, temperature: float = 1.0, chunk_tokens: int = 0) -> torch.Tensor:
+    """`vocab_parallel_entropy` of logits / temperature, [B, S], `chunk_tokens` tokens at a time (no grad)."""
+    b, s = logits.shape[:2]
+    per = s if chunk_tokens <= 0 else max(1, chunk_tokens // max(b, 1))
+    return torch.cat([vocab_parallel_entropy(logits[:, a:a + per].float() / temperature, mesh)
+                      for a in range(0, s, per)], dim=1)
+
+
 def vocab_parallel_entropy(logits: torch.Tensor, mesh) -> torch.Tensor:
     """Entropy of the softmax over the full vocabulary, from vocab-sharded logits (no grad)."""
     with torch.no_grad():

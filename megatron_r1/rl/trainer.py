@@ -49,7 +49,7 @@ from megatron_r1.data.prompts import PromptLoader, load_prompts
 from megatron_r1.data.templates import render_prompt
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.engine.runtime import forward_only, train_step
-from megatron_r1.parallel.tensor import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_r1.parallel.tensor import chunked_entropy, chunked_logprobs
 from megatron_r1.rl import grpo
 from megatron_r1.rl.rewards import RewardRouter
 from megatron_r1.rl.rewards.registry import component_mean
@@ -100,6 +100,28 @@ def update_shares(n: int, updates: int, dp: int, dp_rank: int) -> list[tuple[int
     return [(u * mini + dp_rank * per, u * mini + (dp_rank + 1) * per) for u in range(updates)]
 
 
+def pack_rows(lengths: list[int], budget: int, multiple: int, count: int = 0) -> list[list[int]]:
+    """Token-budget micro-batches: positions into `lengths`, longest first, grouped while
+    rows × round_up(the group's longest, multiple) <= budget (a longer row goes alone). `count` > 0: split the
+    groups with the most rows until there are `count` (ranks that must run the same number of micro-batches,
+    e.g. an ep group spanning dp ranks, agree on the largest count)."""
+    up = lambda n: -(-max(n, 1) // multiple) * multiple  # noqa: E731
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * up(lengths[groups[-1][0]]) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    while len(groups) < count:
+        j = max(range(len(groups)), key=lambda g: len(groups[g]))
+        if len(groups[j]) < 2:
+            raise ValueError(f"{len(lengths)} rows cannot make {count} micro-batches")
+        g = groups.pop(j)
+        groups[j:j] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
 @dataclass
 class RankBatch:
     """This rank's rows of one step's batch, one structure for all of them: row i of every tensor in `data`
@@ -109,6 +131,8 @@ class RankBatch:
     data: dict[str, torch.Tensor]  # [R, S] or [R] per key
     minis: list[torch.Tensor]  # local row indices of each update's share
     normalizers: list[float]  # global loss units (tokens or sequences) of each update's whole mini-batch
+    lengths: torch.Tensor | None = None  # [R] host: prompt + response tokens of each row (packing)
+    micro_counts: list[int] | None = None  # packed micro-batches of each update, agreed over the dp ranks
 
     def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[idx] for k, v in self.data.items()}
@@ -273,7 +297,7 @@ class GRPOTrainer:
             mask = grpo.overlong_filter(mask, torch.tensor(ro.truncated))
         mask = mask * keep.unsqueeze(1).float()
         batch = {"input_ids": ids, "mask": mask, "advantages": adv, "vllm_logprobs": vllm_lp, "rewards": rewards,
-                 "keep": keep, "resp_len": resp_len}
+                 "keep": keep, "resp_len": resp_len, "lengths": torch.tensor(lengths, dtype=torch.long)}
         if ro.routes is not None:
             m = self.cfg.model
             routes = torch.full((n, s, m.num_hidden_layers, m.num_experts_per_tok), -1, dtype=torch.int16)
@@ -298,13 +322,32 @@ class GRPOTrainer:
         # every rank holds the global mask, so this needs no collective
         norms = [max(float(grpo.loss_normalizer(batch["mask"][u * n // k:(u + 1) * n // k], self.cfg.rl.loss_agg)),
                      1.0) for u in range(k)]
-        return RankBatch(rows=rows, data=data, minis=minis, normalizers=norms)
+        rb = RankBatch(rows=rows, data=data, minis=minis, normalizers=norms)
+        budget = self.cfg.rl.pack_tokens
+        if budget:
+            # every rank holds the global batch, so each computes every dp rank's packing and all take the
+            # largest count: ranks of an ep group (which spans dp ranks) run their all-to-alls in lockstep
+            lengths = batch["lengths"]
+            rb.lengths = lengths[rows]
+            everyone = [update_shares(n, k, self.mesh.dp, d) for d in range(self.mesh.dp)]
+            rb.micro_counts = [max(len(pack_rows(lengths[sh[u][0]:sh[u][1]].tolist(), budget,
+                                                 pad_multiple(self.mesh))) for sh in everyone) for u in range(k)]
+        return rb
 
     def micro_batches(self, rb: RankBatch, u: int, replay: bool = False) -> list[tuple[torch.Tensor, dict]]:
         """(local row indices, micro-batch) for update u; the last micro-batch may be smaller. The routes go
         along when there are any; `replay` says whether the MoE layers take them or only compare."""
         idx, size = rb.minis[u], self.cfg.train.micro_batch_size
         out = []
+        if rb.micro_counts is not None:  # token-budget packing: each micro-batch trimmed to its longest row
+            mult = pad_multiple(self.mesh)
+            lens = rb.lengths[idx].tolist()
+            for group in pack_rows(lens, self.cfg.rl.pack_tokens, mult, rb.micro_counts[u]):
+                view = idx[group]
+                s = -(-max(lens[i] for i in group) // mult) * mult
+                mb = {k: v[:, :s] if v.dim() >= 2 else v for k, v in rb.take(view).items()}
+                out.append((view, dict(mb, normalizer=rb.normalizers[u], replay_routes=replay)))
+            return out
         for i in range(0, len(idx), size):
             view = idx[i:i + size]
             out.append((view, dict(rb.take(view), normalizer=rb.normalizers[u], replay_routes=replay)))
@@ -315,7 +358,8 @@ class GRPOTrainer:
         """Per-target logprob [B, S] (zeros off this rank's positions) at the sampling temperature."""
         s = mb["input_ids"].shape[1]
         tgt = (out.positions + 1).clamp(max=s - 1)
-        lp = vocab_parallel_logprobs(out.logits.float() / self.cfg.rl.temperature, mb["input_ids"][:, tgt], self.mesh)
+        rl = self.cfg.rl  # in chunks: never a float32 copy of all [tokens, V/tp] logits (rl.logprob_chunk_tokens)
+        lp = chunked_logprobs(out.logits, mb["input_ids"][:, tgt], self.mesh, rl.temperature, rl.logprob_chunk_tokens)
         valid = (out.positions + 1 < s).float()
         return lp * valid, tgt, valid
 
@@ -331,7 +375,7 @@ class GRPOTrainer:
             res = {"logp": full[:, :s_]}
             if with_stats:
                 m = mb["mask"][:, tgt] * valid
-                ent = vocab_parallel_entropy(out.logits.float() / self.cfg.rl.temperature, self.mesh)
+                ent = chunked_entropy(out.logits, self.mesh, self.cfg.rl.temperature, self.cfg.rl.logprob_chunk_tokens)
                 res["entropy_sum"] = (ent * m).sum()  # a device scalar; reduced once per step
             return res
         return forward_only(chunks, mbs, fn, self.mesh)
@@ -372,12 +416,12 @@ class GRPOTrainer:
         stats: dict = {}
         if old:  # the last pipeline stage holds the results; the other stages never evaluate the loss
             rb.data["old_logp"] = torch.zeros_like(rb.data["mask"])
-            for (idx, _), o in zip(views, old):
-                rb.data["old_logp"][idx] = o["logp"]
+            for (idx, _), o in zip(views, old):  # a packed micro-batch covers its rows' first columns
+                rb.data["old_logp"][idx, :o["logp"].shape[1]] = o["logp"]
             if ref is not None:
                 rb.data["ref_logp"] = torch.zeros_like(rb.data["mask"])
                 for (idx, _), r in zip(views, ref):
-                    rb.data["ref_logp"][idx] = r["logp"]
+                    rb.data["ref_logp"][idx, :r["logp"].shape[1]] = r["logp"]
             stats = self._mismatch(rb, torch.stack([o["entropy_sum"] for o in old]).sum())
         out = self._reduce_last_stage(stats)
         if route_flips is not None:
