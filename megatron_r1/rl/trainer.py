@@ -221,7 +221,7 @@ class GRPOTrainer:
         max_new = min(rl.max_response_len, room)
         groups = self.engine.generate(prompts[lo:hi], n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                       max_tokens=max_new, seed=self.cfg.train.seed + 7919 * (step * (1 + rl.dynamic_sampling_max_rounds) + round)
-                                      + lo * rl.group_size)
+                                      + lo * rl.group_size, with_routes=rl.routing_replay != "none")
         samples = [smp for g in groups for smp in g]
         mine = [e for e in examples[lo:hi] for _ in range(rl.group_size)]
         refs = [e.answer for e in mine]

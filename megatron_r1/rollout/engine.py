@@ -437,10 +437,12 @@ class RolloutEngine:
         max_tokens: int = 256,
         stop: list[str] | None = None,
         seed: int = 0,
+        with_routes: bool = False,
     ) -> list[list[Sample]]:
         """n samples per prompt. Sample j of prompt i draws from seed + i*n + j
         (vLLM seeds a parallel-sampling child with its parent's seed + index), so a
-        call is reproducible and independent of batching. Vary `seed` per step."""
+        call is reproducible and independent of batching. Vary `seed` per step.
+        `with_routes` (an engine built with return_routes): fill `Sample.routes`."""
         from vllm import SamplingParams
 
         params = [
@@ -459,10 +461,13 @@ class RolloutEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [pos[t].logprob for pos, t in zip(c.logprobs, ids)]
-                routes = self._fit_routes(c.routed_experts, len(prompt) + len(ids)) if self.on_gpu else None
+                routes = (self._fit_routes(c.routed_experts, len(prompt) + len(ids))
+                          if self.on_gpu and with_routes else None)
                 samples.append(Sample(ids, lps, c.finish_reason, c.text, routes))
             result.append(samples)
-        if self.return_routes and not self.on_gpu:
+        if with_routes and not self.return_routes:
+            raise ValueError("generate(with_routes=True) needs an engine built with return_routes=True")
+        if with_routes and not self.on_gpu:
             for prompt, samples in zip(prompt_token_ids, result):
                 for smp in samples:
                     smp.routes = self.prefill_routes(list(prompt) + smp.token_ids)
