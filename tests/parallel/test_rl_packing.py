@@ -86,3 +86,16 @@ def test_packed_equals_padded(world, overrides):
             assert torch.equal(pa["rows"], pk["rows"])
             d = ((pa["old"] - pk["old"]) * pa["mask"]).abs().max()
             assert d <= 1e-6 * pa["old"].abs().max(), d
+
+
+def test_pack_rows_budget_and_count():
+    from megatron_r1.rl.trainer import pack_rows
+    lengths = [5, 60, 7, 33, 12, 60, 3, 25]
+    groups = pack_rows(lengths, budget=64, multiple=4)
+    assert sorted(i for g in groups for i in g) == list(range(8))  # every row once
+    for g in groups:  # longest first, within the budget unless alone
+        assert lengths[g[0]] == max(lengths[i] for i in g)
+        assert len(g) == 1 or len(g) * (-(-lengths[g[0]] // 4) * 4) <= 64
+    assert [len(g) for g in groups] == [1, 1, 1, 2, 3]
+    more = pack_rows(lengths, budget=64, multiple=4, count=7)  # an ep peer needs 7: split the fullest
+    assert len(more) == 7 and sorted(i for g in more for i in g) == list(range(8))
