@@ -33,6 +33,11 @@ Notable choices
   does. Every pass that sees routes counts how many (token, MoE layer) pairs the trainer's own top-k would
   have routed elsewhere (`routing/flip_frac`, from the old-logprob pass; also under "measure", which only
   compares). Prompt tokens are replayed too: their routes shape the response's keys and values.
+- Micro-batches are `train.micro_batch_size` rows right-padded to the step's longest, or with
+  `rl.pack_tokens` rows grouped by length under a token budget and trimmed to their longest (`pack_rows`):
+  each row stays its own sequence, so the loss and gradients are the padded ones; pad tokens no longer
+  reach the MoE (its balance loss and expert loads). Logprobs and entropy are computed
+  `rl.logprob_chunk_tokens` at a time (parallel/tensor.py `chunked_logprobs`), recomputed in backward.
 """
 from __future__ import annotations
 
