@@ -51,6 +51,7 @@ ALLOWED_HOST_SYNCS = {
     # GRPO: the vLLM-vs-trainer mismatch statistics and the policy-ratio extrema, once per step each
     ("megatron_r1/rl/trainer.py", "_reduce_last_stage"): "GRPO mismatch metrics, once per step",
     ("megatron_r1/rl/trainer.py", "_ratio_extrema"): "GRPO ratio min/max, once per step",
+    ("megatron_r1/rl/trainer.py", "_reduce_route_flips"): "GRPO routing-replay flip fraction, once per step",
 }
 
 

@@ -136,8 +136,8 @@ class RankBatch:
     data: dict[str, torch.Tensor]  # [R, S] or [R] per key
     minis: list[torch.Tensor]  # local row indices of each update's share
     normalizers: list[float]  # global loss units (tokens or sequences) of each update's whole mini-batch
-    lengths: torch.Tensor | None = None  # [R] host: prompt + response tokens of each row (packing)
-    micro_counts: list[int] | None = None  # packed micro-batches of each update, agreed over the dp ranks
+    # rl.pack_tokens: each update's micro-batches as (positions in minis[u], trimmed length), host metadata
+    packs: list[list[tuple[list[int], int]]] | None = None
 
     def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[idx] for k, v in self.data.items()}
@@ -332,11 +332,14 @@ class GRPOTrainer:
         if budget:
             # every rank holds the global batch, so each computes every dp rank's packing and all take the
             # largest count: ranks of an ep group (which spans dp ranks) run their all-to-alls in lockstep
-            lengths = batch["lengths"]
-            rb.lengths = lengths[rows]
+            lengths, mult = batch["lengths"].tolist(), pad_multiple(self.mesh)
             everyone = [update_shares(n, k, self.mesh.dp, d) for d in range(self.mesh.dp)]
-            rb.micro_counts = [max(len(pack_rows(lengths[sh[u][0]:sh[u][1]].tolist(), budget,
-                                                 pad_multiple(self.mesh))) for sh in everyone) for u in range(k)]
+            counts = [max(len(pack_rows(lengths[sh[u][0]:sh[u][1]], budget, mult)) for sh in everyone)
+                      for u in range(k)]
+            rb.packs = []
+            for u, (a, b) in enumerate(shares):  # decided here, on the host, before the device part of the step
+                groups = pack_rows(lengths[a:b], budget, mult, counts[u])
+                rb.packs.append([(g, -(-max(lengths[a + i] for i in g) // mult) * mult) for g in groups])
         return rb
 
     def micro_batches(self, rb: RankBatch, u: int, replay: bool = False) -> list[tuple[torch.Tensor, dict]]:
@@ -344,12 +347,9 @@ class GRPOTrainer:
         along when there are any; `replay` says whether the MoE layers take them or only compare."""
         idx, size = rb.minis[u], self.cfg.train.micro_batch_size
         out = []
-        if rb.micro_counts is not None:  # token-budget packing: each micro-batch trimmed to its longest row
-            mult = pad_multiple(self.mesh)
-            lens = rb.lengths[idx].tolist()
-            for group in pack_rows(lens, self.cfg.rl.pack_tokens, mult, rb.micro_counts[u]):
+        if rb.packs is not None:  # token-budget packing: each micro-batch trimmed to its longest row
+            for group, s in rb.packs[u]:
                 view = idx[group]
-                s = -(-max(lens[i] for i in group) // mult) * mult
                 mb = {k: v[:, :s] if v.dim() >= 2 else v for k, v in rb.take(view).items()}
                 out.append((view, dict(mb, normalizer=rb.normalizers[u], replay_routes=replay)))
             return out

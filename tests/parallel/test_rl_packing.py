@@ -6,7 +6,8 @@ and at tp2 (the MoE's token split over tp).
 
 The trainer runs without its vLLM engine: a GRPOTrainer shell holds a real TrainSession, and its own
 build_batch / rank_batch / old_logprobs / micro_batches / loss_fn run on a synthetic rollout with a
-realistic length spread. aux_loss_alpha=0: pad tokens count in the padded run's sequence-balance loss and
+realistic length spread and engine routes replayed in both passes (rl.routing_replay=all), the packed
+old-logprob pass under the --strict-device guard. aux_loss_alpha=0: pad tokens count in the padded run's sequence-balance loss and
 not in the packed one's (packing is the correct one)."""
 import random
 
@@ -22,7 +23,15 @@ def _rollout(n: int, seed: int):
     responses = [[rng.randrange(3, 500) for _ in range(rng.choice([3, 6, 10, 25, 60]))] for _ in range(n)]
     lps = [[-rng.random() for _ in r] for r in responses]
     rewards = [float(rng.random() > 0.5) for _ in range(n)]
-    return Rollout(prompts, responses, lps, [False] * n, [""] * n, rewards, {})
+    # engine routes for routing replay: layer 0 is dense (-1), layer 1 routes to 2 of 8 experts
+    import numpy as np
+    g = np.random.default_rng(seed)
+    routes = []
+    for p, r in zip(prompts, responses):
+        x = np.full((len(p) + len(r), 2, 2), -1, dtype=np.int16)
+        x[:, 1] = np.argsort(g.random((len(x), 8)), axis=1)[:, :2]
+        routes.append(x)
+    return Rollout(prompts, responses, lps, [False] * n, [""] * n, rewards, {}, routes)
 
 
 def _learn(overrides: list[str], pack: bool):
@@ -38,14 +47,17 @@ def _learn(overrides: list[str], pack: bool):
     cfg = load_config("examples/r1_zero_tiny.yaml", [
         "model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
         "model.moe_intermediate_size=32", "model.aux_loss_alpha=0", "rl.prompts_per_step=8", "rl.group_size=2",
-        "rl.beta=0", "train.micro_batch_size=4", f"run_dir={tempfile.mkdtemp()}"] + overrides +
+        "rl.beta=0", "train.micro_batch_size=4", "rl.routing_replay=all", f"run_dir={tempfile.mkdtemp()}"] + overrides +
         (["rl.pack_tokens=160", "rl.logprob_chunk_tokens=48"] if pack else ["rl.logprob_chunk_tokens=0"]))
     t = object.__new__(GRPOTrainer)  # the learning half of the trainer: no engine, no prompts
     t.cfg, t.session = cfg, TrainSession(cfg, rl=True, logger=False)
     t.mesh, t.ref_chunks, t.tok = t.session.mesh, None, types.SimpleNamespace(pad_id=0)
     t._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64, device=t.mesh.device)
     rb = t.rank_batch(t.build_batch(_rollout(16, seed=3)))
-    t.old_logprobs(rb)
+    from megatron_r1.engine.strict import StrictDevice
+    with StrictDevice():  # the packed, replayed logprob pass makes nothing off the device, syncs nothing new
+        metrics = t.old_logprobs(rb)
+    assert metrics["routing/pairs"] > 0
     # the update's policy differs from the old one: perturb old logprobs so the ratio and the clip matter
     g = torch.Generator().manual_seed(0)
     noise = (torch.rand(rb.data["mask"].shape, generator=g) - 0.5) * 0.4
