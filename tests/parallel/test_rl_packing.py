@@ -34,7 +34,7 @@ def _rollout(n: int, seed: int):
     return Rollout(prompts, responses, lps, [False] * n, [""] * n, rewards, {}, routes)
 
 
-def _learn(overrides: list[str], pack: bool):
+def _learn(overrides: list[str], pack: bool, run_dir: str):
     import types
 
     import torch
@@ -43,11 +43,10 @@ def _learn(overrides: list[str], pack: bool):
     from megatron_r1.engine.runtime import forward_backward, gather_full_state
     from megatron_r1.rl.trainer import GRPOTrainer
     from megatron_r1.training import TrainSession
-    import tempfile
     cfg = load_config("examples/r1_zero_tiny.yaml", [
         "model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
         "model.moe_intermediate_size=32", "model.aux_loss_alpha=0", "rl.prompts_per_step=8", "rl.group_size=2",
-        "rl.beta=0", "train.micro_batch_size=4", "rl.routing_replay=all", f"run_dir={tempfile.mkdtemp()}"] + overrides +
+        "rl.beta=0", "train.micro_batch_size=4", "rl.routing_replay=all", f"run_dir={run_dir}"] + overrides +
         (["rl.pack_tokens=160", "rl.logprob_chunk_tokens=48"] if pack else ["rl.logprob_chunk_tokens=0"]))
     t = object.__new__(GRPOTrainer)  # the learning half of the trainer: no engine, no prompts
     t.cfg, t.session = cfg, TrainSession(cfg, rl=True, logger=False)
@@ -74,17 +73,17 @@ def _learn(overrides: list[str], pack: bool):
             "n_micro": len(mbs), "widths": widths}
 
 
-def _both(overrides):
-    return _learn(overrides, pack=False), _learn(overrides, pack=True)
+def _both(overrides, run_dir):
+    return _learn(overrides, False, f"{run_dir}/padded"), _learn(overrides, True, f"{run_dir}/packed")
 
 
 @pytest.mark.parametrize("world,overrides", [(1, []), (2, ["parallel.ep=2"]), (2, ["parallel.tp=2"])],
                          ids=["one-rank", "ep2", "tp2"])
-def test_packed_equals_padded(world, overrides):
+def test_packed_equals_padded(world, overrides, tmp_path):
     import torch
 
     from megatron_r1.engine.check import rel
-    results = run_ranks(_both, world, overrides, timeout=300)
+    results = run_ranks(_both, world, overrides, str(tmp_path), timeout=300)
     padded, packed = results[0]
     assert packed["n_micro"] != padded["n_micro"] or packed["widths"] != padded["widths"]
     assert max(packed["widths"]) == max(padded["widths"]) and min(packed["widths"]) < max(padded["widths"])
