@@ -226,7 +226,7 @@ class TrainSession:
         skipped: list[str] = []
         for _, path in reversed(found):
             try:
-                verify_checkpoint(path)
+                verify_checkpoint(path, part=(self.env.rank, self.env.world_size))  # each rank hashes 1/world
                 info = self.checkpointer.load(self.chunks, self.optimizer, path=path)
                 err = None
             except CheckpointError as e:
@@ -297,7 +297,12 @@ class TrainSession:
             return None
         self._saved_step = self.step
         extra = {**extra, "session": {"skipped_steps": self.skipped_steps}}
-        return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+        from megatron_r1.ckpt.checkpoint import CheckpointSaveError
+        try:
+            return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+        except CheckpointSaveError:  # every rank raises it; the error line comes last, after the progress bar
+            self.logger.close()
+            raise
 
     def finish(self, export_dir: str, tokenizer_dir: str | None = None, dtype=torch.bfloat16, before_done=None) -> int:
         """End of a trainer's main: the exit status. Stopped by a signal: the checkpoint is saved, no export,
