@@ -69,8 +69,9 @@ def _run(cmd, tmp_path: Path, faults: str = "", timeout: float = 600, prefix: li
 
 
 def _pretrain_cmd(corpus, run, steps, *extra, ranks: int = 1):  # noqa: F811
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-                if ranks > 1 else [sys.executable])
+    # torchrun's own per-run directory (left behind even by a clean run) goes to the run dir, not TMPDIR
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                 f"--log-dir={run}/torchrun"] if ranks > 1 else [sys.executable])
     return [*launcher, "-m", "megatron_r1.cli", "pretrain", "--config", "tiny-moe", "--data", corpus, *OVERRIDES,
             f"train.train_steps={steps}", f"run_dir={run}", *extra]
 
@@ -118,62 +119,6 @@ def test_rank_killed_mid_step_stops_the_job_and_resume_is_bit_exact(corpus, tmp_
 
 
 # -------------------------------------------------------------------------- NaN / inf: skip, count, stop
-def _nan_body(run_dir: str):
-    import torch
-
-    from megatron_r1.config import load_config
-    from megatron_r1.sft.trainer import run_lm_training
-    from megatron_r1.training import TrainingError, TrainSession
-    # step 2: NaN gradients on rank 3 only; 3 normal; 4: inf loss on rank 1; 5: NaN loss everywhere;
-    # 6: NaN gradients on rank 2: the third skip in a row, more than max_skipped_steps=2
-    os.environ[ENV] = "nan_grad@2:3,inf_loss@4:1,nan_loss@5,nan_grad@6:2"
-    cfg = load_config("tiny-moe", [*OVERRIDES, "parallel.tp=2", "train.max_skipped_steps=2", "train.train_steps=8",
-                                   "train.save_interval=0", f"run_dir={run_dir}"])
-    s = TrainSession(cfg, desc="nan")
-    gen = torch.Generator().manual_seed(0)
-    at_start = []  # digest of this rank's parameters when each step draws its batch
-
-    def batch():
-        at_start.append(hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for c in s.chunks
-                                                 for p in c.parameters())).hexdigest())
-        ids = torch.randint(0, 256, (4, 32), generator=gen)
-        return ids, torch.ones_like(ids)
-
-    err = None
-    try:
-        run_lm_training(s, batch, cfg.train.train_steps, batch_rows=lambda: [len(at_start)])
-    except TrainingError as e:
-        err = str(e)
-    s.logger.close()
-    s.ledger.close()
-    at_start.append(hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for c in s.chunks
-                                            for p in c.parameters())).hexdigest())
-    return {"err": err, "skipped": s.skipped_steps, "step": s.step, "tp_rank": s.mesh.tp_rank, "at_start": at_start}
-
-
-def test_nan_or_inf_skips_the_step_on_every_rank_and_stops_after_too_many(tmp_path):
-    """4 ranks (tp=2 x dp=2): a NaN/inf in one rank's gradient or loss skips the optimizer step on every rank
-    (parameters unchanged, logged with its reason, `skipped_steps` counted); more than train.max_skipped_steps
-    in a row stop every rank with the same TrainingError; the dp replicas never diverge."""
-    from tests.parallel.harness import run_ranks
-    res = run_ranks(_nan_body, 4, str(tmp_path / "run"), timeout=300)
-    assert all(r["err"] == res[0]["err"] for r in res)
-    assert res[0]["err"].startswith("step 6: 3 optimizer steps in a row skipped for NaN/inf gradients (last: "
-                                    "non-finite gradient norm (nan)), more than train.max_skipped_steps=2"), res[0]["err"]
-    for r in res:
-        assert r["skipped"] == 4 and r["step"] == 5
-        h = r["at_start"]  # start of steps 1..6, then the end
-        assert h[0] != h[1] and h[2] != h[3]  # steps 1 and 3 updated
-        assert h[1] == h[2] and h[3] == h[4] == h[5] == h[6]  # steps 2, 4, 5, 6 skipped: untouched
-    for tp in (0, 1):  # dp replicas (same tp rank) hold the same weights at every step
-        assert len({tuple(r["at_start"]) for r in res if r["tp_rank"] == tp}) == 1
-    rows = _rows(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert [r["skipped"] for r in rows] == [0, 1, 0, 1, 1]
-    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 2, 3]
-    assert [r.get("skipped", False) for r in _rows(tmp_path / "run" / "ledger.jsonl")] == [False, True, False, True, True]
-
-
 def test_nan_stop_is_one_error_line(corpus, tmp_path):  # noqa: F811
     """The CLI: NaN gradients at steps 2-3 with train.max_skipped_steps=1: the reason is logged for each
     skipped step, and the run stops with exit 1 and one `error:` line, last."""
@@ -247,3 +192,46 @@ def test_save_on_a_full_disk_keeps_the_previous_checkpoint_and_stops(corpus, tmp
     from megatron_r1.ckpt.checkpoint import verify_checkpoint
     assert verify_checkpoint(str(after / "step_000002"))["step"] == 2
     assert not (run / "DONE").exists() and not (run / "hf").exists()
+
+
+# ------------------------------------------------------------------------------------------------- GRPO
+GRPO_TINY = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
+             "model.moe_intermediate_size=32", "rl.prompts_per_step=4", "rl.group_size=2", "rl.max_response_len=16",
+             "rollout.max_model_len=256", "train.save_interval=1"]
+
+
+def _grpo_cmd(hf, info, run, steps):
+    return [sys.executable, "-m", "megatron_r1.cli", "grpo", "--config", "examples/r1_zero_tiny.yaml", "--init-hf", hf,
+            *GRPO_TINY, f"data.train_path={info['train']}", f"train.train_steps={steps}", f"run_dir={run}"]
+
+
+@pytest.mark.long
+def test_grpo_kill_rollout_error_and_resume_keep_the_prompt_ledger(tiny_policy, tmp_path):
+    """GRPO (one rank, co-located vLLM, a checkpoint every step). SIGKILL inside step 2's update; the restart
+    meets an exception inside the rollout engine at step 3 (vLLM's own input validation refusing a token id):
+    the step stops with one error line and no checkpoint of step 3 (complete or partial); the next restart
+    finishes. The prompt ledger (`path:LINE` per step) then equals an uninterrupted run's: no prompt row
+    skipped or used twice across the kill and the error."""
+    hf, info = tiny_policy
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    rc, _, err, _ = _run(_grpo_cmd(hf, info, ref, 3), tmp_path)
+    assert rc == 0, err[-3000:]
+    rc, _, err, _ = _run(_grpo_cmd(hf, info, run, 3), tmp_path, faults="kill@2")
+    assert rc == -signal.SIGKILL, err[-3000:]
+    assert (run / "fault.kill.0").exists()
+    assert sorted(d.name for d in (run / "ckpt").iterdir() if d.name.startswith("step_")) == ["step_000001"]
+    rc, out, err, _ = _run(_grpo_cmd(hf, info, run, 3), tmp_path, faults="rollout_error@3")
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: step 3: the rollout failed on rank 0: \w*Error: .*Token id -1 is out of vocabulary.*; "
+                        rf"nothing saved for this step \(checkpoints in {run / 'ckpt'}\)", last), last
+    assert sorted(d.name for d in (run / "ckpt").iterdir() if d.name.startswith("step_")) == ["step_000001",
+                                                                                              "step_000002"]
+    assert not (run / "DONE").exists()
+    rc, out, err, _ = _run(_grpo_cmd(hf, info, run, 3), tmp_path)
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {run / 'ckpt' / 'step_000002'} at step 2" in out, out[-2000:]
+    ledger = _rows(run / "ledger.jsonl")
+    _check_ledger(ledger, _rows(ref / "ledger.jsonl"))
+    assert len(ledger) == 3 and all(len(r["rows"]) == 4 and ":" in r["rows"][0] for r in ledger)
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3]
