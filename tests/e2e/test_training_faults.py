@@ -5,6 +5,7 @@ Every command runs in its own session with a private TMPDIR (`_run`): when it en
 may be left (a rank that outlived the job, a daemonised helper) and the TMPDIR must be empty. Each case is listed
 with its outcome and time in benchmarks/reliability.md (benchmarks/reliability.py runs this file).
 """
+import getpass
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import pytest
 from megatron_r1.faults import ENV
 from tests.e2e.test_pretrain_resume import OVERRIDES, corpus  # noqa: F401 - the corpus fixture
 
+INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                          f"torchinductor_{getpass.getuser()}")
 KILL_BOUND_S = 90.0  # a rank's death to the whole job's exit, on a loaded 2-core machine (seen: ~15 s)
 
 
@@ -45,7 +49,8 @@ def _run(cmd, tmp_path: Path, faults: str = "", timeout: float = 600, prefix: li
     nothing it started survives and that it left no file in its TMPDIR."""
     tmpdir = tmp_path / f"TMPDIR.{time.monotonic_ns()}"
     tmpdir.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmpdir), ENV: faults}
+    # torch inductor's compile cache (vLLM compiles) is a cache meant to outlive runs: kept where it would be
+    env = {**os.environ, "TMPDIR": str(tmpdir), ENV: faults, "TORCHINDUCTOR_CACHE_DIR": INDUCTOR_CACHE}
     p = subprocess.Popen((prefix or []) + [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, errors="replace", env=env, start_new_session=True)
     try:
@@ -63,7 +68,13 @@ def _run(cmd, tmp_path: Path, faults: str = "", timeout: float = 600, prefix: li
     if left:
         os.killpg(p.pid, signal.SIGKILL)
     assert not left, f"processes survived {cmd[:4]}: {left}"
-    assert not any(tmpdir.iterdir()), f"left in TMPDIR: {sorted(x.name for x in tmpdir.iterdir())}"
+    # torch puts its compiled-header cache under $TMPDIR whatever TORCHINDUCTOR_CACHE_DIR says (codecache.py
+    # _HEADER_DIR): a cache by design, the one thing allowed to stay
+    left = sorted(str(x.relative_to(tmpdir)) for x in tmpdir.rglob("*")
+                  if not str(x.relative_to(tmpdir)).startswith(f"torchinductor_{getpass.getuser()}"))
+    assert not left, f"left in TMPDIR: {left}"
+    assert {str(x.relative_to(tmpdir)) for x in tmpdir.glob("*/*")} <= {f"torchinductor_{getpass.getuser()}/"
+                                                                         "precompiled_headers"}
     shutil.rmtree(tmpdir)
     return p.returncode, out, err, end
 
