@@ -171,8 +171,8 @@ class GRPOTrainer:
         room = self.cfg.rollout.max_model_len - max(rl.max_prompt_len, *map(len, prompts))
         max_new = min(rl.max_response_len, room)
         self._taken += [e.origin for e in examples]  # the sample ledger's record of the step
-        mine = self.session.faults.on_rollout(prompts[lo:hi])  # unchanged unless a test injects a fault
-        groups = self.engine.generate(mine, n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
+        to_engine = self.session.faults.on_rollout(prompts[lo:hi])  # unchanged unless a test injects a fault
+        groups = self.engine.generate(to_engine, n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                       max_tokens=max_new, seed=self.cfg.train.seed + 7919 * (step * (1 + rl.dynamic_sampling_max_rounds) + round)
                                       + lo * rl.group_size)
         samples = [smp for g in groups for smp in g]
