@@ -13,7 +13,8 @@ cannot drift apart:
   from 16 threads through the default verifier, with process/fd/thread counts before and after.
 - data and checkpoint files: malformed / non-UTF-8 / wrong-type rows, empty and truncated files,
   over-long prompts, truncated safetensors and checkpoint shards, through the trainers' readers.
-Training-fault cases (issue 17's training part) are listed as placeholders.
+- training faults: the tests of tests/e2e/test_training_faults.py and tests/parallel/test_skip_nonfinite.py
+  (long ones included), run through pytest; each test is a row with its docstring, outcome and time.
 """
 from __future__ import annotations
 
@@ -36,15 +37,33 @@ from tests.reliability_cases import (  # noqa: E402
     CODE_CASES, LIMITS, MATH_TIMEOUT_S, PLAIN_CASES, accepted, case_env, leftovers, math_cases, own_fds, own_threads,
 )
 
-TRAINING_PLACEHOLDERS = [
-    "rank killed mid-step: whole job exits non-zero within a bounded time",
-    "restart resumes from the newest complete checkpoint bit-exactly",
-    "NaN/inf in the loss or a gradient: step skipped, reason logged, counter; stop after N in a row",
-    "per-sample ledger: no prompt row skipped or used twice across kill + resume",
-    "corrupted checkpoint shard: checksum mismatch names the file, falls back to the previous one",
-    "save fails for lack of space: previous checkpoint intact, clear error",
-    "exception inside the rollout engine: step stops with a clear error, no partial checkpoint",
-]
+TRAINING_TESTS = ["tests/parallel/test_skip_nonfinite.py", "tests/e2e/test_training_faults.py"]
+
+
+def run_training() -> list[tuple[str, str, str, float]]:
+    """The training-fault tests, long ones included, through pytest: (test, what it checks, outcome, seconds)."""
+    import ast
+    import subprocess
+    import tempfile
+    import xml.etree.ElementTree as ET
+    root = Path(__file__).resolve().parents[1]
+    docs = {}
+    for f in TRAINING_TESTS:
+        for node in ast.parse((root / f).read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                docs[node.name] = " ".join((ast.get_docstring(node) or "").split())
+    with tempfile.TemporaryDirectory(prefix="mr1-faults-") as d:
+        xml = os.path.join(d, "junit.xml")
+        subprocess.run([sys.executable, "-m", "pytest", *TRAINING_TESTS, "-m", "long or not long", "-q",
+                        f"--junitxml={xml}"], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+        rows = []
+        for tc in ET.parse(xml).iter("testcase"):
+            bad = tc.find("failure") if tc.find("failure") is not None else tc.find("error")
+            skip = tc.find("skipped")
+            outcome = ("**FAILED**: " + (bad.get("message") or "").splitlines()[0][:200] if bad is not None
+                       else "skipped: " + (skip.get("message") or "") if skip is not None else "ok")
+            rows.append((tc.get("name"), docs.get(tc.get("name"), ""), outcome, float(tc.get("time") or 0)))
+    return rows
 
 
 def run_code(isolation: str) -> list[tuple]:
@@ -243,6 +262,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).with_name("reliability.md")))
     ap.add_argument("--skip-threads", action="store_true", help="skip the 1,000-scoring thread run")
+    ap.add_argument("--skip-training", action="store_true", help="skip the training-fault tests (minutes)")
     a = ap.parse_args()
     t_start = time.monotonic()
     sandbox = get_sandbox(LIMITS)
@@ -252,8 +272,10 @@ def main() -> int:
     math_rows, math_stats = run_math()
     threads = None if a.skip_threads else run_threads()
     data_rows = run_data()
+    training_rows = [] if a.skip_training else run_training()
     failures = sum(not r[3].startswith(("ok", "skipped")) for r in code_ns + code_plain + math_rows)
     failures += sum(not r[3] for r in data_rows)
+    failures += sum(r[2].startswith("**FAILED") for r in training_rows)
     if threads and (threads["wrong"] or threads["before"] != threads["after"]):
         failures += 1
 
@@ -308,9 +330,15 @@ def main() -> int:
                f"100 KB answers) and 2 exponent bombs: {threads['seconds']:.1f} s, {threads['wrong']} wrong "
                f"scores. Child processes / fds / threads before: {b[0]} / {b[1]} / {b[2]}, after: "
                f"{f[0]} / {f[1]} / {f[2]}. Worker stats: {threads['stats']}.", ""]
-    md += ["## Training faults (placeholder: issue 17's training part, another engineer)", "",
-           "| case | outcome | time (s) |", "|---|---|---|"]
-    md += [f"| {c} | _to be added_ | |" for c in TRAINING_PLACEHOLDERS]
+    md += ["## Training faults", "",
+           "Real `megatron-r1 pretrain` / `grpo` runs (torchrun for several ranks) and the real training loop on 4 "
+           "gloo ranks, broken by the test-only hooks of megatron_r1/faults.py (`MEGATRON_R1_TEST_FAULTS`); every "
+           "command runs in its own session with a private TMPDIR, and the test fails if a process of it survives or "
+           "a file is left there. Time is the whole test (setup included). "
+           + ("**Not run this time (--skip-training).**" if a.skip_training else ""), "",
+           "| test | what it checks | outcome | time (s) |", "|---|---|---|---|"]
+    md += [f"| `{n}` | {w.replace('|', chr(92) + '|')} | {o.replace('|', chr(92) + '|')} | {t:.1f} |"
+           for n, w, o, t in training_rows]
     md += ["", "## Data and checkpoint files", "",
            "Through the readers the trainers, `eval`, `convert` and the dry run use (megatron_r1/data/prompts.py, "
            "ckpt/hf.py, ckpt/checkpoint.py); end to end in tests/e2e/test_bad_inputs.py and "

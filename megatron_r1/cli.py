@@ -4,7 +4,9 @@ Notable choices
 - Subcommands import their module lazily, so `megatron-r1 params` works without vLLM.
 - Errors a user can act on (bad config, bad checkpoint, bad data) print one line, `error: ...`, and
   exit 2; a traceback means a bug in megatron-r1.
-- Exit statuses: 0 done (trainers: last step, export, `<run_dir>/DONE` written); 2 a user error;
+- Exit statuses: 0 done (trainers: last step, export, `<run_dir>/DONE` written); 1 a run that cannot go
+  on (`training.TrainingError`: NaN/inf gradients step after step, a crash inside the rollout engine),
+  one `error:` line too; 2 a user error (a checkpoint save that failed for lack of space included);
   75 (`training.EXIT_STOPPED`) a trainer stopped by SIGTERM / SIGUSR1 / SIGINT after saving a
   checkpoint, to be run again (the sbatch scripts requeue); 130 interrupted outside a training loop
   (a second Ctrl-C, or Ctrl-C while loading), nothing saved; 1 a dry run that found problems.
@@ -48,6 +50,12 @@ def user_errors() -> tuple[type, ...]:
     return tuple(errs)
 
 
+def training_errors() -> tuple[type, ...]:
+    """A run that cannot go on: not the input's fault, but one line says what happened."""
+    from megatron_r1.training import TrainingError
+    return (TrainingError,)
+
+
 def params_main(argv: list[str]) -> int:
     import argparse
     from megatron_r1.config import load_config
@@ -80,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except training_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130

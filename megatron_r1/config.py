@@ -268,6 +268,7 @@ class TrainConfig:
     save_dir: str | None = None
     save_interval: int = 0  # steps; 0 = only at the end
     keep_last: int = 3
+    max_skipped_steps: int = 10  # optimizer steps in a row skipped for NaN/inf gradients before the run stops
     # activation recompute, Megatron's names (parallel/recompute.py; the planner reads the same fields)
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_modules: list[RecomputeModule] | None = None  # selective; None: DEFAULT_RECOMPUTE_MODULES
@@ -597,8 +598,9 @@ def validate(cfg: Config, world_size: int, *, rl: bool = False) -> int:
     dp = validate_layout(world_size, par, cfg.model)
     if train.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size={train.micro_batch_size} must be >= 1")
-    if train.lr_warmup_steps < 0 or train.train_steps < 0 or train.save_interval < 0:
-        raise ConfigError("train.lr_warmup_steps, train.train_steps and train.save_interval must be >= 0")
+    if train.lr_warmup_steps < 0 or train.train_steps < 0 or train.save_interval < 0 or train.max_skipped_steps < 0:
+        raise ConfigError("train.lr_warmup_steps, train.train_steps, train.save_interval and train.max_skipped_steps "
+                          "must be >= 0")
     if train.fp8 == "blockwise":
         validate_fp8_shards(cfg.model, par.tp)
     if not rl:

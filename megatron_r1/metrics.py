@@ -54,25 +54,7 @@ class MetricsLogger:
         if self._f is not None:
             raise RuntimeError("MetricsLogger.resume_at must come before the first log()")
         keep_through = -1 if step is None else step
-        dropped = 0
-        if os.path.exists(self.path):
-            kept = []
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        row_step = json.loads(line).get("step")
-                    except (ValueError, AttributeError):  # a line cut short by the kill: not a row
-                        dropped += bool(line.strip())
-                        continue
-                    if isinstance(row_step, int) and row_step <= keep_through:
-                        kept.append(line if line.endswith(b"\n") else line + b"\n")
-                    else:
-                        dropped += 1
-            if dropped:
-                tmp = self.path + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.writelines(kept)
-                os.replace(tmp, self.path)
+        dropped = drop_rows_after(self.path, keep_through)
         self._open(purge_step=keep_through + 1)
         return dropped
 
@@ -108,6 +90,31 @@ class MetricsLogger:
                 self._tb.close()
             if self._f is not None:
                 self._f.close()
+
+
+def drop_rows_after(path: str, keep_through: int) -> int:
+    """Rewrite a JSONL of {"step": ...} rows (atomically) without the rows past `keep_through` and any line
+    cut short by a kill; returns how many were dropped. The metrics log and the sample ledger share it."""
+    dropped = 0
+    if os.path.exists(path):
+        kept = []
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    row_step = json.loads(line).get("step")
+                except (ValueError, AttributeError):  # a line cut short by the kill: not a row
+                    dropped += bool(line.strip())
+                    continue
+                if isinstance(row_step, int) and row_step <= keep_through:
+                    kept.append(line if line.endswith(b"\n") else line + b"\n")
+                else:
+                    dropped += 1
+        if dropped:
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(path: str) -> list[dict]:

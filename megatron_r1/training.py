@@ -18,6 +18,18 @@ Notable choices
   sizes, trainer state) and then read; one that fails on any rank is skipped on all, with its reason
   logged, for the next older one. When checkpoints exist and none loads, the run stops with that
   list rather than silently start over. The metrics log is then cut back to the resumed step.
+  Checkpoints carry SHA-256 sums of their files (ckpt/checkpoint.py); a mismatch is such a failure, and
+  falling back past a damaged checkpoint is printed as a WARNING on stderr too, not only in the log.
+- A NaN/inf gradient (or loss, which makes one) skips the optimizer update: the global gradient norm is
+  all-reduced before the decision, so every rank skips together. The step still consumes its data and
+  counts (as Megatron does); it is logged with its reason, `skipped_steps` counts them in the metrics,
+  and more than `train.max_skipped_steps` in a row stop the run with a `TrainingError`.
+- The sample ledger `<run_dir>/ledger.jsonl`: one row per step naming the data rows it consumed (corpus
+  rows, prompt `path:LINE`s). It is cut back with the metrics on resume, so across kills and restarts it
+  lists what the final weights were trained on, each step once (the tests check that no row is skipped
+  or repeated against an uninterrupted run).
+- Test-only faults (megatron_r1/faults.py, an environment variable) strike inside the real loop; the
+  loops call `faults.begin(step)` and the loss functions `faults.on_loss(loss)`.
 """
 from __future__ import annotations
 
@@ -35,7 +47,8 @@ import torch.distributed as dist
 from megatron_r1.ckpt.convert import TOKENIZER_FILES  # one list, chat templates included
 from megatron_r1.ckpt.hf import CheckpointError, hf_names, load_hf_weights, save_hf
 from megatron_r1.config import Config, ConfigError, validate
-from megatron_r1.metrics import MetricsLogger
+from megatron_r1.faults import Faults
+from megatron_r1.metrics import MetricsLogger, drop_rows_after
 from megatron_r1.parallel.launch import init_distributed
 from megatron_r1.parallel.mesh import ParallelMesh
 from megatron_r1.engine.runtime import DTYPES, build_optimizer, build_parallel_model, iter_full_state
@@ -56,6 +69,36 @@ def current_dist_env():
 EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint; run again (the scripts requeue) to continue
 DONE = "DONE"  # <run_dir>/DONE: the run did its last step and wrote its export
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+LEDGER = "ledger.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, the rollout engine failed): one `error:` line, exit 1 (cli.py)."""
+
+
+class Ledger:
+    """`<run_dir>/ledger.jsonl`: {"step", "rows": [...], "skipped"?} per step, appended and flushed by rank 0
+    (every rank draws the same global batch), so a killed run keeps what it logged."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.path, self.enabled, self._f = os.path.join(run_dir, LEDGER), enabled, None
+
+    def resume_at(self, step: int | None) -> None:
+        if self.enabled:
+            drop_rows_after(self.path, -1 if step is None else step)
+
+    def record(self, step: int, rows: list, skipped: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            self._f = open(self.path, "a")
+        self._f.write(json.dumps({"step": step, "rows": rows, **({"skipped": True} if skipped else {})}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -99,6 +142,10 @@ class TrainSession:
         self.install_signal_handlers()
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.is_main and logger, total_steps=cfg.train.train_steps,
                                     desc=desc)
+        self.ledger = Ledger(cfg.run_dir, enabled=self.is_main and logger)
+        self.faults = Faults(self.env.rank, cfg.run_dir)  # test-only; none unless MEGATRON_R1_TEST_FAULTS is set
+        self.skipped_steps = 0  # optimizer steps skipped for a NaN/inf gradient, over the run (checkpointed)
+        self.skipped_in_row = 0
         if self.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             cfg.save(os.path.join(cfg.run_dir, "config.yaml"))
@@ -179,7 +226,7 @@ class TrainSession:
         skipped: list[str] = []
         for _, path in reversed(found):
             try:
-                verify_checkpoint(path)
+                verify_checkpoint(path, part=(self.env.rank, self.env.world_size))  # each rank hashes 1/world
                 info = self.checkpointer.load(self.chunks, self.optimizer, path=path)
                 err = None
             except CheckpointError as e:
@@ -194,20 +241,52 @@ class TrainSession:
             skipped.append(f"{os.path.basename(path)}: {bad}")
             if self.is_main:
                 self.logger.write(f"resume: skipping {path}: {bad}")
+                sys.stderr.write(f"WARNING: checkpoint {path} refused ({bad}); trying the previous one\n")
+                sys.stderr.flush()
         else:
             if found:
                 raise CheckpointError(f"{self.ckpt_dir}: no checkpoint loads ({'; '.join(skipped)}); move the "
                                       f"directory away to start from scratch")
             self.logger.resume_at(None)
+            self.ledger.resume_at(None)
             return None
         self.step = int(info["step"])
         self._saved_step = self.step
+        self.skipped_steps = int((info.get("extra") or {}).get("session", {}).get("skipped_steps", 0))
         dropped = self.logger.resume_at(self.step)
+        self.ledger.resume_at(self.step)
         if self.is_main:
             older = f" (skipped {len(skipped)} newer that did not load)" if skipped else ""
             self.logger.write(f"resumed from {info['path']} at step {self.step}{older}"
                               + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""))
+            if skipped:
+                sys.stderr.write(f"WARNING: resumed from {info['path']} (step {self.step}), an OLDER checkpoint: "
+                                 f"{len(skipped)} newer one(s) refused\n")
         return info.get("extra") or {}
+
+    def check_step(self, step: int, metrics: dict) -> dict:
+        """After step `step`'s optimizer update(s) (`metrics["skipped"]` > 0: one was skipped for a NaN/inf
+        gradient norm): count, log the reason, add `skipped_steps` to the metrics; more than
+        `train.max_skipped_steps` skipped steps in a row raise TrainingError. Same result on every rank."""
+        skipped = metrics.get("skipped", 0.0) > 0
+        if skipped:
+            self.skipped_steps += 1
+            self.skipped_in_row += 1
+            reason = (f"non-finite gradient norm ({metrics.get('grad_norm')})"
+                      + (f", loss {metrics.get('loss')}" if not math.isfinite(metrics.get("loss", 0.0)) else ""))
+            limit = self.cfg.train.max_skipped_steps
+            if self.is_main:
+                self.logger.write(f"step {step}: optimizer step skipped: {reason} ({self.skipped_in_row} in a row, "
+                                  f"{self.skipped_steps} in the run; train.max_skipped_steps={limit})")
+            if self.skipped_in_row > limit:
+                self.logger.close()  # the progress bar ends before the error line, not after it
+                raise TrainingError(f"step {step}: {self.skipped_in_row} optimizer steps in a row skipped for "
+                                    f"NaN/inf gradients (last: {reason}), more than train.max_skipped_steps={limit}; "
+                                    f"stopping (checkpoints in {self.ckpt_dir})")
+        else:
+            self.skipped_in_row = 0
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        return metrics
 
     def maybe_save(self, extra: dict, force: bool = False) -> str | None:
         """Save every `train.save_interval` steps (and when forced, e.g. at the end, unless just saved)."""
@@ -217,7 +296,13 @@ class TrainSession:
         if force and self._saved_step == self.step:
             return None
         self._saved_step = self.step
-        return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+        extra = {**extra, "session": {"skipped_steps": self.skipped_steps}}
+        from megatron_r1.ckpt.checkpoint import CheckpointSaveError
+        try:
+            return self.checkpointer.save(self.step, self.chunks, self.optimizer, extra=extra, config=self.cfg)
+        except CheckpointSaveError:  # every rank raises it; the error line comes last, after the progress bar
+            self.logger.close()
+            raise
 
     def finish(self, export_dir: str, tokenizer_dir: str | None = None, dtype=torch.bfloat16, before_done=None) -> int:
         """End of a trainer's main: the exit status. Stopped by a signal: the checkpoint is saved, no export,
@@ -241,6 +326,7 @@ class TrainSession:
     def close(self):
         self.checkpointer.wait()
         self.logger.close()
+        self.ledger.close()
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:

@@ -34,9 +34,21 @@ Notable choices
   `verify_checkpoint` checks what costs no tensor reads (DCP metadata, every shard file as long as
   the metadata says, meta.json, trainer_state.pt), and a failed read names the shard files, so resume
   can skip such a checkpoint for the previous one (training.py).
+- **Checksums.** Before `COMPLETE`, every file of the checkpoint is hashed (SHA-256) by the rank that wrote
+  it (DCP's `__<rank>_*.distcp` and `rng/rank_<rank>.pt`; rank 0 the rest), gathered, and written by rank 0
+  as `SHA256SUMS` in `sha256sum`'s format (`cd step_000123 && sha256sum -c SHA256SUMS` checks a copy by
+  hand). `verify_checkpoint` compares sizes always and the hashes when asked; at resume each rank hashes
+  its 1/world share of the files, so a corrupted byte anywhere is refused with the file named. Older
+  checkpoints without the file are accepted on their sizes.
+- **A failed save** (a full disk, a quota, an I/O error on any rank) never leaves a half checkpoint nor
+  touches the committed ones: the ranks agree on the failure (one all-gather after each phase, so no rank
+  waits in a collective for a peer that gave up), rank 0 removes the `.tmp` directory to give the space
+  back, and every rank raises the same `CheckpointSaveError` naming the error and the checkpoint that is
+  still the newest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +74,8 @@ log = logging.getLogger(__name__)
 FORMAT = "megatron_r1/dcp-boxes/1"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+CHECKSUMS = "SHA256SUMS"
+_RANK_FILE = re.compile(r"^(?:__(\d+)_.*\.distcp|rng/rank_(\d+)\.pt)$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _BOX_KEY = re.compile(r"^(.*)\[(\d+:\d+(?:,\d+:\d+)*)\]$")
 
@@ -315,44 +329,95 @@ class Checkpointer:
     # ------------------------------------------------------------------------------- save
     def save(self, step: int, chunks, optimizer=None, scheduler=None, extra: dict | None = None,
              config=None) -> str:
-        """Write checkpoint `step`; returns its final directory (committed later when async)."""
+        """Write checkpoint `step`; returns its final directory (committed later when async).
+
+        Raises CheckpointSaveError on every rank when any rank fails to write (see the module doc)."""
         self.wait()
         rank = dist.get_rank() if dist.is_initialized() else 0
         final = step_dir(self.save_dir, step)
         tmp = final + ".tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt at this step that died
-            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        _barrier()
+        err = None
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt at this step that died
+                os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        except OSError as e:
+            err = e
+        self._agree(err, tmp)
         state: dict[str, Any] = {}
         _save_dict(model_pieces(chunks, self.mesh), "model", state)
         if optimizer is not None:
             _save_dict(_optimizer_pieces(optimizer), "optim", state)
-        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-        if rank == 0:
-            torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
-            if config is not None:
-                config.save(os.path.join(tmp, "config.yaml"))
-            json.dump({"format": FORMAT, "step": step, "layout": _layout(self.mesh),
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, open(os.path.join(tmp, "meta.json"), "w"),
-                      indent=2)
+        try:
+            torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+            if rank == 0:
+                torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "extra": extra or {}}, os.path.join(tmp, "trainer_state.pt"))
+                if config is not None:
+                    config.save(os.path.join(tmp, "config.yaml"))
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump({"format": FORMAT, "step": step, "layout": _layout(self.mesh),
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+        except OSError as e:
+            err = e
+        self._agree(err, tmp)
         writer = dcp.FileSystemWriter(tmp)
         if self.async_save and dist.is_initialized():
             fut = dcp.async_save(state, storage_writer=writer, process_group=self._group)
             self._pending = (fut, tmp, final)
         else:
-            with warnings.catch_warnings():  # one process without torch.distributed: intended
-                warnings.filterwarnings("ignore", message=".*single process.*")
-                dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            try:
+                with warnings.catch_warnings():  # one process without torch.distributed: intended
+                    warnings.filterwarnings("ignore", message=".*single process.*")
+                    dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's OSError
+                err = e
+            self._agree(err, tmp)
             self._commit(tmp, final)
         return final
 
-    def _commit(self, tmp: str, final: str) -> None:
-        _barrier(self._group)
+    def _agree(self, err: BaseException | None, tmp: str, group=None) -> None:
+        """Collective: when any rank failed, rank 0 removes `tmp` and every rank raises the same error."""
+        errors = [None if err is None else _root_cause(err) + _full_disk(tmp)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, errors[0], group=group)
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if not bad:
+            return
         if not dist.is_initialized() or dist.get_rank() == 0:
-            commit(tmp, final, self.keep_last)
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the committed checkpoints are untouched
+        _barrier(group)
+        prev = latest_checkpoint(self.save_dir)
+        where = f" on rank {bad[0][0]}" if len(errors) > 1 else ""
+        raise CheckpointSaveError(f"{tmp}: checkpoint save failed{where}: {bad[0][1]}; removed the partial save, "
+                                  + (f"the newest complete checkpoint is still {prev}" if prev
+                                     else "no complete checkpoint exists yet"))
+
+    def _commit(self, tmp: str, final: str) -> None:
+        """Collective: hash (each rank its own files), then rank 0 writes SHA256SUMS and commits."""
         _barrier(self._group)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        sums, err = {}, None
+        try:
+            sums = hash_files(tmp, rank, world)
+        except OSError as e:
+            err = e
+        gathered = [sums]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, sums, group=self._group)
+        self._agree(err, tmp, self._group)
+        if rank == 0:
+            try:
+                all_sums = {k: v for part in gathered for k, v in part.items()}
+                _write_text_atomic(os.path.join(tmp, CHECKSUMS),
+                                   "".join(f"{h}  {rel}\n" for rel, h in sorted(all_sums.items())))
+                commit(tmp, final, self.keep_last)
+            except OSError as e:
+                err = e
+        self._agree(err, tmp, self._group)
 
     def wait(self) -> None:
         """Join an async save in flight and commit it (collective)."""
@@ -360,7 +425,12 @@ class Checkpointer:
             return
         fut, tmp, final = self._pending
         self._pending = None
-        fut.result()
+        err = None
+        try:
+            fut.result()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - as in save
+            err = e
+        self._agree(err, tmp, self._group)
         self._commit(tmp, final)
 
     # ------------------------------------------------------------------------------- load
@@ -370,6 +440,71 @@ class Checkpointer:
         {"step", "extra", "path", "layout"}."""
         self.wait()
         return load_checkpoint(path or self.save_dir, chunks, self.mesh, optimizer, scheduler, strict=strict)
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed (no space, quota, I/O error); the partial save is removed, the committed ones untouched."""
+
+
+def _full_disk(path: str) -> str:
+    """' (no space left ...)' when the filesystem holding `path` is (nearly) full: torch's writer reports a
+    full disk as 'unexpected pos' rather than ENOSPC, so the cause is stated from the filesystem itself."""
+    try:
+        st = os.statvfs(path if os.path.exists(path) else os.path.dirname(path))
+    except OSError:
+        return ""
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if free < max(1 << 20, total // 1000):
+        return f" (no space left on the device: {free} bytes free of {total})"
+    return ""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(path: str) -> list[str]:
+    """Every file of a checkpoint directory, relative, but the marker and the sums themselves."""
+    out = []
+    for root, _, names in os.walk(path):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), path)
+            if rel not in (COMPLETE, CHECKSUMS):
+                out.append(rel)
+    return sorted(out)
+
+
+def hash_files(path: str, rank: int = 0, world: int = 1) -> dict[str, str]:
+    """{relative path: sha256} of the files rank `rank` wrote (rank 0 also the ones no rank's name claims)."""
+    out = {}
+    for rel in _files(path):
+        m = _RANK_FILE.match(rel)
+        owner = int(m.group(1) or m.group(2)) if m else 0
+        if owner % world == rank:
+            out[rel] = _sha256(os.path.join(path, rel))
+    return out
+
+
+def read_checksums(path: str) -> dict[str, str] | None:
+    """{relative path: sha256} from a checkpoint's SHA256SUMS, or None when it has none (older checkpoints)."""
+    f = os.path.join(path, CHECKSUMS)
+    if not os.path.exists(f):
+        return None
+    out = {}
+    try:
+        with open(f) as fh:
+            for n, line in enumerate(fh, 1):
+                h, sep, rel = line.rstrip("\n").partition("  ")
+                if not sep or len(h) != 64:
+                    raise ValueError(f"line {n} is not '<sha256>  <file>'")
+                out[rel] = h
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+    return out
 
 
 def _layout(mesh) -> dict:
@@ -478,6 +613,8 @@ def _root_cause(e: BaseException) -> str:
     if isinstance(e, CheckpointException) and e.failures:
         inner = next(iter(e.failures.values()))
         e = getattr(inner, "exc", inner)
+        if isinstance(e, tuple) and e and isinstance(e[0], BaseException):  # (exception, traceback frames)
+            e = e[0]
     return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
@@ -487,11 +624,15 @@ def _shard_files(index: SavedIndex, keys) -> list[str]:
     return sorted({info.relative_path for mi, info in storage.items() if mi.fqn in keys})
 
 
-def verify_checkpoint(path: str) -> dict:
-    """What can be checked without reading a tensor: DCP metadata, every shard file present and as long
-    as the metadata says, meta.json and trainer_state.pt readable. Returns {"step", "layout", "tensors"};
-    raises CheckpointError naming the file."""
+def verify_checkpoint(path: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) -> dict:
+    """DCP metadata, every shard file present and as long as the metadata says, meta.json and
+    trainer_state.pt readable; with `checksums`, the SHA-256 of the files in share `part` = (i, n) (every
+    n-th file from the i-th: ranks split the reading) against SHA256SUMS. Returns {"step", "layout",
+    "tensors"}; raises CheckpointError naming the file."""
     index = SavedIndex(path)
+    sums = read_checksums(path) if checksums else None
+    if sums and ".metadata" in sums:  # before its sizes are trusted: a flipped byte may still unpickle
+        _check_sum(path, ".metadata", sums)
     need: dict[str, int] = {}
     for info in (getattr(index.metadata, "storage_data", None) or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -502,10 +643,24 @@ def verify_checkpoint(path: str) -> dict:
         size = os.path.getsize(f)
         if size < n:
             raise CheckpointError(f"{f}: truncated checkpoint shard ({size} bytes, the metadata needs {n})")
+    if sums:
+        i, n = part
+        for k, rel in enumerate(sorted(sums)):
+            if not os.path.isfile(os.path.join(path, rel)):
+                raise CheckpointError(f"{os.path.join(path, rel)}: missing checkpoint file (listed in {CHECKSUMS})")
+            if k % n == i and rel != ".metadata":
+                _check_sum(path, rel, sums)
     meta = _read_json(os.path.join(path, "meta.json"))
     ts = _torch_load(os.path.join(path, "trainer_state.pt"))
     return {"step": ts.get("step", meta.get("step", 0)), "layout": meta.get("layout"),
             "tensors": len(index.names("model"))}
+
+
+def _check_sum(path: str, rel: str, sums: dict[str, str]) -> None:
+    got = _sha256(os.path.join(path, rel))
+    if got != sums[rel]:
+        raise CheckpointError(f"{os.path.join(path, rel)}: checksum mismatch, the file is corrupted (sha256 "
+                              f"{got[:16]}..., {CHECKSUMS} recorded {sums[rel][:16]}... at save)")
 
 
 def _read_json(path: str) -> dict:

@@ -64,6 +64,7 @@ class PackedDataset:
         self.seed = seed
         self.epoch, self.index = 0, 0
         self._perm = self._permutation()
+        self._last: list[list[int]] = []  # [epoch, row] of the last batch (the sample ledger's record)
 
     def _permutation(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
@@ -71,14 +72,20 @@ class PackedDataset:
 
     def next_batch(self, n: int) -> torch.Tensor:
         """The next `n` rows of the global stream [n, S] (every rank draws the same; dp ranks slice)."""
-        out = []
+        out, self._last = [], []
         while len(out) < n:
             if self.index >= len(self.rows):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._perm = self._permutation()
-            out.append(self.rows[self._perm[self.index]])
+            row = int(self._perm[self.index])
+            out.append(self.rows[row])
+            self._last.append([self.epoch, row])
             self.index += 1
         return torch.stack(out)
+
+    def last_rows(self) -> list[list[int]]:
+        """[epoch, row] of each row of the last `next_batch`, in order."""
+        return list(self._last)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -269,21 +269,23 @@ def forward_backward(chunks: list[nn.Module], optimizer: DistributedAdamW, micro
 
 
 def train_step(chunks: list[nn.Module], optimizer: DistributedAdamW, micro_batches: list[dict],
-               loss_fn: Callable, mesh) -> dict:
+               loss_fn: Callable, mesh, skip_nonfinite: bool = False) -> dict:
     """One optimizer step on `micro_batches` (this dp rank's share of the global batch; moved to
     `mesh.device` here, and loss_fn sees them there).
 
     Returns metrics on every rank: summed `loss` and loss_fn's scalar metrics, `grad_norm`, `clip_coef`,
-    `moe_max_violation`. The gradient buffers keep this step's reduced gradients until the next step."""
+    `moe_max_violation`, `skipped` (1.0 when `skip_nonfinite` found a NaN/inf global gradient norm and
+    the optimizer left everything as it was; the trainers count it, training.TrainSession.check_step).
+    The gradient buffers keep this step's reduced gradients until the next step."""
     keys, values = _forward_backward(chunks, optimizer, micro_batches, loss_fn, mesh)
-    stats = optimizer.step()
+    stats = optimizer.step(skip_nonfinite=skip_nonfinite)
     viol = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for c in chunks:
         v = update_expert_bias(c, mesh, c.cfg.bias_update_speed)["moe_max_violation"]
         viol = torch.maximum(viol, torch.as_tensor(v, dtype=torch.float64, device=mesh.device))
-    extra = [stats["grad_norm"], stats["clip_coef"], viol]
+    extra = [stats["grad_norm"], stats["clip_coef"], viol, stats["skipped"]]
     values = torch.cat([values, torch.stack([x.to(torch.float64) for x in extra])])
-    return _to_host(keys + ["grad_norm", "clip_coef", "moe_max_violation"], values)
+    return _to_host(keys + ["grad_norm", "clip_coef", "moe_max_violation", "skipped"], values)
 
 
 @torch.no_grad()

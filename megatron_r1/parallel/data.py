@@ -316,11 +316,17 @@ class DistributedAdamW:
         return sq.sqrt()
 
     @torch.no_grad()
-    def step(self) -> dict:
+    def step(self, skip_nonfinite: bool = False) -> dict:
         """Clip by the global norm, AdamW on owned slices, all-gather the updated parameters.
 
-        Returns {"grad_norm", "clip_coef"} as 0-d device tensors (no host sync)."""
+        Returns {"grad_norm", "clip_coef", "skipped"} as 0-d device tensors (no host sync), except with
+        `skip_nonfinite`: then the global norm is read on the host once, and a NaN/inf norm (a NaN or inf
+        anywhere in any rank's gradients or loss) leaves parameters, moments and the step count untouched.
+        The norm is all-reduced over every rank first, so every rank takes the same decision."""
         norm = self.grad_norm()
+        if skip_nonfinite and norm.device.type != "meta" and not bool(torch.isfinite(norm)):
+            zero = torch.zeros((), dtype=torch.float32, device=norm.device)
+            return {"grad_norm": norm, "clip_coef": zero, "skipped": zero + 1}
         coef = torch.ones((), dtype=torch.float32, device=norm.device)
         if self.clip_grad > 0:
             # as torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped at 1; a factor of
@@ -338,7 +344,7 @@ class DistributedAdamW:
                 adamw(st["master"][s], g_all[s], st["exp_avg"][s], st["exp_avg_sq"][s], self.step_count,
                       self.lr, beta1, beta2, self.eps, wd)
             self._publish(b, st["master"])
-        return {"grad_norm": norm, "clip_coef": coef}
+        return {"grad_norm": norm, "clip_coef": coef, "skipped": torch.zeros((), dtype=torch.float32, device=norm.device)}
 
     def _publish(self, b: Bucket, master: torch.Tensor):
         """Owned master slices -> every replica's parameters."""

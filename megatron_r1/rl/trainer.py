@@ -58,7 +58,7 @@ from megatron_r1.parallel.tensor import chunked_entropy, chunked_logprobs
 from megatron_r1.rl import grpo
 from megatron_r1.rl.rewards import RewardRouter
 from megatron_r1.rl.rewards.registry import component_mean
-from megatron_r1.training import TrainSession
+from megatron_r1.training import TrainSession, TrainingError
 
 
 @dataclass
@@ -209,6 +209,7 @@ class GRPOTrainer:
         self.replicas = self.world // cfg.rollout.tp
         self.replica = s.env.rank // cfg.rollout.tp
         self._ratio_ext = torch.full((2,), -torch.inf, dtype=torch.float64, device=mesh.device)  # see update()
+        self._taken: list[str] = []  # origins (path:LINE) of the prompts the current step drew: the sample ledger
         # vLLM's CPU worker implements sleep as a no-op, so only a GPU engine sleeps between phases
         self.sleeps = cfg.rollout.sleep_between_steps and self.engine.on_gpu
         self._sync = None  # rollout/sync.py WeightSync, made at the first sync
@@ -224,7 +225,9 @@ class GRPOTrainer:
         # a fixed budget from rl.max_prompt_len (not from this batch's longest prompt), never past the engine
         room = self.cfg.rollout.max_model_len - max(rl.max_prompt_len, *map(len, prompts))
         max_new = min(rl.max_response_len, room)
-        groups = self.engine.generate(prompts[lo:hi], n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
+        self._taken += [e.origin for e in examples]  # the sample ledger's record of the step
+        to_engine = self.session.faults.on_rollout(prompts[lo:hi])  # unchanged unless a test injects a fault
+        groups = self.engine.generate(to_engine, n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                                       max_tokens=max_new, seed=self.cfg.train.seed + 7919 * (step * (1 + rl.dynamic_sampling_max_rounds) + round)
                                       + lo * rl.group_size, with_routes=rl.routing_replay != "none")
         samples = [smp for g in groups for smp in g]
@@ -397,6 +400,7 @@ class GRPOTrainer:
                                    beta=rl.beta, loss_agg=rl.loss_agg, normalizer=mb["normalizer"],
                                    max_length=rl.max_response_len, policy=rl.policy_loss, dual_clip_c=rl.dual_clip_c,
                                    is_weights=isw)
+        loss = self.session.faults.on_loss(loss)  # test-only faults (megatron_r1/faults.py); none in a real run
         # sums, so the runtime's sum over micro-batches and ranks gives the global value
         metrics = {"tok": m.sum().detach()}
         for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "kl", "ratio_mean"):
@@ -454,7 +458,7 @@ class GRPOTrainer:
                 mbs = [mb for _, mb in self.micro_batches(rb, u, self.cfg.rl.routing_replay == "all")]
                 if self.cfg.rl.routing_replay in ("none", "measure", "old"):  # the update routes itself
                     mbs = [{k: v for k, v in mb.items() if k != ROUTE_KEY} for mb in mbs]
-                r = train_step(s.chunks, s.optimizer, mbs, self.loss_fn, self.mesh)
+                r = train_step(s.chunks, s.optimizer, mbs, self.loss_fn, self.mesh, skip_nonfinite=True)
                 for key, v in r.items():
                     out[key] = out.get(key, 0.0) + v / (k * epochs)
         out["ratio_max"], out["ratio_min"] = self._ratio_extrema()
@@ -503,7 +507,17 @@ class GRPOTrainer:
     def train_step(self, step: int) -> dict:
         """rollout -> score -> batch -> old logprobs -> k updates -> sync."""
         t = {"t0": time.time()}
-        ro, extra_rounds = self.filled_rollout(step)  # generates and scores
+        self.session.faults.begin(step + 1)
+        self._taken = []
+        try:
+            ro, extra_rounds = self.filled_rollout(step)  # generates and scores
+        except Exception as e:  # noqa: BLE001 - whatever vLLM or a reward raised: stop before anything is saved
+            import traceback
+            self.session.logger.write(traceback.format_exc())
+            self.session.logger.close()
+            raise TrainingError(f"step {step + 1}: the rollout failed on rank {self.session.env.rank}: "
+                                f"{type(e).__name__}: {e}; nothing saved for this step (checkpoints in "
+                                f"{self.session.ckpt_dir})") from e
         if self.sleeps:  # free the KV cache (and offload vLLM's weights) while the trainer uses the GPU
             self.engine.sleep()
         t["rollout"] = time.time()
@@ -537,6 +551,7 @@ class GRPOTrainer:
             "response_length/clip_ratio": sum(ro.truncated) / n,
             "kept_groups": float(batch["keep"].float().mean()),
             "loss": train_metrics.get("loss", 0.0), "grad_norm": train_metrics.get("grad_norm", 0.0),
+            "skipped": train_metrics.get("skipped", 0.0),  # share of the step's updates skipped (NaN/inf grads)
             "clip_fraction": train_metrics.get("clip_frac_sum", 0.0) / tok,
             "clip_fraction/low": train_metrics.get("clip_frac_low_sum", 0.0) / tok,
             "clip_fraction/high": train_metrics.get("clip_frac_high_sum", 0.0) / tok,
@@ -651,7 +666,8 @@ class GRPOTrainer:
         if eval_every and self.eval_set is not None and s.step == 0:  # the starting policy, on the same plot
             s.logger.log(0, self._eval_metrics(), advance=False)
         for step in range(s.step, steps):
-            m = self.train_step(step)
+            m = s.check_step(step + 1, self.train_step(step))
+            s.ledger.record(step + 1, self._taken, skipped=m.get("skipped", 0.0) > 0)
             s.step = step + 1
             if eval_every and self.eval_set is not None and (s.step % eval_every == 0 or s.step == steps):
                 m.update(self._eval_metrics())

@@ -43,25 +43,29 @@ def micro_batches(ids: torch.Tensor, mask: torch.Tensor, mbs: int, normalizer: f
 
 
 def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_state=None,
-                    show=("loss", "lr")) -> dict:
+                    show=("loss", "lr"), batch_rows=None) -> dict:
     """The loop: `next_global_batch() -> (ids [G, S], loss_mask [G, S])`, identical on every rank.
 
-    `data_state()` returns the data position saved in checkpoints (every `train.save_interval` steps)."""
+    `data_state()` returns the data position saved in checkpoints (every `train.save_interval` steps);
+    `batch_rows()` names the rows of the last batch for the sample ledger."""
     cfg, mesh = session.cfg, session.mesh
     model_cfg = cfg.model
 
     def loss_fn(out, mb):
-        return lm_loss(out, mb["input_ids"], mb["loss_mask"], model_cfg, mesh, mb["normalizer"])
+        loss, met = lm_loss(out, mb["input_ids"], mb["loss_mask"], model_cfg, mesh, mb["normalizer"])
+        return session.faults.on_loss(loss), met
 
     last = {}
     for step in range(session.step, steps):
         t0 = time.time()
+        session.faults.begin(step + 1)
         lr = session.set_lr(step)
         ids, mask = next_global_batch()
+        rows = batch_rows() if batch_rows else []
         ids, mask = session.dp_slice(ids), session.dp_slice(mask)
         norm = _normalizer(mask, session)
         metrics = train_step(session.chunks, session.optimizer, micro_batches(ids, mask, cfg.train.micro_batch_size, norm),
-                             loss_fn, mesh)
+                             loss_fn, mesh, skip_nonfinite=True)
         dt = time.time() - t0
         tokens = float(norm)
         last = {"loss": metrics["lm_loss_sum"] / max(tokens, 1.0), "total_loss": metrics["loss"], "lr": lr,
@@ -70,7 +74,10 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_s
         for k, v in metrics.items():
             if k.startswith("mtp") and k.endswith("_loss_sum"):
                 last[k.replace("_sum", "")] = v / max(tokens, 1.0)
+        session.check_step(step + 1, {**last, **metrics})  # metrics' "loss" is the total, NaN when any part is
+        last.update(skipped=metrics["skipped"], skipped_steps=float(session.skipped_steps))
         session.step = step + 1
+        session.ledger.record(session.step, rows, skipped=metrics["skipped"] > 0)
         session.logger.log(session.step, last, show=show)
         session.maybe_save({"data": data_state() if data_state else None})
         if session.should_stop():
@@ -147,7 +154,8 @@ def pretrain_main(argv: list[str]) -> int:
         ids = data.next_batch(g)
         return ids, torch.ones_like(ids)
 
-    last = run_lm_training(session, next_batch, cfg.train.train_steps, data_state=data.state_dict)
+    last = run_lm_training(session, next_batch, cfg.train.train_steps, data_state=data.state_dict,
+                           batch_rows=data.last_rows)
     out = a.export_hf or os.path.join(cfg.run_dir, "hf")
 
     def done():
@@ -178,15 +186,18 @@ def main(argv: list[str]) -> int:
     g, s = cfg.train.global_batch_size, cfg.train.seq_length
     gen = torch.Generator().manual_seed(cfg.train.seed)
     order: list[int] = []
+    taken: list[int] = []  # the rows of the last batch, for the sample ledger
 
     def next_batch():
         nonlocal order
         ids = torch.full((g, s), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((g, s), dtype=torch.long)
+        taken.clear()
         for i in range(g):
             if not order:
                 order = torch.randperm(len(rows), generator=gen).tolist()
-            r_ids, r_mask = rows[order.pop()]
+            taken.append(order.pop())
+            r_ids, r_mask = rows[taken[-1]]
             ids[i, :len(r_ids)] = torch.tensor(r_ids)
             mask[i, :len(r_mask)] = torch.tensor(r_mask)
         return ids, mask
@@ -198,5 +209,5 @@ def main(argv: list[str]) -> int:
         order = list(extra["data"]["order"])
         gen.set_state(extra["data"]["gen"])
     run_lm_training(session, next_batch, cfg.train.train_steps,
-                    data_state=lambda: {"order": list(order), "gen": gen.get_state()})
+                    data_state=lambda: {"order": list(order), "gen": gen.get_state()}, batch_rows=lambda: list(taken))
     return session.finish(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
