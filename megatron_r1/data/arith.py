@@ -26,6 +26,11 @@ so GRPO has something to reinforce. Everything here is built for that:
 - Problems are identified by their expression ("23 + 48"). The held-out eval set is drawn first
   and excluded from the RL train prompts *and* from the pretraining corpus, so eval accuracy
   measures generalisation, not recall.
+- Bilingual mode (`Languages`, off by default so the R1-Zero data stay byte-identical): a share of
+  the problems is posed in Chinese ("23 + 48 等于多少？") with a Chinese worked solution ("3 加 8 得 11，
+  进 1。 ... 所以 23 + 48 = 71。"), and a share of the reasoned completions switches language at a
+  sentence boundary mid-CoT. That gives the R1 pipeline language mixing to measure and to train away
+  (rl/rewards/language.py counts Han characters as Chinese words, ASCII words as English).
 - Everything is a pure function of an integer seed (one `random.Random` per purpose, seeded by
   a string, which Python hashes deterministically).
 """
@@ -66,14 +71,40 @@ DIFFICULTY = {
 }
 
 
+LANGS = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class Languages:
+    """Bilingual task mix: `zh` of the problems posed in Chinese; `switch` of the reasoned
+    completions change language once, at a sentence boundary, mid-CoT (the mixing R1 trains away)."""
+
+    zh: float = 0.0
+    switch: float = 0.0
+
+    def __post_init__(self):
+        if not (0 <= self.zh <= 1 and 0 <= self.switch <= 1):
+            raise ValueError(f"Languages fractions must be in [0, 1], got {self}")
+
+    @property
+    def bilingual(self) -> bool:
+        return self.zh > 0
+
+
 @dataclass(frozen=True)
 class Problem:
     expression: str  # "23 + 48 - 5"; the problem's identity
     answer: str  # "66"
+    lang: str = "en"  # the language the question is posed in (LANGS)
 
     @property
     def question(self) -> str:
-        return f"What is {self.expression}?"
+        return f"{self.expression} 等于多少？" if self.lang == "zh" else f"What is {self.expression}?"
+
+    def posed_in(self, lang: str) -> "Problem":
+        if lang not in LANGS:
+            raise ValueError(f"unknown language {lang!r}; choose from {LANGS}")
+        return Problem(self.expression, self.answer, lang)
 
 
 def sample_problem(rng: random.Random, cfg: ArithConfig) -> Problem:
@@ -198,26 +229,62 @@ def _number(digits_low_first: list[int], carry: int) -> int:
     return int("".join(map(str, reversed(digits_low_first + ([carry] if carry else [])))))
 
 
-def _reasoning(steps: list[_Op]) -> str:
-    return " ".join(" ".join(s.facts) + f" So {s.a} {s.op} {s.b} = {s.result}." for s in steps)
+# Chinese facts name their operation ("3 加 8 得 11"), so every Chinese sentence holds Chinese words and a
+# switch from Chinese to English is always visible to the language reward; English facts stay symbolic
+# (the R1-Zero corpus is unchanged), so only a switch after a worded English sentence is.
+_ZH_FACT = {" + ": " 加 ", " - ": " 减 ", " * ": " 乘 ", " = ": " 得 ", ", carry": "，进", ", borrow": "，借"}
 
 
-def worked_solution(problem: Problem) -> str:
-    """Correct column-wise reasoning, e.g. "3 + 8 = 11, carry 1. 2 + 4 + 1 = 7. So 23 + 48 = 71." """
-    return _reasoning(_solve(*_parse(problem.expression)))
+def _sentences(steps: list[_Op]) -> list[tuple[str, str]]:
+    """Each sentence of the reasoning as (English, Chinese)."""
+    out = []
+    for s in steps:
+        for fact in s.facts:
+            zh = fact
+            for en_word, zh_word in _ZH_FACT.items():
+                zh = zh.replace(en_word, zh_word)
+            out.append((fact, zh[:-1] + "。"))
+        out.append((f"So {s.a} {s.op} {s.b} = {s.result}.", f"所以 {s.a} {s.op} {s.b} = {s.result}。"))
+    return out
 
 
-def slipped_solution(problem: Problem, rng: random.Random) -> tuple[str, str]:
+def _reasoning(steps: list[_Op], lang: str = "en", switch_at: int | None = None) -> str:
+    """The sentences in `lang`; from sentence `switch_at` on (if given) in the other language."""
+    col = LANGS.index(lang)
+    return " ".join(pair[1 - col if switch_at is not None and i >= switch_at else col]
+                    for i, pair in enumerate(_sentences(steps)))
+
+
+def n_sentences(problem: Problem) -> int:
+    return len(_sentences(_solve(*_parse(problem.expression))))
+
+
+def worked_solution(problem: Problem, lang: str | None = None, switch_at: int | None = None) -> str:
+    """Correct column-wise reasoning, e.g. "3 + 8 = 11, carry 1. 2 + 4 + 1 = 7. So 23 + 48 = 71."
+    (Chinese: "3 加 8 得 11，进 1。 2 加 4 加 1 得 7。 所以 23 + 48 = 71。"), in the problem's language unless
+    `lang` says otherwise; `switch_at`: the sentence index from which it continues in the other language."""
+    return _reasoning(_solve(*_parse(problem.expression)), lang or problem.lang, switch_at)
+
+
+def summary(problem: Problem, answer: str | None = None) -> str:
+    """The R1 output's closing summary after the thought, with the boxed answer, in the problem's language."""
+    answer = problem.answer if answer is None else answer
+    if problem.lang == "zh":
+        return f"所以 {problem.expression} = \\boxed{{{answer}}}。"
+    return f"So {problem.expression} = \\boxed{{{answer}}}."
+
+
+def slipped_solution(problem: Problem, rng: random.Random, switch_at: int | None = None) -> tuple[str, str]:
     """(reasoning, answer) with one column fact off by one; the answer is always wrong."""
     nums, ops = _parse(problem.expression)
     n_facts = sum(len(s.facts) for s in _solve(nums, ops))
     for _ in range(20):  # a slip can vanish (e.g. into a later "- x" going negative): try another
         steps = _solve(nums, ops, slip=(rng.randrange(n_facts), rng.choice((-1, 1))))
         if steps is not None and str(steps[-1].result) != problem.answer:
-            return _reasoning(steps), str(steps[-1].result)
+            return _reasoning(steps, problem.lang, switch_at), str(steps[-1].result)
     # The last fact feeds the final answer directly, so slipping it always changes the answer.
     steps = _solve(nums, ops, slip=(n_facts - 1, 1))
-    return _reasoning(steps), str(steps[-1].result)
+    return _reasoning(steps, problem.lang, switch_at), str(steps[-1].result)
 
 
 # ---- completions and the corpus -----------------------------------------------------------------
@@ -250,17 +317,18 @@ class Sample:
     stated_answer: str  # what the completion claims, inside or outside tags
 
 
-def make_completion(problem: Problem, kind: str, rng: random.Random) -> Sample:
-    """One completion of `kind` ("clean", "slip", "format", "bare"); sub-kinds drawn from rng."""
+def make_completion(problem: Problem, kind: str, rng: random.Random, switch_at: int | None = None) -> Sample:
+    """One completion of `kind` ("clean", "slip", "format", "bare"); sub-kinds drawn from rng.
+    `switch_at`: the reasoning changes language from that sentence on (bilingual corpora)."""
     answer = problem.answer
     if kind == "clean":
-        text = f" <think> {worked_solution(problem)} </think> <answer> {answer} </answer>"
+        text = f" <think> {worked_solution(problem, switch_at=switch_at)} </think> <answer> {answer} </answer>"
     elif kind == "slip":
-        reasoning, answer = slipped_solution(problem, rng)
+        reasoning, answer = slipped_solution(problem, rng, switch_at)
         text = f" <think> {reasoning} </think> <answer> {answer} </answer>"
     elif kind == "format":
         kind = f"format:{rng.choice(FORMAT_VIOLATIONS)}"
-        reasoning = worked_solution(problem)
+        reasoning = worked_solution(problem, switch_at=switch_at)
         text = {
             "format:no_tags": f" {reasoning} The answer is {answer}.",
             "format:answer_outside": f" <think> {reasoning} </think> The answer is {answer}.",
@@ -273,6 +341,8 @@ def make_completion(problem: Problem, kind: str, rng: random.Random) -> Sample:
         text = f" <answer> {answer} </answer>" if kind == "bare:tagged" else f" {answer}"
     else:
         raise ValueError(f"unknown completion kind {kind!r}")
+    if switch_at is not None and not kind.startswith("bare"):
+        kind += ":switched"
     return Sample(problem, kind, text, answer)
 
 
@@ -303,34 +373,51 @@ def sample_problems(n: int, seed: int, cfg: ArithConfig, *, exclude: set[str] = 
     return out
 
 
-def build_prompt_sets(n_train: int, n_eval: int, seed: int, cfg: ArithConfig) -> tuple[list[Problem], list[Problem]]:
+def assign_languages(problems: list[Problem], seed: int, langs: Languages, stream: str) -> list[Problem]:
+    """Poses `langs.zh` of the problems in Chinese (seeded per stream); unchanged when monolingual."""
+    if not langs.bilingual:
+        return problems
+    rng = random.Random(f"lang-{stream}-{seed}")
+    return [p.posed_in("zh" if rng.random() < langs.zh else "en") for p in problems]
+
+
+def build_prompt_sets(n_train: int, n_eval: int, seed: int, cfg: ArithConfig,
+                      langs: Languages = Languages()) -> tuple[list[Problem], list[Problem]]:
     """(RL train problems, held-out eval problems), distinct within and across the two sets."""
     eval_set = sample_problems(n_eval, seed, cfg, stream="eval")
     train = sample_problems(n_train, seed, cfg, exclude={p.expression for p in eval_set}, stream="train")
-    return train, eval_set
+    return assign_languages(train, seed, langs, "train"), assign_languages(eval_set, seed, langs, "eval")
 
 
 def build_corpus(n_docs: int, template: str, seed: int, cfg: ArithConfig, *, mix: NoiseMix = NoiseMix(),
-                 plain_fraction: float = 0.3, exclude: set[str] = frozenset()) -> list[str]:
+                 plain_fraction: float = 0.3, exclude: set[str] = frozenset(),
+                 langs: Languages = Languages()) -> list[str]:
     """Pretraining documents: `plain_fraction` untemplated worked solutions, the rest templated
     prompts with completions drawn from `mix`. Problems may repeat; `exclude`d ones never appear."""
     return [doc for doc, _ in build_corpus_samples(n_docs, template, seed, cfg, mix=mix,
-                                                   plain_fraction=plain_fraction, exclude=exclude)]
+                                                   plain_fraction=plain_fraction, exclude=exclude, langs=langs)]
 
 
 def build_corpus_samples(n_docs: int, template: str, seed: int, cfg: ArithConfig, *, mix: NoiseMix = NoiseMix(),
-                         plain_fraction: float = 0.3,
-                         exclude: set[str] = frozenset()) -> list[tuple[str, Sample | None]]:
-    """As `build_corpus`, with each document's `Sample` (None for plain documents) for inspection."""
+                         plain_fraction: float = 0.3, exclude: set[str] = frozenset(),
+                         langs: Languages = Languages()) -> list[tuple[str, Sample | None]]:
+    """As `build_corpus`, with each document's `Sample` (None for plain documents) for inspection.
+    Languages draw from their own stream, so a monolingual corpus is the same with or without them."""
     rng = random.Random(f"corpus-{seed}")
+    lang_rng = random.Random(f"corpus-lang-{seed}")
     kinds, weights = mix.kinds()
-    problems = sample_problems(n_docs, seed, cfg, exclude=set(exclude), unique=False, stream="corpus")
+    problems = assign_languages(sample_problems(n_docs, seed, cfg, exclude=set(exclude), unique=False,
+                                                stream="corpus"), seed, langs, "corpus")
     out: list[tuple[str, Sample | None]] = []
     for p in problems:
+        switch_at = None
+        if langs.bilingual and lang_rng.random() < langs.switch:
+            n = n_sentences(p)  # switch after the first sentence at the earliest, before the last at the latest
+            switch_at = lang_rng.randint(1, n - 1) if n > 1 else None
         if rng.random() < plain_fraction:
-            out.append((f"{p.expression}: {worked_solution(p)}", None))
+            out.append((f"{p.expression}: {worked_solution(p, switch_at=switch_at)}", None))
         else:
-            s = make_completion(p, rng.choices(kinds, weights)[0], rng)
+            s = make_completion(p, rng.choices(kinds, weights)[0], rng, switch_at)
             out.append((apply_template(template, p.question) + s.completion, s))
     return out
 
@@ -343,7 +430,7 @@ def write_jsonl(path: str | Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
@@ -354,15 +441,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_task(run_dir: str | Path, template: str, *, seed: int = 0, cfg: ArithConfig = DIFFICULTY[1],
                n_docs: int = 50_000, n_train: int = 2_000, n_eval: int = 200, mix: NoiseMix = NoiseMix(),
-               plain_fraction: float = 0.3) -> dict[str, Path]:
+               plain_fraction: float = 0.3, langs: Languages = Languages()) -> dict[str, Path]:
     """Writes the whole task into `run_dir`/data:
     corpus.jsonl ({"text"}: Megatron's preprocess_data input), train.jsonl and eval.jsonl
-    ({"prompt", "answer"}; the prompt is the bare question, the RL pipeline applies the template)."""
+    ({"prompt", "answer"}; the prompt is the bare question, the RL pipeline applies the template;
+    bilingual tasks add "lang", the question's language, which the eval's language rate reads)."""
     data = Path(run_dir) / "data"
-    train, eval_set = build_prompt_sets(n_train, n_eval, seed, cfg)
+    train, eval_set = build_prompt_sets(n_train, n_eval, seed, cfg, langs)
     corpus = build_corpus(n_docs, template, seed, cfg, mix=mix, plain_fraction=plain_fraction,
-                          exclude={p.expression for p in eval_set})
-    rows = lambda ps: ({"prompt": p.question, "answer": p.answer} for p in ps)  # noqa: E731
+                          exclude={p.expression for p in eval_set}, langs=langs)
+
+    def rows(ps):
+        for p in ps:
+            yield {"prompt": p.question, "answer": p.answer, **({"lang": p.lang} if langs.bilingual else {})}
+
     return {
         "corpus": write_jsonl(data / "corpus.jsonl", ({"text": t} for t in corpus)),
         "train": write_jsonl(data / "train.jsonl", rows(train)),

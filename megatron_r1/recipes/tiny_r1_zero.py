@@ -16,19 +16,33 @@ import argparse
 import json
 import os
 
-from megatron_r1.data.arith import DIFFICULTY, read_jsonl, write_task
-from megatron_r1.data.templates import R1_ZERO_TEMPLATE
+from megatron_r1.data.arith import DIFFICULTY, Languages, Problem, read_jsonl, summary, worked_solution, write_task
+from megatron_r1.data.templates import R1_ZERO_TEMPLATE, render_prompt
 
 VOCAB = 512
 
 
-def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0) -> dict:
+def r1_texts() -> list[str]:
+    """Tokenizer-only texts of the later R1 stages (r1_chat prompts, readable R1 responses): the base never
+    pretrains on them, but the tokenizer knows their pieces, so SFT learns whole tokens, not bytes."""
+    out = []
+    for lang in ("en", "zh"):
+        for expression, answer in (("23 + 48", "71"), ("90 - 7", "83"), ("5 + 6", "11")):
+            p = Problem(expression, answer, lang)
+            out.append(render_prompt("r1_chat", p.question) + f"<think> {worked_solution(p)} </think> {summary(p)}")
+    return out * 20
+
+
+def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0, langs: Languages = Languages(),
+            n_train: int = 4000, n_eval: int = 200) -> dict:
     from megatron_r1.data.indexed import build_indexed_dataset
     from megatron_r1.data.tokenizer import load_tokenizer, train_sentencepiece
     paths = write_task(run_dir, R1_ZERO_TEMPLATE, seed=seed, cfg=DIFFICULTY[difficulty], n_docs=docs,
-                       n_train=4000, n_eval=200)
+                       n_train=n_train, n_eval=n_eval, langs=langs)
     tok_dir = os.path.join(run_dir, "tokenizer")
     texts = [r["text"] for r in read_jsonl(paths["corpus"])[:8000]]
+    if langs.bilingual:  # the R1 pipeline (examples/r1_tiny.sh); R1-Zero's tokenizer stays as it was
+        texts += r1_texts()
     train_sentencepiece(texts, tok_dir, vocab_size=VOCAB)
     tok = load_tokenizer(tok_dir)
     if tok.vocab_size > VOCAB:
@@ -46,8 +60,17 @@ def prepare_main(argv: list[str]) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--docs", type=int, default=60000)
     ap.add_argument("--difficulty", type=int, default=1, choices=sorted(DIFFICULTY))
+    ap.add_argument("--zh", type=float, default=0.0, help="share of problems posed in Chinese (bilingual task)")
+    ap.add_argument("--switch", type=float, default=0.0,
+                    help="share of corpus solutions that switch language mid-CoT (bilingual task)")
+    ap.add_argument("--train", type=int, default=4000, help="RL train prompts")
+    ap.add_argument("--eval", type=int, default=200, help="held-out eval problems")
     a = ap.parse_args(argv)
-    info = prepare(a.run_dir, a.docs, a.difficulty)
+    try:
+        langs = Languages(a.zh, a.switch)
+    except ValueError as e:
+        ap.error(str(e))
+    info = prepare(a.run_dir, a.docs, a.difficulty, langs=langs, n_train=a.train, n_eval=a.eval)
     print(json.dumps(info, indent=2))
     return 0
 

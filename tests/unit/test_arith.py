@@ -107,3 +107,56 @@ def test_errors_say_what_to_change():
         ArithConfig(ops="+/")
     with pytest.raises(ValueError, match="placeholder"):
         arith.apply_template("no slot", "What is 1 + 1?")
+
+
+# ---- the bilingual task (examples/r1_tiny.sh) ---------------------------------------------------
+
+def test_bilingual_off_is_the_monolingual_corpus():
+    """R1-Zero's data must not move: Languages() (and a switch share without Chinese) changes nothing."""
+    from megatron_r1.data.templates import R1_ZERO_TEMPLATE as T
+    base = arith.build_corpus(300, T, 3, DIFFICULTY[1])
+    assert arith.build_corpus(300, T, 3, DIFFICULTY[1], langs=arith.Languages()) == base
+    assert arith.build_corpus(300, T, 3, DIFFICULTY[1], langs=arith.Languages(zh=0, switch=0.5)) == base
+    assert arith.build_prompt_sets(50, 20, 3, DIFFICULTY[1]) == \
+        arith.build_prompt_sets(50, 20, 3, DIFFICULTY[1], arith.Languages())
+
+
+def test_chinese_solution_and_mid_cot_switch_are_measured_by_the_language_reward():
+    from megatron_r1.rl.rewards.language import language_reward
+    p = Problem("23 + 48", "71", "zh")
+    assert p.question == "23 + 48 等于多少？"
+    zh = arith.worked_solution(p)
+    assert zh == "3 加 8 得 11，进 1。 2 加 4 加 1 得 7。 所以 23 + 48 = 71。"
+    assert arith.worked_solution(p, lang="en") == arith.worked_solution(p.posed_in("en"))
+    assert language_reward(f"<think> {zh} </think>", lang="zh") == 1.0
+    assert language_reward(f"<think> {zh} </think>", lang="en") == 0.0
+    mixed = arith.worked_solution(p, switch_at=2)  # two Chinese sentences, then English
+    assert mixed == "3 加 8 得 11，进 1。 2 加 4 加 1 得 7。 So 23 + 48 = 71."
+    assert 0 < language_reward(f"<think> {mixed} </think>", lang="auto") < 1
+    assert language_reward(f"<think> {zh} </think>", lang="auto") == 1.0
+    assert arith.summary(p) == "所以 23 + 48 = \\boxed{71}。"
+    # the slip keeps the language
+    reasoning, wrong = arith.slipped_solution(p, random.Random(0))
+    assert wrong != "71" and "所以" in reasoning and "So" not in reasoning
+
+
+def test_bilingual_corpus_and_prompts():
+    from megatron_r1.data.templates import R1_ZERO_TEMPLATE as T
+    from megatron_r1.rl.rewards.language import language_reward
+    langs = arith.Languages(zh=0.5, switch=0.3)
+    docs = arith.build_corpus_samples(2000, T, 0, DIFFICULTY[1], langs=langs)
+    zh = [s for _, s in docs if s is not None and s.problem.lang == "zh"]
+    switched = [s for _, s in docs if s is not None and s.kind.endswith(":switched")]
+    templated = [s for _, s in docs if s is not None]
+    assert 0.4 < len(zh) / len(templated) < 0.6
+    assert 0.1 < len(switched) / len(templated) < 0.3  # switch 0.3 of the reasoned (non-bare) completions
+    # Chinese -> English switches always show (Chinese facts are worded); English -> Chinese ones only
+    # after a worded English sentence ("carry", "borrow")
+    share = {s: language_reward(s.completion, lang="auto") for s in switched}
+    assert all(0 < v < 1 for s, v in share.items() if s.problem.lang == "zh")
+    assert sum(v < 1 for v in share.values()) > 0.6 * len(share)
+    train, held_out = arith.build_prompt_sets(400, 100, 0, DIFFICULTY[1], langs)
+    assert {p.lang for p in train} == {p.lang for p in held_out} == {"en", "zh"}
+    assert not {p.expression for p in train} & {p.expression for p in held_out}
+    with pytest.raises(ValueError):
+        arith.Languages(zh=1.5)

@@ -304,3 +304,14 @@ def test_sympy_fallback_without_math_verify():
     assert _sympy_equal("(x+1)^2", "x^2+2x+1")
     assert _sympy_equal(r"\frac{\sqrt{8}}{2}", r"\sqrt{2}")
     assert not _sympy_equal("2x", "x")
+
+
+def test_language_auto_scores_the_dominant_language():
+    """Bilingual prompt sets: 'auto' is 1 for a thought in either language, the dominant share when mixed."""
+    from megatron_r1.rl.rewards.language import language_reward
+    assert language_reward("<think> 3 加 8 得 11，进 1。 所以 23 + 48 = 71。 </think>", lang="auto") == 1.0
+    assert language_reward("<think> 3 + 8 = 11, carry 1. So 23 + 48 = 71. </think>", lang="auto") == 1.0
+    # 加 得 进 (3 Chinese) vs So carry (2 English) -> 3/5
+    mixed = "<think> 3 加 8 得 11，进 1。 So 23 + 48 = 71, carry. </think>"
+    assert language_reward(mixed, lang="auto") == pytest.approx(3 / 5)
+    assert language_reward("<think> 3 + 8 = 11. </think>", lang="auto") == 0.0  # no words, no bonus

@@ -17,6 +17,12 @@ Notable choices:
   (``x equals 5``) stays English. Accented letters (é, ß, ñ) are not English. LaTeX command
   names (``\\frac``) count as English.
 - No words at all scores 0: an empty thought must not collect the bonus.
+- ``lang="auto"`` scores the share of the thought's *dominant* language (en or zh): 1 for a
+  thought in one language, lower the more it mixes. The paper's target is the prompt's
+  language; a reward sees only (response, reference), so on a bilingual prompt set, where one
+  fixed target would punish every answer to the other half, "auto" measures the consistency
+  the paper is after. It cannot see a whole answer written in the wrong language; the eval's
+  language rate (eval/runner.py) checks against each prompt's own ``lang``.
 """
 
 from __future__ import annotations
@@ -82,8 +88,10 @@ def _other_latin(words: list[str]) -> bool:
 
 
 def language_share(text: str, lang: str) -> float:
+    if lang == "auto":
+        return max(language_share(text, code) for code in SCRIPTS)
     if lang not in SCRIPTS:
-        raise ValueError(f"unknown language {lang!r}; choose from {sorted(SCRIPTS)}")
+        raise ValueError(f"unknown language {lang!r}; choose from {sorted(SCRIPTS)} or 'auto'")
     in_lang = SCRIPTS[lang]
     total = hits = 0
     for sentence in _SENTENCE_RE.split(text):
