@@ -31,6 +31,8 @@ COMMANDS = {
     "score": ("megatron_r1.rl.score", "main", "score response rows with registered rewards (the trainer's code path)"),
     "export-distill": ("megatron_r1.tools.export_distill_dataset", "main",
                        "rejection samples -> deduplicated, decontaminated chat rows for a student"),
+    "cold-start-data": ("megatron_r1.sft.cold_start", "main",
+                        "long-CoT SFT rows in the readable R1 format from R1-Zero outputs and few-shot prompting"),
     "prepare-tiny": ("megatron_r1.recipes.tiny_r1_zero", "prepare_main", "data + tokenizer of the tiny R1-Zero demo"),
     "general-data": ("megatron_r1.recipes.general_tasks", "main", "the tiny general task family: prompts and preference pairs"),
     "report-tiny": ("megatron_r1.recipes.tiny_r1_zero", "report_main", "before/after table of the tiny demo"),

@@ -266,14 +266,6 @@ def worked_solution(problem: Problem, lang: str | None = None, switch_at: int | 
     return _reasoning(_solve(*_parse(problem.expression)), lang or problem.lang, switch_at)
 
 
-def summary(problem: Problem, answer: str | None = None) -> str:
-    """The R1 output's closing summary after the thought, with the boxed answer, in the problem's language."""
-    answer = problem.answer if answer is None else answer
-    if problem.lang == "zh":
-        return f"所以 {problem.expression} = \\boxed{{{answer}}}。"
-    return f"So {problem.expression} = \\boxed{{{answer}}}."
-
-
 def slipped_solution(problem: Problem, rng: random.Random, switch_at: int | None = None) -> tuple[str, str]:
     """(reasoning, answer) with one column fact off by one; the answer is always wrong."""
     nums, ops = _parse(problem.expression)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import re
 
-from megatron_r1.data.arith import DIFFICULTY, Languages, Problem, read_jsonl, summary, worked_solution, write_task
+from megatron_r1.data.arith import (DIFFICULTY, Languages, read_jsonl, sample_problem, worked_solution, write_jsonl,
+                                    write_task)
 from megatron_r1.data.templates import R1_ZERO_TEMPLATE, render_prompt
 
 VOCAB = 512
@@ -25,12 +28,20 @@ VOCAB = 512
 def r1_texts() -> list[str]:
     """Tokenizer-only texts of the later R1 stages (r1_chat prompts, readable R1 responses): the base never
     pretrains on them, but the tokenizer knows their pieces, so SFT learns whole tokens, not bytes."""
+    return [render_prompt("r1_chat", r["prompt"]) + r["response"] for r in long_cot_exemplars(6)] * 20
+
+
+def long_cot_exemplars(n: int, seed: int = 0) -> list[dict]:
+    """Hand-written-style long CoTs in the readable R1 format, half English half Chinese: the few-shot
+    exemplars of `megatron-r1 cold-start-data` (drawn from their own stream, never a held-out problem's)."""
+    from megatron_r1.sft.cold_start import summary
+    rng = random.Random(f"exemplars-{seed}")
     out = []
-    for lang in ("en", "zh"):
-        for expression, answer in (("23 + 48", "71"), ("90 - 7", "83"), ("5 + 6", "11")):
-            p = Problem(expression, answer, lang)
-            out.append(render_prompt("r1_chat", p.question) + f"<think> {worked_solution(p)} </think> {summary(p)}")
-    return out * 20
+    for i in range(n):
+        p = sample_problem(rng, DIFFICULTY[1]).posed_in(("en", "zh")[i % 2])
+        out.append({"prompt": p.question, "response": f"<think> {worked_solution(p)} </think> "
+                    f"{summary(p.answer, p.lang)}", "answer": p.answer, "lang": p.lang})
+    return out
 
 
 def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0, langs: Languages = Languages(),
@@ -43,6 +54,10 @@ def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0, langs: Lang
     texts = [r["text"] for r in read_jsonl(paths["corpus"])[:8000]]
     if langs.bilingual:  # the R1 pipeline (examples/r1_tiny.sh); R1-Zero's tokenizer stays as it was
         texts += r1_texts()
+        expression = lambda q: re.search(r"\d[\d +*-]*\d", q).group()  # noqa: E731
+        held_out = {expression(r["prompt"]) for r in read_jsonl(paths["eval"])}
+        write_jsonl(os.path.join(run_dir, "data", "exemplars.jsonl"),
+                    [e for e in long_cot_exemplars(16, seed) if expression(e["prompt"]) not in held_out][:8])
     train_sentencepiece(texts, tok_dir, vocab_size=VOCAB)
     tok = load_tokenizer(tok_dir)
     if tok.vocab_size > VOCAB:

@@ -36,7 +36,7 @@ class Scripted:
     def __init__(self, completions):
         self.completions, self.calls = completions, []
 
-    def generate(self, prompts, *, n, temperature, max_tokens, seed):
+    def generate(self, prompts, *, n, temperature, max_tokens, seed, top_p=1.0):
         self.calls.append((len(prompts), n, temperature))
         tok = CharTokenizer()
         rows = [self.completions[i * n:(i + 1) * n] for i in range(len(prompts))]
