@@ -35,9 +35,10 @@ def prompt_language(question, lang: str | None = None) -> str:
 
 
 def unreadable(response: str, lang: str | None = None, *, min_language: float = 1.0,
-               max_paragraph_chars: int = 1000) -> str | None:
-    """The first filter (FILTERS) the response fails, or None."""
-    if format_reward(response, variant="r1") != 1.0 or "<answer>" in response or "</answer>" in response:
+               max_paragraph_chars: int = 1000, markup: bool = True) -> str | None:
+    """The first filter (FILTERS) the response fails, or None. `markup=False` leaves the format to the
+    caller (rejection sampling scores it with the template's own format reward)."""
+    if markup and (format_reward(response, variant="r1") != 1.0 or "<answer>" in response or "</answer>" in response):
         return "markup"
     if language_share(chain_of_thought(response), lang or "auto") < min_language:
         return "mixed_language"

@@ -20,6 +20,14 @@ Notable choices
 - Multi-rank (srun / torchrun): the world is split into world / rollout.tp vLLM replicas, each takes a
   contiguous share of every chunk of prompts; rank 0 gathers and writes. Sample j of prompt i always
   draws seed + i·n + j, so the output does not depend on the number of replicas.
+- `--readable` adds the paper's readability filters (rl/readability.py): a chain of thought mixing
+  languages (share of words in the prompt's language below `--min-language`; the prompt's `lang` field,
+  else its script), long paragraphs (`--max-paragraph-chars`), code blocks; rejections are counted per
+  filter in the statistics.
+- `--extra FILE` (repeatable) mixes non-reasoning SFT rows (`{"prompt", "response"}`, or `{"question",
+  "response"}` rendered here through rl.template) into the output at `--extra-ratio` reasoning rows per
+  non-reasoning row (the paper: ~600k : ~200k, 3), drawn without replacement with the run's seed and
+  marked `"source": "non_reasoning"`; reasoning rows are `"source": "reasoning"`.
 - The file is written to `OUT.tmp` and renamed at the end: a killed job leaves no half file that a
   later SFT stage would take for complete (rerun it; generation has no checkpoint).
 """
@@ -30,7 +38,10 @@ import json
 import os
 import time
 
+from collections import Counter
+
 from megatron_r1.config import Config, ConfigError, load_config, validate_rewards
+from megatron_r1.rl.readability import FILTERS, prompt_language, unreadable
 
 
 def parse_min_scores(items: list[str], rewards: dict) -> dict[str, float]:
@@ -50,8 +61,9 @@ def parse_min_scores(items: list[str], rewards: dict) -> dict[str, float]:
 
 def select(texts: list[str], truncated: list[bool], total: list[float], components: dict[str, list[float]],
            group_size: int, min_scores: dict[str, float], keep_per_prompt: int,
-           keep_truncated: bool = False) -> list[list[int]]:
+           keep_truncated: bool = False, rejected: list | None = None) -> list[list[int]]:
     """Indices (into the flat [P·G] sample list) of the samples to keep, per prompt.
+    `rejected[i]`: a reason (readability filter) sample i may not be kept, or None.
 
     Pure; the rules are in the module docstring."""
     if len(texts) % group_size:
@@ -60,7 +72,7 @@ def select(texts: list[str], truncated: list[bool], total: list[float], componen
     for p in range(len(texts) // group_size):
         idx = range(p * group_size, (p + 1) * group_size)
         ok = [i for i in idx
-              if (keep_truncated or not truncated[i])
+              if (keep_truncated or not truncated[i]) and not (rejected and rejected[i])
               and all(components[k][i] >= v for k, v in min_scores.items())]
         ok.sort(key=lambda i: -total[i])  # stable: ties keep sampling order
         seen, chosen = set(), []
@@ -83,7 +95,8 @@ def _gather(obj, world: int) -> list:
 
 def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: int, keep_per_prompt: int,
                      min_scores: dict[str, float], keep_truncated: bool = False, chunk: int = 256,
-                     limit: int = 0) -> dict | None:
+                     limit: int = 0, readable: dict | None = None, extra: list[str] = (),
+                     extra_ratio: float = 3.0) -> dict | None:
     """Generate, score, filter, write; the statistics on rank 0, None elsewhere.
 
     Collective when torch.distributed is initialised with > 1 rank."""
@@ -118,6 +131,8 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     stats = {"prompts": len(examples), "samples": 0, "truncated": 0, "kept": 0, "prompts_with_kept": 0}
     stats.update({f"pass/{k}": 0.0 for k in min_scores})
+    if readable is not None:
+        stats.update({f"filtered/{k}": 0 for k in FILTERS if k != "markup"})
     t0 = time.time()
     tmp = out + ".tmp"
     if rank == 0:
@@ -140,8 +155,14 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
             resp = [tok.decode(s.token_ids) for s in flat]
             scored = rewards(resp, refs)
             trunc = [s.finish_reason == "length" for s in flat]
+            why = None
+            if readable is not None:  # counted among the samples the rewards accept
+                langs = [prompt_language(e.prompt, e.extra.get("lang")) for e in part[lo:hi] for _ in range(samples)]
+                why = [unreadable(r, lang, markup=False, **readable) for r, lang in zip(resp, langs)]
+                ok = [all(scored.components[k][i] >= v for k, v in min_scores.items()) for i in range(len(flat))]
+                local["filtered"] = Counter(w for w, o in zip(why, ok) if w and o)
             kept = select(resp, trunc, scored.total, scored.components, samples, min_scores,
-                          keep_per_prompt, keep_truncated)
+                          keep_per_prompt, keep_truncated, why)
             local["samples"], local["truncated"] = len(flat), sum(trunc)
             local["pass"] = {k: float(sum(scored.components[k][i] >= v for i in range(len(flat))))
                              for k, v in min_scores.items()}
@@ -151,7 +172,7 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                                        "answer": e.answer,
                                        "reward": scored.total[i],
                                        "rewards": {k: v[i] for k, v in scored.components.items()},
-                                       "origin": e.origin} for i in chosen])
+                                       "origin": e.origin, "source": "reasoning"} for i in chosen])
         parts = _gather(local, world)[::tp]  # the ranks of one TP group generated the same samples
         if rank == 0:
             for prt in parts:
@@ -159,6 +180,8 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                 stats["truncated"] += prt["truncated"]
                 for k, v in prt["pass"].items():
                     stats[f"pass/{k}"] += v
+                for k, v in prt.get("filtered", {}).items():
+                    stats[f"filtered/{k}"] += v
                 for rows in prt["rows"]:
                     stats["kept"] += len(rows)
                     stats["prompts_with_kept"] += bool(rows)
@@ -169,11 +192,35 @@ def rejection_sample(cfg: Config, init_hf: str, data: str, out: str, samples: in
                   f"kept {stats['kept']} of {stats['samples']} samples ({time.time() - t0:.0f}s)", flush=True)
     if rank != 0:
         return None
+    if extra:
+        stats["non_reasoning"] = _write_extra(f, extra, stats["kept"], extra_ratio, rl.template, tok, cfg.train.seed)
     f.close()
     os.replace(tmp, out)
     for k in min_scores:
         stats[f"pass/{k}"] /= max(stats["samples"], 1)
     return stats
+
+
+def _write_extra(f, paths: list[str], reasoning_rows: int, ratio: float, template: str, tok, seed: int) -> int:
+    """Appends round(reasoning_rows / ratio) non-reasoning rows (all there are, if fewer) drawn from `paths`."""
+    import random
+
+    from megatron_r1.data.prompts import DataError
+    from megatron_r1.data.templates import render_prompt
+    from megatron_r1.sft.trainer import sft_records
+    rows = []
+    for path in paths:
+        try:  # rendered prompts, as our SFT rows hold them
+            rows += [{"prompt": p, "response": r, "origin": o} for o, p, r in sft_records(path, "prompt", "response")]
+        except DataError:  # raw questions: rendered here, as the reasoning rows' prompts are
+            rows += [{"prompt": render_prompt(template, q, tok), "question": q, "response": r, "origin": o}
+                     for o, q, r in sft_records(path, "question", "response")]
+    for row in rows:
+        row["source"] = "non_reasoning"
+    want = min(len(rows), round(reasoning_rows / ratio))
+    for row in random.Random(seed).sample(rows, want):
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return want
 
 
 def main(argv: list[str]) -> int:
@@ -190,6 +237,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--keep-truncated", action="store_true", help="also accept samples cut at max tokens")
     ap.add_argument("--chunk", type=int, default=256, help="prompts generated per round (bounds host memory)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    ap.add_argument("--readable", action="store_true",
+                    help="the paper's filters: mixed languages, long paragraphs, code blocks")
+    ap.add_argument("--min-language", type=float, default=1.0, help="--readable: share of the prompt's language")
+    ap.add_argument("--max-paragraph-chars", type=int, default=1000, help="--readable: longest paragraph")
+    ap.add_argument("--extra", action="append", default=[], metavar="FILE",
+                    help="non-reasoning SFT rows to mix in ({prompt|question, response} JSONL/Parquet)")
+    ap.add_argument("--extra-ratio", type=float, default=3.0, help="reasoning rows per non-reasoning row")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.temperature=0.6")
     dryrun.add_arguments(ap)
     a = ap.parse_args(argv)
@@ -202,6 +256,13 @@ def main(argv: list[str]) -> int:
     samples = a.samples or cfg.rl.group_size
     if samples < 1 or a.keep_per_prompt < 1:
         raise ConfigError("--samples and --keep-per-prompt must be >= 1")
+    if a.extra_ratio <= 0:
+        raise ConfigError("--extra-ratio must be > 0")
+    for path in a.extra:
+        if not os.path.exists(path):
+            raise ConfigError(f"--extra {path}: no such file")
+    readable = ({"min_language": a.min_language, "max_paragraph_chars": a.max_paragraph_chars}
+                if a.readable else None)
     if a.dry_run:
         return dryrun.rejection(a, cfg, argv)
     from megatron_r1.parallel.launch import destroy_distributed, init_distributed, resolve_env
@@ -210,7 +271,7 @@ def main(argv: list[str]) -> int:
         init_distributed()
     try:
         stats = rejection_sample(cfg, a.init_hf, data, a.out, samples, a.keep_per_prompt, min_scores,
-                                 a.keep_truncated, a.chunk, a.limit)
+                                 a.keep_truncated, a.chunk, a.limit, readable, a.extra, a.extra_ratio)
         if stats is not None:
             print("rejection-sample done: " + json.dumps(stats) + f" -> {a.out}", flush=True)
             # the stage's completion marker, as the trainers write theirs (stage scripts chain on it)
