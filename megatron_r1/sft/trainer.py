@@ -9,6 +9,15 @@ Notable choices
   global number of target tokens, so gradients are layout-independent sums.
 - SFT (cold start, distillation of dense students) masks the prompt: only response tokens are
   targets. Rows longer than `train.seq_length` are truncated and counted in the metrics.
+- SFT `--epochs N` sets the step count to N passes over the rows (ceil(N·rows / global batch)); the
+  row order is a fresh permutation per pass.
+- SFT micro-batches are padding-free by length (`--pack`, on by default): a dp rank's rows are sorted
+  by length and each micro-batch is cut at its longest row's last target token (rounded up to what the
+  layout splits: 2·cp, tp under SP/MoE), so a short row never pads to `train.seq_length`. Each row
+  stays its own sequence (attention never crosses rows) and tokens after a row's last target change
+  nothing before them in a causal model, so the LM loss and its gradients equal the padded run's
+  (tests/e2e/test_sft_pack.py, 1e-6 in float32). MoE routing no longer sees pad tokens. Packing
+  several rows into one sequence would save more, but needs a document mask in the attention kernel.
 - The MTP loss (λ·CE of the D extra heads) is on whenever the model has MTP modules.
 - At the end the policy is exported as a Hugging Face directory (`<run_dir>/hf`) with the tokenizer,
   ready for vLLM, GRPO, evaluation or `tools/convert_checkpoint.py`.
@@ -37,13 +46,34 @@ def _normalizer(masks: torch.Tensor, session: TrainSession) -> float:
     return float(n)
 
 
-def micro_batches(ids: torch.Tensor, mask: torch.Tensor, mbs: int, normalizer: float) -> list[dict]:
-    return [{"input_ids": ids[i:i + mbs], "loss_mask": mask[i:i + mbs], "normalizer": normalizer}
-            for i in range(0, len(ids), mbs)]
+def micro_batches(ids: torch.Tensor, mask: torch.Tensor, mbs: int, normalizer: float,
+                  trim_multiple: int = 0) -> list[dict]:
+    """`trim_multiple` > 0: padding-free by length (module docstring): rows sorted by their last target
+    position, each micro-batch cut after its longest one, rounded up to a multiple of `trim_multiple`."""
+    if trim_multiple <= 0:
+        return [{"input_ids": ids[i:i + mbs], "loss_mask": mask[i:i + mbs], "normalizer": normalizer}
+                for i in range(0, len(ids), mbs)]
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    need = (mask.ne(0) * pos).amax(dim=1)  # [B] tokens up to and including the last target (0: none)
+    order = torch.argsort(need, descending=True, stable=True)
+    out = []
+    for i in range(0, len(ids), mbs):
+        rows = order[i:i + mbs]
+        s = max(int(need[rows[0]]), 1)  # the micro-batch's longest row: one small host read per micro-batch
+        s = min(-(-s // trim_multiple) * trim_multiple, ids.shape[1])
+        out.append({"input_ids": ids[rows, :s], "loss_mask": mask[rows, :s], "normalizer": normalizer})
+    return out
+
+
+def trim_multiple(session: TrainSession) -> int:
+    """The sequence-length multiple the layout splits (engine.runtime.check_micro_batches)."""
+    mesh = session.mesh
+    split_tp = mesh.tp > 1 and (mesh.sp or session.cfg.model.is_moe)
+    return (2 * mesh.cp if mesh.cp > 1 else 1) * (mesh.tp if split_tp else 1)
 
 
 def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_state=None,
-                    show=("loss", "lr"), batch_rows=None) -> dict:
+                    show=("loss", "lr"), batch_rows=None, pack: bool = False) -> dict:
     """The loop: `next_global_batch() -> (ids [G, S], loss_mask [G, S])`, identical on every rank.
 
     `data_state()` returns the data position saved in checkpoints (every `train.save_interval` steps);
@@ -64,8 +94,8 @@ def run_lm_training(session: TrainSession, next_global_batch, steps: int, data_s
         rows = batch_rows() if batch_rows else []
         ids, mask = session.dp_slice(ids), session.dp_slice(mask)
         norm = _normalizer(mask, session)
-        metrics = train_step(session.chunks, session.optimizer, micro_batches(ids, mask, cfg.train.micro_batch_size, norm),
-                             loss_fn, mesh, skip_nonfinite=True)
+        mbs = micro_batches(ids, mask, cfg.train.micro_batch_size, norm, trim_multiple(session) if pack else 0)
+        metrics = train_step(session.chunks, session.optimizer, mbs, loss_fn, mesh, skip_nonfinite=True)
         dt = time.time() - t0
         tokens = float(norm)
         last = {"loss": metrics["lm_loss_sum"] / max(tokens, 1.0), "total_loss": metrics["loss"], "lr": lr,
@@ -171,7 +201,13 @@ def main(argv: list[str]) -> int:
     _common_args(ap)
     ap.add_argument("--prompt-key", default="prompt")
     ap.add_argument("--response-key", default="response")
+    ap.add_argument("--epochs", type=float, default=0,
+                    help="passes over the rows; sets train.train_steps = ceil(epochs * rows / global batch)")
+    ap.add_argument("--no-pack", dest="pack", action="store_false",
+                    help="pad every row to train.seq_length (default: padding-free micro-batches by length)")
     a = ap.parse_args(argv)
+    if a.epochs < 0:
+        raise ConfigError(f"--epochs {a.epochs}: must be > 0 (or 0: train.train_steps decides)")
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:  # before anything allocates or joins a process group
         from megatron_r1 import dryrun
@@ -182,6 +218,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError("sft needs a tokenizer: --tokenizer, data.tokenizer or --init-hf")
     tok = load_tokenizer(tok_path)
     rows, truncated = _sft_rows(a.data, tok, cfg.train.seq_length, a.prompt_key, a.response_key)
+    if not rows:
+        raise ConfigError(f"sft: {a.data} has no rows")
+    if a.epochs:
+        import math
+        cfg.train.train_steps = max(1, math.ceil(a.epochs * len(rows) / cfg.train.global_batch_size))
     session = TrainSession(cfg, init_hf=a.init_hf, desc="sft")
     g, s = cfg.train.global_batch_size, cfg.train.seq_length
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -204,10 +245,13 @@ def main(argv: list[str]) -> int:
 
     if session.is_main and truncated:
         session.logger.write(f"sft: {truncated} of {len(rows)} rows truncated to {s} tokens")
+    if session.is_main and a.epochs:
+        session.logger.write(f"sft: {a.epochs:g} epochs of {len(rows)} rows = {cfg.train.train_steps} steps of {g}")
     extra = session.resume()
     if extra and extra.get("data"):
         order = list(extra["data"]["order"])
         gen.set_state(extra["data"]["gen"])
     run_lm_training(session, next_batch, cfg.train.train_steps,
-                    data_state=lambda: {"order": list(order), "gen": gen.get_state()}, batch_rows=lambda: list(taken))
+                    data_state=lambda: {"order": list(order), "gen": gen.get_state()}, batch_rows=lambda: list(taken),
+                    pack=a.pack)
     return session.finish(a.export_hf or os.path.join(cfg.run_dir, "hf"), tok_path)
