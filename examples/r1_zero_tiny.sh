@@ -85,7 +85,7 @@ if [ "$DRY_RUN" = 1 ]; then  # the configs of both training stages load and vali
 fi
 
 stage "1/5 data, tokenizer, tokenised corpus"
-run_stage "$RUN/data/info.json" "" -- $MR1 prepare-tiny --run-dir "$RUN"
+run_stage "$RUN/data/info.json" "" -- $MR1 prepare-tiny --run-dir "$RUN" ${PREPARE_ARGS:-}  # r1_tiny.sh: bilingual
 
 stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
 run_stage "$RUN/pretrain/DONE" "$RUN/data/corpus.bin" -- $MR1 pretrain --config "$CFG" \

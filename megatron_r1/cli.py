@@ -27,6 +27,7 @@ COMMANDS = {
     "sft": ("megatron_r1.sft.trainer", "main", "supervised fine-tuning (cold start, distillation)"),
     "train-rm": ("megatron_r1.rl.train_rm", "main", "train a reward model on preference pairs (Bradley-Terry)"),
     "eval": ("megatron_r1.eval.runner", "main", "pass@1 / cons@k evaluation"),
+    "eval-table": ("megatron_r1.eval.runner", "table_main", "one table from several `eval --out` results"),
     "rejection-sample": ("megatron_r1.rl.rejection", "main", "sample with the policy, keep rule-reward passes as SFT rows"),
     "score": ("megatron_r1.rl.score", "main", "score response rows with registered rewards (the trainer's code path)"),
     "export-distill": ("megatron_r1.tools.export_distill_dataset", "main",

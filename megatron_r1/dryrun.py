@@ -437,7 +437,8 @@ def _check_reward_models(r: Report, rl) -> None:
 
 def _lm_paths(a, cfg: Config, data_suffixes: tuple) -> list:
     if data_suffixes == ("",):  # sft rows
-        paths = [lambda r: _check_sft_rows(r, a.data, a.prompt_key, a.response_key)]
+        paths = [lambda r, d=d: _check_sft_rows(r, d, a.prompt_key, a.response_key)
+                 for d in (a.data if isinstance(a.data, list) else [a.data])]
     else:
         paths = [lambda r: _check_corpus(r, a.data)]
     tok = a.tokenizer or cfg.data.tokenizer

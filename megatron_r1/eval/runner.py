@@ -217,3 +217,28 @@ def main(argv: list[str]) -> int:
         with open(a.dump, "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in dump)
     return 0
+
+
+def table_main(argv: list[str]) -> int:
+    """`megatron-r1 eval-table LABEL=RESULT.json ...`: one table from saved `eval --out` results."""
+    ap = argparse.ArgumentParser(prog="megatron-r1 eval-table", description=table_main.__doc__)
+    ap.add_argument("results", nargs="+", metavar="LABEL=RESULT_JSON")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    a = ap.parse_args(argv)
+    results = {}
+    for item in a.results:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = os.path.basename(item).removesuffix(".json"), item
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"{path}: cannot read an eval result ({e})") from None
+        results[label] = r.get("sampled", r)
+    md = table(results)
+    print(md)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(md + "\n")
+    return 0

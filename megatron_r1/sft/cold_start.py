@@ -108,6 +108,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--template", default="r1_chat", help="the template the rows are rendered for")
     ap.add_argument("--exemplars", default=None, help="readable long-CoT rows for few-shot prompting (none: skip)")
     ap.add_argument("--shots", type=int, default=2)
+    ap.add_argument("--include-exemplars", action="store_true",
+                    help="also keep the exemplars themselves as rows (the paper's human-written cold-start part)")
     ap.add_argument("--few-shot-model", default=None, help="HF dir prompted few-shot (default --init-hf)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -182,6 +184,11 @@ def main(argv: list[str]) -> int:
         outs = engine.generate(ids, n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
                                stop=["\n"], seed=a.seed + 1)
         emit("few_shot", [few_shot_response(tok.decode(s.token_ids)) for g in outs for s in g])
+    if a.include_exemplars:
+        rows += [{"prompt": render_prompt(a.template, e["prompt"], tok), "response": e["response"],
+                  "question": e["prompt"], "answer": e.get("answer"), "lang": prompt_language(e["prompt"], e.get("lang")),
+                  "source": "exemplar"} for e in exemplars]
+        stats["exemplar/kept"] = len(exemplars)
     for k in ("wrong_answer", "duplicate", *FILTERS):
         stats.pop(k, None)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

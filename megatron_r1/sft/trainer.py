@@ -139,10 +139,10 @@ def sft_records(path: str, prompt_key: str, response_key: str):
         yield origin, p, resp
 
 
-def _sft_rows(path: str, tokenizer, seq_length: int, prompt_key: str, response_key: str):
-    """Tokenised SFT rows: (ids, mask) with mask 1 on response tokens (and the final eos)."""
+def _sft_rows(paths: list[str], tokenizer, seq_length: int, prompt_key: str, response_key: str):
+    """Tokenised SFT rows of every file: (ids, mask) with mask 1 on response tokens (and the final eos)."""
     rows, truncated = [], 0
-    for _, p, resp in sft_records(path, prompt_key, response_key):
+    for _, p, resp in (r for path in paths for r in sft_records(path, prompt_key, response_key)):
         pi = tokenizer.encode(p, bos=True)
         ri = tokenizer.encode(resp, eos=True)
         ids, mask = pi + ri, [0] * len(pi) + [1] * len(ri)
@@ -153,9 +153,12 @@ def _sft_rows(path: str, tokenizer, seq_length: int, prompt_key: str, response_k
     return rows, truncated
 
 
-def _common_args(ap: argparse.ArgumentParser) -> None:
+def _common_args(ap: argparse.ArgumentParser, many_data: bool = False) -> None:
     ap.add_argument("--config", required=True, help="YAML config or model preset")
-    ap.add_argument("--data", required=True)
+    if many_data:
+        ap.add_argument("--data", required=True, action="append", help="SFT rows; repeat to combine files")
+    else:
+        ap.add_argument("--data", required=True)
     ap.add_argument("--init-hf", default=None, help="start from this Hugging Face directory")
     ap.add_argument("--tokenizer", default=None, help="tokenizer (HF dir or .model); default data.tokenizer")
     ap.add_argument("--export-hf", default=None, help="where to write the final HF dir (default <run_dir>/hf)")
@@ -198,7 +201,7 @@ def pretrain_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megatron-r1 sft", description="supervised fine-tuning on prompt/response rows")
-    _common_args(ap)
+    _common_args(ap, many_data=True)
     ap.add_argument("--prompt-key", default="prompt")
     ap.add_argument("--response-key", default="response")
     ap.add_argument("--epochs", type=float, default=0,
@@ -219,7 +222,7 @@ def main(argv: list[str]) -> int:
     tok = load_tokenizer(tok_path)
     rows, truncated = _sft_rows(a.data, tok, cfg.train.seq_length, a.prompt_key, a.response_key)
     if not rows:
-        raise ConfigError(f"sft: {a.data} has no rows")
+        raise ConfigError(f"sft: {', '.join(a.data)}: no rows")
     if a.epochs:
         import math
         cfg.train.train_steps = max(1, math.ceil(a.epochs * len(rows) / cfg.train.global_batch_size))

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=r1-tiny
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=01:30:00
+#SBATCH --output=slurm-r1-tiny-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#
+# The whole DeepSeek-R1 pipeline (paper §2.3-2.4) in miniature, on a 2-core CPU, no downloads.
+#   bash examples/r1_tiny.sh             # or: sbatch examples/r1_tiny.sh
+#   bash examples/r1_tiny.sh --dry-run   # say what each stage would do; train nothing
+#  1. base + R1-Zero: examples/r1_zero_tiny.sh itself (same stages), on the bilingual task (English/Chinese
+#     problems, a corpus whose solutions sometimes switch language mid-CoT)
+#  2. cold-start data: megatron-r1 cold-start-data (R1-Zero's correct outputs rewritten readable + few-shot)
+#  3. cold-start SFT of the base                 4. reasoning RL: accuracy + format + language consistency
+#     (4b, ABLATE_LANGUAGE=1: the same without the language reward)
+#  5. rejection sampling (correct, readable; + non-reasoning rows from $GENERAL_SFT at 3:1 when given)
+#  6. SFT of the base on it + the cold-start rows, 2 epochs           7. RL for all scenarios: SLOT (reward models, issue 13)
+#  8. export-distill for the students            9. tiny Qwen2 / Llama students distilled; the Qwen2 student
+#     also trained by the same RL directly, from the same student base
+# 10. one evaluation table: pass@1 (T 0.6, top-p 0.95, k samples), cons@k, format, language, length
+# Everything lands in $RUN_DIR (default runs/r1_tiny); a finished stage is skipped on a re-run (each trainer's
+# <run_dir>/DONE, each generator's atomically written output), a stopped one resumes. Sizes: the env vars below.
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+RUN=${RUN_DIR:-runs/r1_tiny}
+CFG=examples/r1_tiny.yaml
+STUDENT_CFG=examples/r1_tiny_student.yaml
+# sizes (a shrunken run sets them small: tests/e2e/test_r1_tiny.py)
+DOCS=${DOCS:-60000}                     # pretraining corpus documents
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}  # base (r1_zero_tiny.sh)
+ZERO_STEPS=${ZERO_STEPS:-40}            # R1-Zero GRPO
+COLD_PROMPTS=${COLD_PROMPTS:-1000}      # prompts sampled for cold-start data
+COLD_EPOCHS=${COLD_EPOCHS:-2}
+RL_STEPS=${RL_STEPS:-30}                # reasoning RL (and its ablation, and the student's RL)
+ABLATE_LANGUAGE=${ABLATE_LANGUAGE:-1}
+RS_PROMPTS=${RS_PROMPTS:-1000}          # rejection-sampling prompts
+SFT_EPOCHS=${SFT_EPOCHS:-2}
+STUDENT_PRETRAIN_STEPS=${STUDENT_PRETRAIN_STEPS:-600}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-2}
+EVAL_SAMPLES=${EVAL_SAMPLES:-4}
+EVAL_LIMIT=${EVAL_LIMIT:-200}
+GENERAL_SFT=${GENERAL_SFT:-}            # non-reasoning SFT rows (issue 13's general task family), optional
+SMALL_ARGS=${SMALL_ARGS:-}              # extra dotted overrides for every training stage (a quick check)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+DRY=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=(--dry-run) ;;
+    *) echo "error: unknown argument $arg (expected --dry-run)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "${MR1:-}" ]; then bash tools/setup_env.sh; MR1=.venv/bin/megatron-r1; fi
+export MR1
+start=$(date +%s)
+stage() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
+trap 'echo "signal: waiting for the running stage to save and stop"' TERM USR1
+# run DONE_FILE CMD...: skip when DONE_FILE exists; a dry run prints the command; exit 75 (stopped after a
+# save) ends the script with 75 and requeues under Slurm, as r1_zero_tiny.sh does
+run() {
+  local done=$1; shift
+  if [ -e "$done" ]; then echo "done: $done exists"; return 0; fi
+  if [ ${#DRY[@]} -gt 0 ]; then echo "would run: $*"; return 0; fi
+  local rc=0; "$@" || rc=$?
+  if [ "$rc" = 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID" || true; fi
+  [ "$rc" = 0 ] || { echo "stage failed or stopped (exit $rc); run this script again to resume"; exit "$rc"; }
+}
+Z=$RUN/zero; DATA=$Z/data; TOK=$Z/tokenizer
+EVAL=(--data "$DATA/eval.jsonl" --samples "$EVAL_SAMPLES" --temperature 0.6 --top-p 0.95 --max-tokens 128
+      --limit "$EVAL_LIMIT")
+if [ ${#DRY[@]} -gt 0 ]; then
+  for c in "$CFG" "$STUDENT_CFG"; do $MR1 params "$c" > /dev/null; done
+  echo "configs ok: $CFG, $STUDENT_CFG"
+fi
+
+stage "1/10 base model and R1-Zero (examples/r1_zero_tiny.sh on the bilingual task)"
+RUN_DIR=$Z PRETRAIN_STEPS=$PRETRAIN_STEPS GRPO_STEPS=$ZERO_STEPS PREPARE_ARGS="--zh 0.5 --switch 0.2 --docs $DOCS --eval ${EVAL_PROBLEMS:-200}" \
+  PRETRAIN_ARGS="$SMALL_ARGS" GRPO_ARGS="$SMALL_ARGS" bash examples/r1_zero_tiny.sh "${DRY[@]}"
+
+stage "2/10 cold-start data from the R1-Zero policy"
+run "$RUN/cold_start.jsonl" $MR1 cold-start-data --init-hf "$Z/grpo/hf" --data "$DATA/train.jsonl" \
+  --limit "$COLD_PROMPTS" --exemplars "$DATA/exemplars.jsonl" --include-exemplars --samples 4 \
+  --out "$RUN/cold_start.jsonl"
+
+stage "3/10 cold-start SFT of the base ($COLD_EPOCHS epochs)"
+run "$RUN/cold_sft/DONE" $MR1 sft --config "$CFG" --init-hf "$Z/pretrain/hf" --tokenizer "$TOK" \
+  --data "$RUN/cold_start.jsonl" --epochs "$COLD_EPOCHS" run_dir="$RUN/cold_sft" $SMALL_ARGS
+
+RL_OVR=(data.train_path="$DATA/train.jsonl" train.train_steps="$RL_STEPS" train.lr=1e-4 train.min_lr=1e-4
+        train.lr_warmup_steps=0 train.lr_decay_style=constant train.micro_batch_size=32 train.save_interval=10
+        rl.updates_per_batch=4)
+stage "4/10 reasoning RL: accuracy + format + language consistency ($RL_STEPS steps)"
+run "$RUN/reasoning_rl/DONE" $MR1 grpo --config "$CFG" --init-hf "$RUN/cold_sft/hf" "${RL_OVR[@]}" \
+  run_dir="$RUN/reasoning_rl" $SMALL_ARGS
+if [ "$ABLATE_LANGUAGE" = 1 ]; then
+  stage "4b/10 the same RL without the language reward (ablation)"
+  run "$RUN/reasoning_rl_nolang/DONE" $MR1 grpo --config "$CFG" --init-hf "$RUN/cold_sft/hf" "${RL_OVR[@]}" \
+    rl.rewards.language.weight=0 run_dir="$RUN/reasoning_rl_nolang" $SMALL_ARGS
+fi
+
+stage "5/10 rejection sampling (correct and readable${GENERAL_SFT:+, + non-reasoning 3:1})"
+run "$RUN/rejection/DONE" $MR1 rejection-sample --config "$CFG" --init-hf "$RUN/reasoning_rl/hf" \
+  --data "$DATA/train.jsonl" --limit "$RS_PROMPTS" --samples 4 --readable --out "$RUN/rejection.jsonl" \
+  ${GENERAL_SFT:+--extra "$GENERAL_SFT" --extra-ratio 3} run_dir="$RUN/rejection"
+
+stage "6/10 SFT of the base on the combined data ($SFT_EPOCHS epochs)"
+run "$RUN/r1_sft/DONE" $MR1 sft --config "$CFG" --init-hf "$Z/pretrain/hf" --tokenizer "$TOK" \
+  --data "$RUN/rejection.jsonl" --data "$RUN/cold_start.jsonl" --epochs "$SFT_EPOCHS" run_dir="$RUN/r1_sft" $SMALL_ARGS
+R1=$RUN/r1_sft/hf
+
+stage "7/10 RL for all scenarios: SLOT (not wired yet)"
+# TODO(issue 13, general-RL stage): `megatron-r1 train-rm` on preference pairs, then grpo from $R1 with rule
+# rewards on reasoning prompts and the reward models on general prompts (per-prompt routing); then R1=$RUN/r1/hf
+echo "skipped: the general-RL stage (reward models, per-prompt reward routing) is not wired into this script yet"
+
+stage "8/10 distillation data for the students"
+for style in qwen2 llama3; do
+  run "$RUN/distill_$style/train.jsonl" $MR1 export-distill --input "$RUN/rejection.jsonl" --input "$RUN/cold_start.jsonl" \
+    --output "$RUN/distill_$style" --tokenizer "$Z/student_$style" --decontaminate "$DATA/eval.jsonl"
+done
+
+stage "9/10 students: a tiny Qwen2 base, distilled or by RL directly; a tiny Llama distilled"
+STUDENT=(model.vocab_size=640 train.params_dtype=float32 train.seq_length=256 train.micro_batch_size=16
+         train.global_batch_size=16 train.lr=1e-3 train.min_lr=1e-4 train.lr_warmup_steps=10)
+run "$RUN/student_qwen2_base/DONE" $MR1 pretrain --config "$STUDENT_CFG" --data "$DATA/corpus" \
+  --tokenizer "$Z/student_qwen2" train.train_steps="$STUDENT_PRETRAIN_STEPS" run_dir="$RUN/student_qwen2_base" $SMALL_ARGS
+run "$RUN/student_qwen2_distill/DONE" $MR1 sft --config "$STUDENT_CFG" --init-hf "$RUN/student_qwen2_base/hf" \
+  --data "$RUN/distill_qwen2/train.jsonl" --epochs "$STUDENT_EPOCHS" run_dir="$RUN/student_qwen2_distill" $SMALL_ARGS
+run "$RUN/student_qwen2_rl/DONE" $MR1 grpo --config "$STUDENT_CFG" --init-hf "$RUN/student_qwen2_base/hf" \
+  "${RL_OVR[@]}" run_dir="$RUN/student_qwen2_rl" $SMALL_ARGS
+run "$RUN/student_llama_distill/DONE" $MR1 sft --config tiny-llama --tokenizer "$Z/student_llama3" \
+  --data "$RUN/distill_llama3/train.jsonl" --epochs "$STUDENT_EPOCHS" "${STUDENT[@]}" \
+  run_dir="$RUN/student_llama_distill" $SMALL_ARGS
+
+stage "10/10 evaluation table"
+ev() {  # ev LABEL HF_DIR TEMPLATE
+  run "$RUN/eval/$1.json" $MR1 eval --model "$2" --template "$3" "${EVAL[@]}" --out "$RUN/eval/$1.json"
+}
+[ ${#DRY[@]} -gt 0 ] || mkdir -p "$RUN/eval"
+ev base "$Z/pretrain/hf" r1_zero
+ev r1_zero "$Z/grpo/hf" r1_zero
+ev cold_start_sft "$RUN/cold_sft/hf" r1_chat
+ev reasoning_rl "$RUN/reasoning_rl/hf" r1_chat
+[ "$ABLATE_LANGUAGE" != 1 ] || ev reasoning_rl_no_language "$RUN/reasoning_rl_nolang/hf" r1_chat
+ev r1_sft "$R1" r1_chat
+ev qwen2_student_base "$RUN/student_qwen2_base/hf" r1_zero
+ev qwen2_student_distilled "$RUN/student_qwen2_distill/hf" r1_chat
+ev qwen2_student_rl "$RUN/student_qwen2_rl/hf" r1_chat
+ev llama_student_distilled "$RUN/student_llama_distill/hf" r1_chat
+if [ ${#DRY[@]} -gt 0 ]; then echo; echo "dry run only: nothing trained"; exit 0; fi
+$MR1 eval-table --out "$RUN/table.md" $(for f in "$RUN"/eval/*.json; do echo "$(basename "$f" .json)=$f"; done)
+echo "total time: $(( $(date +%s) - start ))s"
