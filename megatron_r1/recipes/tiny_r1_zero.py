@@ -58,14 +58,15 @@ def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0, langs: Lang
         held_out = {expression(r["prompt"]) for r in read_jsonl(paths["eval"])}
         write_jsonl(os.path.join(run_dir, "data", "exemplars.jsonl"),
                     [e for e in long_cot_exemplars(16, seed) if expression(e["prompt"]) not in held_out][:8])
-        from megatron_r1.data.tokenizer import write_student_tokenizer
-        for style in ("qwen2", "llama3"):  # the distilled students' tokenizers: our pieces, their chat formats
-            write_student_tokenizer(os.path.join(tok_dir, "tokenizer.model"), os.path.join(run_dir, f"student_{style}"),
-                                    style)
     train_sentencepiece(texts, tok_dir, vocab_size=VOCAB)
     tok = load_tokenizer(tok_dir)
     if tok.vocab_size > VOCAB:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens, more than the model's {VOCAB}")
+    if langs.bilingual:
+        from megatron_r1.data.tokenizer import write_student_tokenizer
+        for style in ("qwen2", "llama3"):  # the distilled students' tokenizers: our pieces, their chat formats
+            write_student_tokenizer(os.path.join(tok_dir, "tokenizer.model"), os.path.join(run_dir, f"student_{style}"),
+                                    style)
     prefix = build_indexed_dataset(str(paths["corpus"]), os.path.join(run_dir, "data", "corpus"), tok)
     info = {"tokenizer": tok_dir, "corpus_prefix": prefix, "train": str(paths["train"]), "eval": str(paths["eval"]),
             "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,

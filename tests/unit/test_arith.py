@@ -134,7 +134,6 @@ def test_chinese_solution_and_mid_cot_switch_are_measured_by_the_language_reward
     assert mixed == "3 加 8 得 11，进 1。 2 加 4 加 1 得 7。 So 23 + 48 = 71."
     assert 0 < language_reward(f"<think> {mixed} </think>", lang="auto") < 1
     assert language_reward(f"<think> {zh} </think>", lang="auto") == 1.0
-    assert arith.summary(p) == "所以 23 + 48 = \\boxed{71}。"
     # the slip keeps the language
     reasoning, wrong = arith.slipped_solution(p, random.Random(0))
     assert wrong != "71" and "所以" in reasoning and "So" not in reasoning
