@@ -118,3 +118,39 @@ def test_format_rate_follows_the_template():
     assert res["format"] == 0.5  # <answer> tags are not what r1_chat asks for
     res = evaluate(Scripted([r1_style, RIGHT]), CharTokenizer(), examples, template="r1_zero")
     assert res["format"] == 0.5
+
+
+def test_language_rate_against_each_prompts_language_and_the_table(tmp_path):
+    """The language column reads each prompt's own language (row `lang`, else its script); one table for
+    several models, from `eval --out` files (megatron-r1 eval-table)."""
+    import json
+
+    from megatron_r1.cli import main as cli
+    from megatron_r1.eval.runner import table
+
+    @dataclass
+    class LEx:
+        prompt: str
+        answer: str
+        extra: dict
+
+    zh = "<think> 3 加 8 得 11。 </think> 答案是 \\boxed{11}。"
+    en = "<think> So 3 + 8 = 11. </think> The answer is \\boxed{11}."
+    examples = [LEx("3 + 8 等于多少？", "11", {}), LEx("What is 3 + 8?", "11", {"lang": "en"})]
+    # both answered in Chinese: right for the first prompt, wholly the wrong language for the second
+    res = evaluate(Scripted([zh, zh, zh, zh]), CharTokenizer(), examples, template="r1_chat", samples=2,
+                   temperature=1.0, top_p=0.95)
+    assert res["language"] == 0.5 and res["pass@1"] == 1.0 and res["format"] == 1.0 and res["top_p"] == 0.95
+    res2 = evaluate(Scripted([zh, zh, en, en]), CharTokenizer(), examples, template="r1_chat", samples=2,
+                    temperature=1.0, top_p=0.95)
+    assert res2["language"] == 1.0
+    md = table({"a": res, "b": res2})
+    assert md.splitlines()[0] == "| model | pass@1 | cons@k | format | language | length |"
+    assert md.splitlines()[2].startswith("| a | 100.0% | 100.0% | 100.0% | 50.0% |")
+    assert "T=1, top-p=0.95, k=2" in md
+    for name, r in (("a", res), ("b", {"sampled": res2, "greedy": res2})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert cli(["eval-table", f"one={tmp_path / 'a.json'}", str(tmp_path / "b.json"),
+                "--out", str(tmp_path / "t.md")]) == 0
+    assert "| one | 100.0%" in (tmp_path / "t.md").read_text() and "| b | " in (tmp_path / "t.md").read_text()
+    assert cli(["eval-table", f"x={tmp_path / 'missing.json'}"]) == 2
