@@ -64,9 +64,14 @@ def prepare(run_dir: str, docs: int, difficulty: int, seed: int = 0, langs: Lang
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens, more than the model's {VOCAB}")
     if langs.bilingual:
         from megatron_r1.data.tokenizer import write_student_tokenizer
-        for style in ("qwen2", "llama3"):  # the distilled students' tokenizers: our pieces, their chat formats
-            write_student_tokenizer(os.path.join(tok_dir, "tokenizer.model"), os.path.join(run_dir, f"student_{style}"),
-                                    style)
+        # the distilled students' tokenizers: our pieces, their chat formats; their bos/eos ids are in
+        # examples/r1_tiny_student.yaml and r1_tiny.sh
+        for style, ids in (("qwen2", (None, 514)), ("llama3", (512, 513))):
+            path = write_student_tokenizer(os.path.join(tok_dir, "tokenizer.model"),
+                                           os.path.join(run_dir, f"student_{style}"), style)
+            student = load_tokenizer(path)
+            if (student.bos_id, student.eos_id) != ids:
+                raise ValueError(f"{path}: bos/eos ids {(student.bos_id, student.eos_id)}, expected {ids}")
     prefix = build_indexed_dataset(str(paths["corpus"]), os.path.join(run_dir, "data", "corpus"), tok)
     info = {"tokenizer": tok_dir, "corpus_prefix": prefix, "train": str(paths["train"]), "eval": str(paths["eval"]),
             "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
