@@ -67,3 +67,11 @@ def test_rejection_select_drops_rejected_and_extra_rows_in_proportion(tmp_path):
     assert all(r["source"] == "non_reasoning" and r["prompt"].startswith("<|user|>\nSay hi") for r in rows)
     out2 = io.StringIO()
     assert _write_extra(out2, [str(extra)], 600, 3.0, "chat", Tok(), seed=0) == 50  # all there are
+
+
+def test_cold_start_bad_inputs_are_one_line(tmp_path, capsys):
+    from megatron_r1.cli import main as cli
+    rc = cli(["cold-start-data", "--init-hf", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", "o.jsonl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "config.json" in err[0]
+    assert cli(["cold-start-data", "--init-hf", "x", "--data", "x", "--out", "o", "--shots", "0"]) == 2
