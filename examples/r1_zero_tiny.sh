@@ -105,7 +105,8 @@ if [ "$DRY_RUN" = 1 ]; then
   echo; echo "dry run only: nothing trained"
   exit 0
 fi
-$MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --both --samples 4 --temperature 1.0 \
-    --max-tokens 96 --out "$RUN/eval_final.json" > /dev/null
+# written whole after GRPO's DONE: a re-run (e.g. from examples/r1_tiny.sh) does not evaluate again
+[ -e "$RUN/eval_final.json" ] || $MR1 eval --model "$RUN/grpo/hf" --data "$RUN/data/eval.jsonl" --both --samples 4 \
+    --temperature 1.0 --max-tokens 96 --out "$RUN/eval_final.json" > /dev/null
 $MR1 report-tiny --run-dir "$RUN"
 echo "total time: $(( $(date +%s) - start ))s"
