@@ -121,7 +121,7 @@ for style in qwen2 llama3; do
 done
 
 stage "9/10 students: a tiny Qwen2 base, distilled or by RL directly; a tiny Llama distilled"
-STUDENT=(model.vocab_size=640 model.hidden_size=128 model.intermediate_size=256 model.bos_token_id=512 model.eos_token_id=513 train.params_dtype=float32 train.seq_length=256 train.micro_batch_size=16
+STUDENT=(model.vocab_size=516 model.hidden_size=128 model.intermediate_size=256 model.bos_token_id=512 model.eos_token_id=513 train.params_dtype=float32 train.seq_length=256 train.micro_batch_size=16
          train.global_batch_size=16 train.lr=1e-3 train.min_lr=1e-4 train.lr_warmup_steps=10)
 run "$RUN/student_qwen2_base/DONE" $MR1 pretrain --config "$STUDENT_CFG" --data "$DATA/corpus" \
   --tokenizer "$Z/student_qwen2" train.train_steps="$STUDENT_PRETRAIN_STEPS" run_dir="$RUN/student_qwen2_base" $SMALL_ARGS
