@@ -33,7 +33,7 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.long  # 11 trainings + 10 evaluations; see the report in benchmarks/r1_tiny.md
+@pytest.mark.long  # 11 trainings + 9 evaluations, then a re-run: 429 s at load ~1 (benchmarks/r1_tiny.md)
 def test_shrunken_pipeline_end_to_end(tmp_path):
     r = _run(tmp_path)
     out = r.stdout + r.stderr
