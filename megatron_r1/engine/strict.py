@@ -44,6 +44,9 @@ HOST = {T.item: ".item()", T.tolist: ".tolist()", T.cpu: ".cpu()", T.numpy: ".nu
 ALLOWED_HOST_SYNCS = {
     # the all-to-all's variable split sizes size its receive buffer on the host: one sync per MoE layer
     ("megatron_r1/parallel/expert.py", "moe_dispatch_combine"): "all-to-all split sizes",
+    # skip a step whose global gradient norm is NaN/inf (train.max_skipped_steps): the decision is taken on the
+    # host from the all-reduced norm, once per optimizer step, as Megatron's found_inf check does
+    ("megatron_r1/parallel/data.py", "step"): "NaN/inf step skip, once per optimizer step",
     # the step's scalar metrics, read once at its very end
     ("megatron_r1/engine/runtime.py", "_to_host"): "the step's metrics, once per step",
     # metric names exist only on the last pipeline stage: pickled to the others once per step

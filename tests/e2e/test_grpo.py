@@ -59,5 +59,5 @@ def test_two_grpo_steps_on_two_ranks(tiny_policy, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2], rows
     assert set(rows[0]) == {"step", "time", "eval/pass@1", "eval/cons@2", "eval/format", "eval/response_length",
-                            "eval/temperature"}, rows[0]
+                            "eval/temperature", "eval/top_p", "eval/language"}, rows[0]
     assert "eval/pass@1" not in rows[1] and "eval/pass@1" in rows[2]

@@ -100,7 +100,7 @@ def test_rows_are_rendered_with_the_student_chat_template(students, style, tmp_p
 
     # what sft trains on: the template's prompt (its bos once), then the response and one eos as targets
     tok = load_tokenizer(students[style])
-    (ids, mask), _ = _sft_rows(str(tmp_path / "out" / "train.jsonl"), tok, 4096, "prompt", "response")[0]
+    (ids, mask), _ = _sft_rows([str(tmp_path / "out" / "train.jsonl")], tok, 4096, "prompt", "response")[0]
     targets = [i for i, m in zip(ids, mask) if m]
     assert targets == tok.encode(response, eos=True) and targets.count(tok.eos_id) == 1
     assert ids[:len(ids) - len(targets)] == tok.encode(row["prompt"], bos=True)
@@ -159,7 +159,7 @@ def test_output_is_readable_by_datasets_readers_and_by_sft(students, fmt, tmp_pa
     questions = lambda t: {r["messages"][0]["content"] for r in t.to_pylist()}  # noqa: E731
     assert not questions(table) & questions(read(str(val)))
     tok = load_tokenizer(students["qwen2"])
-    sft_rows, truncated = _sft_rows(str(train), tok, 4096, "prompt", "response")
+    sft_rows, truncated = _sft_rows([str(train)], tok, 4096, "prompt", "response")
     assert len(sft_rows) == 16 and truncated == 0 and all(isinstance(i, int) for i in sft_rows[0][0])
 
 

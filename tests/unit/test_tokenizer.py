@@ -157,7 +157,7 @@ def test_qwen2_tokenizer_without_bos_encodes_sft_rows(student_dirs, tmp_path):
     assert tok.bos_id is None and tok.encode("1+1", bos=True) == tok.encode("1+1")
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "What is 1 + 1?", "response": "<think>1+1=2</think> 2"}) + "\n")
-    rows, _ = _sft_rows(str(data), tok, 64, "prompt", "response")
+    rows, _ = _sft_rows([str(data)], tok, 64, "prompt", "response")
     assert all(isinstance(i, int) for i in rows[0][0])  # was [None, ...]: SFT crashed on torch.tensor
 
 
