@@ -21,7 +21,8 @@ API (what the R1 pipeline's other stages import; every function is pure in `seed
   differ only inside the reasoning (a harmful aside in the CoT, same summary): a judge that reads only
   the summary cannot tell them apart, which is why harmlessness is judged on the whole response.
 - `split_pairs(rows, heldout_fraction)`: train / held-out split by prompt (no prompt in both).
-- `write_jsonl(path, rows)`, `write_general_data(out_dir, ...)`: the files the stage scripts use.
+- `write_jsonl(path, rows)`, `write_general_data(out_dir, ...)`: the files the stage scripts use
+  (examples/r1_tiny.sh stages 5 and 7).
 """
 from __future__ import annotations
 
@@ -188,8 +189,14 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
 
 
 def write_general_data(out_dir: str, prompts: int = 400, pairs: int = 1000, seed: int = 0) -> dict:
-    """general_prompts.jsonl, and per kind {kind}_train.jsonl / {kind}_heldout.jsonl (10% of prompts)."""
-    out = {"prompts": write_jsonl(os.path.join(out_dir, "general_prompts.jsonl"), general_prompts(prompts, seed))}
+    """general_prompts.jsonl; general_sft.jsonl, the same prompts as non-reasoning SFT rows `{question,
+    response}` (what `rejection-sample --extra` renders through the template); and per kind
+    {kind}_train.jsonl / {kind}_heldout.jsonl (10% of prompts)."""
+    rows = general_prompts(prompts, seed)
+    out = {"prompts": write_jsonl(os.path.join(out_dir, "general_prompts.jsonl"), rows),
+           "sft": write_jsonl(os.path.join(out_dir, "general_sft.jsonl"),
+                              [{"question": r["prompt"], "response": reference_response(r, seed), "task": TASK}
+                               for r in rows])}
     for kind in ("helpful", "harmless"):
         train, held = split_pairs(preference_pairs(kind, pairs, seed), 0.1, seed)
         out[f"{kind}_train"] = write_jsonl(os.path.join(out_dir, f"{kind}_train.jsonl"), train)

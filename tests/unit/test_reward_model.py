@@ -89,6 +89,8 @@ def test_write_general_data(tmp_path):
     rows = [json.loads(line) for line in open(out["harmless_heldout"])]
     assert rows and all(r["kind"] == "harmless" for r in rows)
     assert len(open(out["prompts"]).read().splitlines()) == 20
+    sft = [json.loads(line) for line in open(out["sft"])]  # rejection-sample --extra rows (r1_tiny.sh stage 5)
+    assert len(sft) == 20 and all(r["response"].startswith("<think>\n") and "prompt" not in r for r in sft)
 
 
 def _echo_len(response, reference=None):
