@@ -15,8 +15,12 @@
 #  2. cold-start data: megatron-r1 cold-start-data (R1-Zero's correct outputs rewritten readable + few-shot)
 #  3. cold-start SFT of the base                 4. reasoning RL: accuracy + format + language consistency
 #     (4b, ABLATE_LANGUAGE=1: the same without the language reward)
-#  5. rejection sampling (correct, readable; + non-reasoning rows from $GENERAL_SFT at 3:1 when given)
-#  6. SFT of the base on it + the cold-start rows, 2 epochs           7. RL for all scenarios: SLOT (reward models, issue 13)
+#  5. general task family (megatron-r1 general-data: prompts, non-reasoning SFT rows, preference pairs); rejection
+#     sampling (correct, readable) + the non-reasoning rows ($GENERAL_SFT, default the generated ones) at 3:1
+#  6. SFT of the base on it + the cold-start rows, 2 epochs
+#  7. RL for all scenarios: helpfulness and harmlessness reward models (train-rm), then GRPO from stage 6 on
+#     reasoning prompts (rule rewards) + general prompts (task: general, routed to the reward models), with the
+#     reference policy refreshed every $REF_REFRESH steps: the final R1 model
 #  8. export-distill for the students            9. tiny Qwen2 / Llama students distilled; the Qwen2 student
 #     also trained by the same RL directly, from the same student base
 # 10. one evaluation table: pass@1 (T 0.6, top-p 0.95, k samples), cons@k, format, language, length
@@ -41,7 +45,15 @@ STUDENT_PRETRAIN_STEPS=${STUDENT_PRETRAIN_STEPS:-600}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-2}
 EVAL_SAMPLES=${EVAL_SAMPLES:-4}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
-GENERAL_SFT=${GENERAL_SFT:-}            # non-reasoning SFT rows (issue 13's general task family), optional
+GENERAL_PROMPTS=${GENERAL_PROMPTS:-400}  # general prompts (general-data): stage 7's RL prompts and stage 5's SFT rows
+RM_PAIRS=${RM_PAIRS:-1000}              # preference pairs per reward model (10% of their prompts held out)
+RM_STEPS=${RM_STEPS:-60}                # train-rm steps per reward model (examples/r1_tiny_rm.yaml)
+GENERAL_RL_STEPS=${GENERAL_RL_STEPS:-$RL_STEPS}      # stage-7 GRPO
+GENERAL_RL_REASONING=${GENERAL_RL_REASONING:-400}   # reasoning prompts mixed with the general ones in stage 7
+REF_REFRESH=${REF_REFRESH:-10}          # stage 7: rl.ref_refresh_interval (0: never); the KL term needs rl.beta > 0
+GENERAL_RL_BETA=${GENERAL_RL_BETA:-0.001}
+GEN=$RUN/general                        # general-data's output
+GENERAL_SFT=${GENERAL_SFT-$GEN/general_sft.jsonl}  # non-reasoning SFT rows of stage 5; GENERAL_SFT= for none
 SMALL_ARGS=${SMALL_ARGS:-}              # extra dotted overrides for every training stage (a quick check)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 DRY=()
@@ -69,9 +81,16 @@ run() {
 Z=$RUN/zero; DATA=$Z/data; TOK=$Z/tokenizer
 EVAL=(--data "$DATA/eval.jsonl" --samples "$EVAL_SAMPLES" --temperature 0.6 --top-p 0.95 --max-tokens 128
       --limit "$EVAL_LIMIT")
+RM_CFG=examples/r1_tiny_rm.yaml
+RM=(model.bos_token_id=1 model.eos_token_id=2)  # the policy tokenizer's ids (as r1_tiny.yaml)
+# stage 7: general prompts go to the reward models (routed on their `task` field), the rest to rl.rewards
+ROUTES="{\"general\": {\"rm_helpful\": {\"weight\": 1.0, \"path\": \"$RUN/rm_helpful/hf\"}, \"rm_harmless\": {\"weight\": 1.0, \"path\": \"$RUN/rm_harmless/hf\"}}}"
+GENERAL_RL=(rl.routes="$ROUTES" rl.ref_refresh_interval="$REF_REFRESH" rl.beta="$GENERAL_RL_BETA")
 if [ ${#DRY[@]} -gt 0 ]; then
   for c in "$CFG" "$STUDENT_CFG"; do $MR1 params "$c" > /dev/null; done
-  echo "configs ok: $CFG, $STUDENT_CFG"
+  $MR1 params "$RM_CFG" "${RM[@]}" > /dev/null
+  $MR1 params "$CFG" "${GENERAL_RL[@]}" > /dev/null  # the routing table and the refresh option are validated
+  echo "configs ok: $CFG, $STUDENT_CFG, $RM_CFG, $CFG with stage 7's reward routing"
 fi
 
 stage "1/10 base model and R1-Zero (examples/r1_zero_tiny.sh on the bilingual task)"
@@ -99,7 +118,11 @@ if [ "$ABLATE_LANGUAGE" = 1 ]; then
     rl.rewards.language.weight=0 run_dir="$RUN/reasoning_rl_nolang" $SMALL_ARGS
 fi
 
-stage "5/10 rejection sampling (correct and readable${GENERAL_SFT:+, + non-reasoning 3:1})"
+stage "5/10 general task family; rejection sampling (correct and readable${GENERAL_SFT:+, + non-reasoning 3:1})"
+general_data() {  # written whole: a stopped run leaves no half directory behind
+  rm -rf "$GEN.tmp" && $MR1 general-data --out "$GEN.tmp" "$@" > /dev/null && mv "$GEN.tmp" "$GEN"
+}
+run "$GEN" general_data --prompts "$GENERAL_PROMPTS" --pairs "$RM_PAIRS" --seed 0
 run "$RUN/rejection/DONE" $MR1 rejection-sample --config "$CFG" --init-hf "$RUN/reasoning_rl/hf" \
   --data "$DATA/train.jsonl" --limit "$RS_PROMPTS" --samples 4 --readable --out "$RUN/rejection.jsonl" \
   ${GENERAL_SFT:+--extra "$GENERAL_SFT" --extra-ratio 3} run_dir="$RUN/rejection"
@@ -109,10 +132,20 @@ run "$RUN/r1_sft/DONE" $MR1 sft --config "$CFG" --init-hf "$Z/pretrain/hf" --tok
   --data "$RUN/rejection.jsonl" --data "$RUN/cold_start.jsonl" --epochs "$SFT_EPOCHS" run_dir="$RUN/r1_sft" $SMALL_ARGS
 R1=$RUN/r1_sft/hf
 
-stage "7/10 RL for all scenarios: SLOT (not wired yet)"
-# TODO(issue 13, general-RL stage): `megatron-r1 train-rm` on preference pairs, then grpo from $R1 with rule
-# rewards on reasoning prompts and the reward models on general prompts (per-prompt routing); then R1=$RUN/r1/hf
-echo "skipped: the general-RL stage (reward models, per-prompt reward routing) is not wired into this script yet"
+stage "7/10 RL for all scenarios: reward models, then GRPO on reasoning + general prompts ($GENERAL_RL_STEPS steps)"
+for kind in helpful harmless; do  # helpfulness judges the final summary, harmlessness the whole response
+  run "$RUN/rm_$kind/DONE" $MR1 train-rm --config "$RM_CFG" --kind "$kind" --data "$GEN/${kind}_train.jsonl" \
+    --eval "$GEN/${kind}_heldout.jsonl" --tokenizer "$TOK" "${RM[@]}" train.train_steps="$RM_STEPS" \
+    run_dir="$RUN/rm_$kind" $SMALL_ARGS
+  [ ${#DRY[@]} -gt 0 ] || echo "reward model $kind: $(grep -E '"(heldout_accuracy|heldout_pairs|train_pairs|steps)"' \
+    "$RUN/rm_$kind/hf/rm.json" | tr -d ' \n')"
+done
+mix_prompts() {  # reasoning prompts (no task field: rule rewards) + general ones (task: general), written whole
+  { head -n "$GENERAL_RL_REASONING" "$DATA/train.jsonl"; cat "$GEN/general_prompts.jsonl"; } > "$1.tmp" && mv "$1.tmp" "$1"
+}
+run "$RUN/general_rl_prompts.jsonl" mix_prompts "$RUN/general_rl_prompts.jsonl"
+run "$RUN/r1/DONE" $MR1 grpo --config "$CFG" --init-hf "$R1" "${RL_OVR[@]}" "${GENERAL_RL[@]}" \
+  data.train_path="$RUN/general_rl_prompts.jsonl" train.train_steps="$GENERAL_RL_STEPS" run_dir="$RUN/r1" $SMALL_ARGS
 
 stage "8/10 distillation data for the students"
 for style in qwen2 llama3; do
@@ -144,6 +177,7 @@ ev cold_start_sft "$RUN/cold_sft/hf" r1_chat
 ev reasoning_rl "$RUN/reasoning_rl/hf" r1_chat
 [ "$ABLATE_LANGUAGE" != 1 ] || ev reasoning_rl_no_language "$RUN/reasoning_rl_nolang/hf" r1_chat
 ev r1_sft "$R1" r1_chat
+ev r1 "$RUN/r1/hf" r1_chat
 ev qwen2_student_base "$RUN/student_qwen2_base/hf" r1_zero
 ev qwen2_student_distilled "$RUN/student_qwen2_distill/hf" r1_chat
 ev qwen2_student_rl "$RUN/student_qwen2_rl/hf" r1_chat
