@@ -84,7 +84,8 @@ EVAL=(--data "$DATA/eval.jsonl" --samples "$EVAL_SAMPLES" --temperature 0.6 --to
 RM_CFG=examples/r1_tiny_rm.yaml
 RM=(model.bos_token_id=1 model.eos_token_id=2)  # the policy tokenizer's ids (as r1_tiny.yaml)
 # stage 7: general prompts go to the reward models (routed on their `task` field), the rest to rl.rewards
-ROUTES="{\"general\": {\"rm_helpful\": {\"weight\": 1.0, \"path\": \"$RUN/rm_helpful/hf\"}, \"rm_harmless\": {\"weight\": 1.0, \"path\": \"$RUN/rm_harmless/hf\"}}}"
+rm_route() { echo "\"rm_$1\": {\"weight\": 1.0, \"path\": \"$RUN/rm_$1/hf\"}"; }
+ROUTES="{\"general\": {$(rm_route helpful), $(rm_route harmless)}}"
 GENERAL_RL=(rl.routes="$ROUTES" rl.ref_refresh_interval="$REF_REFRESH" rl.beta="$GENERAL_RL_BETA")
 if [ ${#DRY[@]} -gt 0 ]; then
   for c in "$CFG" "$STUDENT_CFG"; do $MR1 params "$c" > /dev/null; done

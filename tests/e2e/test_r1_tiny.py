@@ -12,9 +12,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(DOCS="1500", PRETRAIN_STEPS="10", ZERO_STEPS="1", COLD_PROMPTS="16", COLD_EPOCHS="1", RL_STEPS="1",
              ABLATE_LANGUAGE="0", RS_PROMPTS="16", SFT_EPOCHS="1", STUDENT_PRETRAIN_STEPS="5", STUDENT_EPOCHS="1",
-             EVAL_SAMPLES="2", EVAL_LIMIT="8", EVAL_PROBLEMS="20",
+             EVAL_SAMPLES="2", EVAL_LIMIT="8", EVAL_PROBLEMS="20", GENERAL_PROMPTS="16", RM_PAIRS="40", RM_STEPS="2",
+             GENERAL_RL_STEPS="2", GENERAL_RL_REASONING="8", REF_REFRESH="2",
              SMALL_ARGS="rl.prompts_per_step=4 rl.group_size=4 train.micro_batch_size=16 train.save_interval=0")
-MODELS = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "r1_sft", "qwen2_student_base",
+MODELS = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "r1_sft", "r1", "qwen2_student_base",
           "qwen2_student_distilled", "qwen2_student_rl", "llama_student_distilled"]
 
 
@@ -29,24 +30,50 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     r = _run(tmp_path, "--dry-run", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "configs ok: examples/r1_tiny.yaml" in r.stdout and "dry run only: nothing trained" in r.stdout
-    assert "7/10 RL for all scenarios: SLOT" in r.stdout
-    assert not (tmp_path / "run").exists()
+    out = r.stdout
+    assert "examples/r1_tiny_rm.yaml, examples/r1_tiny.yaml with stage 7's reward routing" in out
+    # stage 7: the general data (made in stage 5 and fed to its rejection sampling), two reward models, then
+    # GRPO from the stage-6 SFT model on mixed prompts routed to them, with the reference refreshed; evaluated
+    stage7 = out[out.index("7/10 RL for all scenarios"):out.index("8/10 ")]
+    run = tmp_path / "run"
+    assert "would run: general_data --prompts 16 --pairs 40" in out
+    assert f"--extra {run}/general/general_sft.jsonl --extra-ratio 3" in out
+    for kind in ("helpful", "harmless"):
+        assert f"train-rm --config examples/r1_tiny_rm.yaml --kind {kind} --data {run}/general/{kind}_train.jsonl" \
+            f" --eval {run}/general/{kind}_heldout.jsonl" in stage7
+    grpo = next(line for line in stage7.splitlines() if " grpo " in line)
+    assert f"--init-hf {run}/r1_sft/hf" in grpo and f"data.train_path={run}/general_rl_prompts.jsonl" in grpo
+    assert f'"rm_helpful": {{"weight": 1.0, "path": "{run}/rm_helpful/hf"}}' in grpo
+    assert "rl.ref_refresh_interval=2" in grpo and "rl.beta=0.001" in grpo
+    assert f"--model {run}/r1/hf --template r1_chat" in out and f"--out {run}/eval/r1.json" in out
+    assert not run.exists()
 
 
-@pytest.mark.long  # 11 trainings + 9 evaluations, then a re-run: 429 s at load ~1 (benchmarks/r1_tiny.md)
+@pytest.mark.long  # 14 trainings + 10 evaluations, then a re-run: 429 s at load ~1 (benchmarks/r1_tiny.md)
 def test_shrunken_pipeline_end_to_end(tmp_path):
     r = _run(tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     run = tmp_path / "run"
     for done in ("zero/pretrain/DONE", "zero/grpo/DONE", "cold_sft/DONE", "reasoning_rl/DONE", "rejection/DONE",
-                 "r1_sft/DONE", "student_qwen2_base/DONE", "student_qwen2_distill/DONE", "student_qwen2_rl/DONE",
+                 "r1_sft/DONE", "general/general_sft.jsonl", "rm_helpful/DONE", "rm_harmless/DONE", "r1/DONE",
+                 "student_qwen2_base/DONE", "student_qwen2_distill/DONE", "student_qwen2_rl/DONE",
                  "student_llama_distill/DONE", "distill_qwen2/train.jsonl", "distill_llama3/train.jsonl"):
         assert (run / done).exists(), done
     rows = [json.loads(line) for line in (run / "cold_start.jsonl").read_text().splitlines()]
     assert rows and all(row["response"].lstrip().startswith("<think>") for row in rows)
     stats = json.loads((run / "cold_start.jsonl.stats.json").read_text())
     assert stats["r1_zero/candidates"] == 16 * 4 and stats["few_shot/candidates"] == 16 * 4
+    # stage 5 mixed in the general rows (16 readable rows at most at 3:1); stage 7 logged the reward models'
+    # held-out accuracy, routed the general prompts to them and refreshed the reference at step 2
+    sft_rows = [json.loads(line) for line in (run / "rejection.jsonl").read_text().splitlines()]
+    assert sum(row.get("source") == "non_reasoning" for row in sft_rows) == round((len(sft_rows) - sum(
+        row.get("source") == "non_reasoning" for row in sft_rows)) / 3)
+    for kind in ("helpful", "harmless"):
+        assert f'reward model {kind}: "heldout_accuracy":' in r.stdout
+        assert json.loads((run / f"rm_{kind}/hf/rm.json").read_text())["kind"] == kind
+    steps = [json.loads(line) for line in (run / "r1/metrics.jsonl").read_text().splitlines()]
+    assert any("reward/route/general" in m for m in steps) and steps[-1].get("ref_refreshed") == 1.0
     table = (run / "table.md").read_text()
     for m in MODELS:
         assert f"| {m} | " in table, (m, table)
