@@ -183,6 +183,24 @@ ev qwen2_student_base "$RUN/student_qwen2_base/hf" r1_zero
 ev qwen2_student_distilled "$RUN/student_qwen2_distill/hf" r1_chat
 ev qwen2_student_rl "$RUN/student_qwen2_rl/hf" r1_chat
 ev llama_student_distilled "$RUN/student_llama_distill/hf" r1_chat
+# the reward models' view of stage 7: their mean scores of the models' samples on the general prompts, before
+# (r1_sft) and after (r1). Not held out: the generator has few distinct prompts, all in stage 7's RL set.
+rm_scores() {  # rm_scores LABEL HF_DIR
+  local d=$RUN/eval_general
+  mkdir -p "$d" && $MR1 eval --model "$2" --template r1_chat --data "$GEN/general_prompts.jsonl" "${EVAL[@]:2}" \
+      --dump "$d/$1.samples.jsonl" > /dev/null \
+    && sed 's/"completion":/"response":/' "$d/$1.samples.jsonl" > "$d/$1.rows.jsonl" \
+    && $MR1 score --reward "rm_helpful:$RUN/rm_helpful/hf,rm_harmless:$RUN/rm_harmless/hf" --input "$d/$1.rows.jsonl" \
+      --output "$d/$1.scored.jsonl" --no-progress > "$d/$1.txt.tmp" && mv "$d/$1.txt.tmp" "$d/$1.txt"
+}
+run "$RUN/eval_general/r1_sft.txt" rm_scores r1_sft "$R1"
+run "$RUN/eval_general/r1.txt" rm_scores r1 "$RUN/r1/hf"
 if [ ${#DRY[@]} -gt 0 ]; then echo; echo "dry run only: nothing trained"; exit 0; fi
 $MR1 eval-table --out "$RUN/table.md" $(for f in "$RUN"/eval/*.json; do echo "$(basename "$f" .json)=$f"; done)
+{ echo; echo "Mean reward-model scores of the samples on the general prompts, before (r1_sft) and after (r1) stage 7:"
+  echo; echo "| model | rm_helpful | rm_harmless |"; echo "|---|---|---|"
+  for m in r1_sft r1; do
+    awk -v m="$m" '$1 == "rm_helpful" {h = $3} $1 == "rm_harmless" {s = $3} END {printf "| %s | %s | %s |\n", m, h, s}' \
+      "$RUN/eval_general/$m.txt"
+  done; } | tee -a "$RUN/table.md"
 echo "total time: $(( $(date +%s) - start ))s"

@@ -46,6 +46,7 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert f'"rm_helpful": {{"weight": 1.0, "path": "{run}/rm_helpful/hf"}}' in grpo
     assert "rl.ref_refresh_interval=2" in grpo and "rl.beta=0.001" in grpo
     assert f"--model {run}/r1/hf --template r1_chat" in out and f"--out {run}/eval/r1.json" in out
+    assert f"would run: rm_scores r1_sft {run}/r1_sft/hf" in out and f"would run: rm_scores r1 {run}/r1/hf" in out
     assert not run.exists()
 
 
@@ -77,6 +78,9 @@ def test_shrunken_pipeline_end_to_end(tmp_path):
     table = (run / "table.md").read_text()
     for m in MODELS:
         assert f"| {m} | " in table, (m, table)
+    rm_rows = table[table.index("| model | rm_helpful | rm_harmless |"):].splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rm_rows] == ["| r1_sft", "| r1"]
+    assert all(float(x) == float(x) for row in rm_rows for x in row.strip(" |").split(" | ")[1:]), rm_rows
     again = _run(tmp_path)  # every stage finished: nothing runs again
     assert again.returncode == 0 and "would run" not in again.stdout
     assert again.stdout.count("done: ") >= 20, again.stdout[-3000:]
