@@ -185,7 +185,7 @@ ev qwen2_student_rl "$RUN/student_qwen2_rl/hf" r1_chat
 ev llama_student_distilled "$RUN/student_llama_distill/hf" r1_chat
 # the reward models' view of stage 7: their mean scores of the models' samples on the general prompts, before
 # (r1_sft) and after (r1). Not held out: the generator has few distinct prompts, all in stage 7's RL set.
-rm_scores() {  # rm_scores LABEL HF_DIR
+rm_scores() {  # rm_scores LABEL HF_DIR (eval dumps each sample as `completion`; score reads `response`)
   local d=$RUN/eval_general
   mkdir -p "$d" && $MR1 eval --model "$2" --template r1_chat --data "$GEN/general_prompts.jsonl" "${EVAL[@]:2}" \
       --dump "$d/$1.samples.jsonl" > /dev/null \
