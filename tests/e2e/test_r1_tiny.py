@@ -50,7 +50,7 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert not run.exists()
 
 
-@pytest.mark.long  # 14 trainings + 10 evaluations, then a re-run: 429 s at load ~1 (benchmarks/r1_tiny.md)
+@pytest.mark.long  # 14 trainings + 12 evaluations, then a re-run: 534 s at load ~1.5 (benchmarks/r1_tiny.md)
 def test_shrunken_pipeline_end_to_end(tmp_path):
     r = _run(tmp_path)
     out = r.stdout + r.stderr
