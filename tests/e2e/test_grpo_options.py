@@ -1,7 +1,7 @@
 """Every RL option of issue 16 that is wired into the trainer runs in a real GRPO step (vLLM rollout, rewards,
 old/ref logprobs, update, sync) on CPU: GSPO, CISPO, dual-clip PPO, truncated and masked importance
-sampling at token and sequence level, PPO epochs, DAPO dynamic sampling with refill, and rollout routing
-replay (R3: the engine's routes replayed in both passes). One engine serves all steps (the options are
+sampling at token and sequence level, PPO epochs, DAPO dynamic sampling with refill, rollout routing
+replay (R3: the engine's routes replayed in both passes), and token-budget packing with chunked logprobs. One engine serves all steps (the options are
 switched between steps; it is built returning routes), so the test costs one vLLM start."""
 import dataclasses
 import math
@@ -15,6 +15,8 @@ STEPS = [
     dict(policy_loss="ppo", dual_clip_c=3.0, ppo_epochs=2, rollout_is="tis", rollout_is_level="sequence"),
     dict(dynamic_sampling=True, dynamic_sampling_max_rounds=2),
     dict(routing_replay="all", rollout_is="tis"),
+    # micro-batches packed to a token budget, logprobs in chunks of 16 tokens (recomputed in backward)
+    dict(pack_tokens=64, logprob_chunk_tokens=16),
 ]
 
 
