@@ -99,17 +99,20 @@ def make_batch(cfg: Config, n_micro: int, micro_bs: int, seq: int, seed: int = 0
                replay_routes: bool = False) -> list[dict]:
     """Global batch: n_micro micro-batches of [micro_bs, seq] random tokens with a random loss mask, and with
     `replay_routes` random given routes [micro_bs, seq, L, K] (K distinct experts; ~1/8 of tokens -1)."""
-    g = torch.Generator().manual_seed(seed)
+    # host tensors, as a data loader yields them (one CPU generator: the same batch for every layout); the
+    # step moves each micro-batch to the mesh device
+    g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     m = cfg.model
     for _ in range(n_micro):
-        ids = torch.randint(0, m.vocab_size, (micro_bs, seq), generator=g)
-        mask = (torch.rand(micro_bs, seq, generator=g) > 0.2).float()
+        ids = torch.randint(0, m.vocab_size, (micro_bs, seq), generator=g, device="cpu")
+        mask = (torch.rand(micro_bs, seq, generator=g, device="cpu") > 0.2).float()
         mb = {"input_ids": ids, "loss_mask": mask}
         if replay_routes:
             shape = (micro_bs, seq, m.num_hidden_layers)
-            routes = torch.rand(*shape, m.n_routed_experts, generator=g).argsort(-1)[..., :m.num_experts_per_tok]
-            own = torch.rand(*shape, 1, generator=g) < 0.125
+            routes = torch.rand(*shape, m.n_routed_experts, generator=g, device="cpu").argsort(-1)
+            routes = routes[..., :m.num_experts_per_tok]
+            own = torch.rand(*shape, 1, generator=g, device="cpu") < 0.125
             mb["routes"] = routes.masked_fill(own, -1).to(torch.int16)
         out.append(mb)
     return out
