@@ -36,7 +36,7 @@ DOCS=${DOCS:-60000}                     # pretraining corpus documents
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}  # base (r1_zero_tiny.sh)
 ZERO_STEPS=${ZERO_STEPS:-40}            # R1-Zero GRPO
 COLD_PROMPTS=${COLD_PROMPTS:-1000}      # prompts sampled for cold-start data
-COLD_EPOCHS=${COLD_EPOCHS:-2}
+COLD_EPOCHS=${COLD_EPOCHS:-6}           # 2 left the summary after </think> diffuse at T=1 (benchmarks/r1_tiny.md)
 RL_STEPS=${RL_STEPS:-30}                # reasoning RL (and its ablation, and the student's RL)
 ABLATE_LANGUAGE=${ABLATE_LANGUAGE:-1}
 RS_PROMPTS=${RS_PROMPTS:-1000}          # rejection-sampling prompts
@@ -168,30 +168,27 @@ run "$RUN/student_llama_distill/DONE" $MR1 sft --config tiny-llama --tokenizer "
   run_dir="$RUN/student_llama_distill" $SMALL_ARGS
 
 stage "10/10 evaluation table"
-ev() {  # ev LABEL HF_DIR TEMPLATE
-  run "$RUN/eval/$1.json" $MR1 eval --model "$2" --template "$3" "${EVAL[@]}" --out "$RUN/eval/$1.json"
+ev() {  # ev TEMPLATE LABEL=HF_DIR...: one eval per template; consecutive models of one architecture share a vLLM
+  # engine (weights swapped in); each result is $RUN/eval/LABEL.json, and a re-run skips those already there
+  local template=$1 last=${!#} models=(); shift
+  for m in "$@"; do models+=(--model "$m"); done
+  run "$RUN/eval/${last%%=*}.json" $MR1 eval "${models[@]}" --template "$template" "${EVAL[@]}" --out-dir "$RUN/eval"
 }
 [ ${#DRY[@]} -gt 0 ] || mkdir -p "$RUN/eval"
-ev base "$Z/pretrain/hf" r1_zero
-ev r1_zero "$Z/grpo/hf" r1_zero
-ev cold_start_sft "$RUN/cold_sft/hf" r1_chat
-ev reasoning_rl "$RUN/reasoning_rl/hf" r1_chat
-[ "$ABLATE_LANGUAGE" != 1 ] || ev reasoning_rl_no_language "$RUN/reasoning_rl_nolang/hf" r1_chat
-ev r1_sft "$R1" r1_chat
-ev r1 "$RUN/r1/hf" r1_chat
-ev qwen2_student_base "$RUN/student_qwen2_base/hf" r1_zero
-ev qwen2_student_distilled "$RUN/student_qwen2_distill/hf" r1_chat
-ev qwen2_student_rl "$RUN/student_qwen2_rl/hf" r1_chat
-ev llama_student_distilled "$RUN/student_llama_distill/hf" r1_chat
+NOLANG=(); [ "$ABLATE_LANGUAGE" != 1 ] || NOLANG=(reasoning_rl_no_language="$RUN/reasoning_rl_nolang/hf")
+ev r1_zero base="$Z/pretrain/hf" r1_zero="$Z/grpo/hf" qwen2_student_base="$RUN/student_qwen2_base/hf"
+ev r1_chat cold_start_sft="$RUN/cold_sft/hf" reasoning_rl="$RUN/reasoning_rl/hf" "${NOLANG[@]}" r1_sft="$R1" \
+  r1="$RUN/r1/hf" qwen2_student_distilled="$RUN/student_qwen2_distill/hf" \
+  qwen2_student_rl="$RUN/student_qwen2_rl/hf" llama_student_distilled="$RUN/student_llama_distill/hf"
 # the reward models' view of stage 7: their mean scores of the models' samples on the general prompts, before
 # (r1_sft) and after (r1). Not held out: the generator has few distinct prompts, all in stage 7's RL set.
-rm_scores() {  # rm_scores LABEL HF_DIR (eval dumps each sample as `completion`; score reads `response`)
+rm_scores() {  # rm_scores LABEL HF_DIR (eval dumps each sample as `completion`)
   local d=$RUN/eval_general
   mkdir -p "$d" && $MR1 eval --model "$2" --template r1_chat --data "$GEN/general_prompts.jsonl" "${EVAL[@]:2}" \
       --dump "$d/$1.samples.jsonl" > /dev/null \
-    && sed 's/"completion":/"response":/' "$d/$1.samples.jsonl" > "$d/$1.rows.jsonl" \
-    && $MR1 score --reward "rm_helpful:$RUN/rm_helpful/hf,rm_harmless:$RUN/rm_harmless/hf" --input "$d/$1.rows.jsonl" \
-      --output "$d/$1.scored.jsonl" --no-progress > "$d/$1.txt.tmp" && mv "$d/$1.txt.tmp" "$d/$1.txt"
+    && $MR1 score --reward "rm_helpful:$RUN/rm_helpful/hf,rm_harmless:$RUN/rm_harmless/hf" --response-key completion \
+      --input "$d/$1.samples.jsonl" --output "$d/$1.scored.jsonl" --no-progress > "$d/$1.txt.tmp" \
+    && mv "$d/$1.txt.tmp" "$d/$1.txt"
 }
 run "$RUN/eval_general/r1_sft.txt" rm_scores r1_sft "$R1"
 run "$RUN/eval_general/r1.txt" rm_scores r1 "$RUN/r1/hf"

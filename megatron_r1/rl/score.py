@@ -8,7 +8,7 @@ Notable choices
 - One code path: `Scorer` wraps `rl.rewards.RewardCombiner` built from the same `rl.rewards`
   mapping the GRPO trainer and `rejection-sample` use (`--config`), so a score here is the score
   training would give. Rejection sampling scores through `Scorer` too.
-- Rows are JSONL objects with `response` and a reference: `answer` (`--answer-key`), or `tests`
+- Rows are JSONL objects with `response` (`--response-key`) and a reference: `answer` (`--answer-key`), or `tests`
   for code rows without an `answer`. Numbers become strings, as in the prompt loader; lists and
   objects (code tests) pass as they are. Other fields ride along into the output, which adds
   `rewards` (each component, unweighted) and `reward` (the weighted total), the same fields
@@ -115,7 +115,7 @@ class Scorer:
         return "\n".join(lines)
 
 
-def read_rows(path: str, answer_key: str = "answer") -> list[tuple[dict, str, Any]]:
+def read_rows(path: str, answer_key: str = "answer", response_key: str = "response") -> list[tuple[dict, str, Any]]:
     """``(row, response, reference)`` per non-blank line; DataError ``path:LINE: ...`` on the first bad one."""
     from megatron_r1.data.prompts import DataError
     if not os.path.isfile(path):
@@ -132,9 +132,9 @@ def read_rows(path: str, answer_key: str = "answer") -> list[tuple[dict, str, An
                 raise DataError(f"{where}: not valid JSON ({e.msg} at character {e.pos + 1})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            response = row.get("response")
+            response = row.get(response_key)
             if not isinstance(response, str):
-                raise DataError(f"{where}: field 'response' must be a string, got "
+                raise DataError(f"{where}: field '{response_key}' must be a string, got "
                                 f"{'nothing' if response is None else type(response).__name__}")
             ref = row[answer_key] if answer_key in row else row.get("tests")
             if isinstance(ref, (int, float)) and not isinstance(ref, bool):
@@ -146,9 +146,9 @@ def read_rows(path: str, answer_key: str = "answer") -> list[tuple[dict, str, An
 
 
 def score_file(scorer: Scorer, input_path: str, output_path: str, batch_size: int = 64,
-               answer_key: str = "answer", progress: bool | None = None) -> dict:
+               answer_key: str = "answer", progress: bool | None = None, response_key: str = "response") -> dict:
     from tqdm import tqdm
-    rows = read_rows(input_path, answer_key)
+    rows = read_rows(input_path, answer_key, response_key)
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     tmp = output_path + ".tmp"
@@ -179,6 +179,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--input", required=True, help="JSONL rows with 'response' and 'answer' (or 'tests')")
     ap.add_argument("--output", required=True, help="JSONL: the input rows plus 'rewards' and 'reward'")
     ap.add_argument("--answer-key", default="answer", help="field holding the reference (default: answer)")
+    ap.add_argument("--response-key", default="response",
+                    help="field holding the response (default: response; `eval --dump` rows: completion)")
     ap.add_argument("--batch-size", type=int, default=64, help="rows scored together (default 64)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
@@ -194,7 +196,8 @@ def main(argv: list[str]) -> int:
     if names is not None and not names:
         raise ConfigError("--reward is empty")
     scorer = Scorer.from_config(rewards, names)
-    res = score_file(scorer, a.input, a.output, a.batch_size, a.answer_key, progress=False if a.no_progress else None)
+    res = score_file(scorer, a.input, a.output, a.batch_size, a.answer_key,
+                     progress=False if a.no_progress else None, response_key=a.response_key)
     print(f"scored {res['rows']} rows of {a.input} -> {a.output} in {res['seconds']:.2f} s "
           f"({res['rows'] / max(res['seconds'], 1e-9):.1f} rows/s, batches of {a.batch_size})")
     print(scorer.format_summary())

@@ -45,7 +45,11 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert f"--init-hf {run}/r1_sft/hf" in grpo and f"data.train_path={run}/general_rl_prompts.jsonl" in grpo
     assert f'"rm_helpful": {{"weight": 1.0, "path": "{run}/rm_helpful/hf"}}' in grpo
     assert "rl.ref_refresh_interval=2" in grpo and "rl.beta=0.001" in grpo
-    assert f"--model {run}/r1/hf --template r1_chat" in out and f"--out {run}/eval/r1.json" in out
+    # stage 10: one eval per template, a result file per model (consecutive same-architecture models share an engine)
+    (chat,) = [line for line in out.splitlines() if " eval " in line and "--template r1_chat" in line
+               and "--out-dir" in line]
+    assert f"--model r1_sft={run}/r1_sft/hf --model r1={run}/r1/hf" in chat and f"--out-dir {run}/eval" in chat
+    assert chat.count("--model ") == 7 and f"--model llama_student_distilled={run}/student_llama_distill/hf" in chat
     assert f"would run: rm_scores r1_sft {run}/r1_sft/hf" in out and f"would run: rm_scores r1 {run}/r1/hf" in out
     assert not run.exists()
 

@@ -89,3 +89,43 @@ def test_eval_cli_both_modes_and_dump(tmp_path, policy):
     # T=1 draws differ within a prompt (a random 512-token policy); the summary's length is theirs
     assert len({x["completion"] for x in sampled[:3]}) > 1
     assert 0 < res["sampled"]["response_length"] <= 12
+
+
+def _eval(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "megatron_r1.cli", "eval", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+
+
+def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy):
+    """Models vLLM builds the same engine for share it (weights swapped in), with the results of a fresh engine;
+    --out-dir writes a result per model and skips the ones already there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    info, hf = policy
+    other = tmp_path / "other"
+    shutil.copytree(hf, other)
+    (shard,) = other.glob("*.safetensors")
+    weights = load_file(shard)
+    torch.manual_seed(1)
+    weights = {k: v + 0.05 * torch.randn_like(v) if v.dim() == 2 else v for k, v in weights.items()}
+    save_file(weights, shard, metadata={"format": "pt"})
+    common = ["--data", info["eval"], "--samples", "2", "--temperature", "1.0", "--limit", "4", "--max-tokens", "12"]
+    both = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--model", f"c={hf}",
+                 "--out-dir", str(tmp_path / "res"), "--dump", str(tmp_path / "abc.jsonl"), *common)
+    assert both.returncode == 0, both.stdout[-3000:] + both.stderr[-3000:]
+    assert both.stderr.count("swapped into the running engine") == 2, both.stderr[-3000:]
+    assert both.stderr.count("starting a vLLM engine") == 1, both.stderr[-3000:]
+    alone = _eval(tmp_path, "--model", f"b={other}", "--dump", str(tmp_path / "b.jsonl"), "--out",
+                  str(tmp_path / "b.json"), *common)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "abc.jsonl").read_text().splitlines()]
+    per = {m: [r["completion"] for r in rows if r["model"] == m] for m in "abc"}
+    fresh = [json.loads(line)["completion"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert per["b"] == fresh and per["a"] == per["c"]  # a swapped-in model samples as a freshly built one
+    assert per["a"] != per["b"]  # ... and the swap changed the weights
+    assert json.loads((tmp_path / "res" / "b.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    again = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--out-dir", str(tmp_path / "res"), *common)
+    assert again.returncode == 0 and again.stderr.count("exists, skipped") == 2, again.stderr[-3000:]
+    assert "starting a vLLM engine" not in again.stderr and "swapped" not in again.stderr

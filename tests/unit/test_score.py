@@ -72,6 +72,19 @@ def test_score_uses_config_weights(tmp_path):
     assert [s["reward"] for s in scored] == pytest.approx(expect.total)
 
 
+def test_response_key_reads_eval_dump_rows(tmp_path):
+    """`eval --dump` writes each sample as `completion`: --response-key completion scores those rows as they
+    are, and a row without that field is the usual one-line error naming it."""
+    src, out = tmp_path / "dump.jsonl", tmp_path / "scored.jsonl"
+    write_rows(src, [{"completion": row["response"], "answer": row["answer"]} for row in ROWS[:3]])
+    r = run_score("--reward", "accuracy", "--response-key", "completion", "--input", str(src), "--output", str(out),
+                  "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [1.0, 1.0, 0.0]
+    r = run_score("--reward", "accuracy", "--input", str(src), "--output", str(out), "--no-progress")
+    assert r.returncode == 2 and "dump.jsonl:1: field 'response' must be a string, got nothing" in r.stderr
+
+
 @pytest.mark.parametrize("bad, message", [
     ('{"response": "x", "answer": "1"}\n\n{"response": "y", "answer": \n', "rows.jsonl:3: not valid JSON"),
     ('{"response": "x", "answer": "1"}\n[1, 2]\n', "rows.jsonl:2: expected a JSON object, got list"),
