@@ -37,7 +37,7 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}  # base (r1_zero_tiny.sh)
 ZERO_STEPS=${ZERO_STEPS:-40}            # R1-Zero GRPO
 COLD_PROMPTS=${COLD_PROMPTS:-1000}      # prompts sampled for cold-start data
 COLD_EPOCHS=${COLD_EPOCHS:-6}           # 2 left the summary after </think> diffuse at T=1 (benchmarks/r1_tiny.md)
-RL_STEPS=${RL_STEPS:-30}                # reasoning RL (and its ablation, and the student's RL)
+RL_STEPS=${RL_STEPS:-20}                # reasoning RL (and its ablation, the student's RL and stage 7): 60-min budget
 ABLATE_LANGUAGE=${ABLATE_LANGUAGE:-1}
 RS_PROMPTS=${RS_PROMPTS:-1000}          # rejection-sampling prompts
 SFT_EPOCHS=${SFT_EPOCHS:-2}
