@@ -85,6 +85,9 @@ _MIN_VLLM_STR = ".".join(map(str, MIN_VLLM))
 # ----------------------------------------------------------------------------- version
 
 
+CPU_PREFILL_TOKENS = 4096  # vLLM's default token budget per engine step; see RolloutEngine (no chunked prefill on CPU)
+
+
 class VllmVersionError(ImportError):
     """vLLM is missing or too old: one line naming the version needed."""
 
@@ -383,7 +386,12 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                           enable_return_routed_experts=return_routes)
         else:
-            kwargs.update(kv_cache_memory_bytes=kv_cache_bytes or 512 << 20)
+            # No chunked prefill on CPU: vLLM 0.32's CPU runner rewinds a seeded request's generator after a
+            # partial prefill with Generator.set_offset, which CPU generators lack ("CPU Generator does not use
+            # offset"): any batch of seeded prompts over the 4096-token budget crashed. Whole prompts only,
+            # scheduled until the budget is full (one max-length prompt always fits).
+            kwargs.update(kv_cache_memory_bytes=kv_cache_bytes or 512 << 20, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, CPU_PREFILL_TOKENS))
 
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

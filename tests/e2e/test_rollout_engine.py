@@ -161,6 +161,20 @@ def test_generate_is_seeded(engines):
         assert s.finish_reason == "length"
 
 
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen2"])
+def test_seeded_batch_over_the_prefill_budget(kind, engines):
+    """More seeded prompt tokens than one engine step takes (4096, CPU_PREFILL_TOKENS): with vLLM's chunked prefill a
+    prompt split across steps crashed the CPU runner ("CPU Generator does not use offset"), as GRPO's 128 student
+    prompts did. Whole prompts are scheduled instead; a prompt's samples still do not depend on the batch."""
+    engine = engines[kind]
+    # 40 prompts of 200 tokens: the engine's 32 sequences hold 6,400 prompt tokens, over vLLM's 4096 per step
+    prompts = [[3 + (7 * i + j) % 60 for j in range(200)] for i in range(40)]
+    kw = dict(n=2, temperature=1.0, max_tokens=4, seed=3)
+    out = engine.generate(prompts, **kw)
+    assert len(out) == len(prompts) and all(0 < len(s.token_ids) <= 4 for p in out for s in p)
+    assert [s.token_ids for s in engine.generate(prompts[:1], **kw)[0]] == [s.token_ids for s in out[0]]
+
+
 def test_stop_strings_and_text(engines):
     engine = engines["qwen2"]
     (full,) = engine.generate([PROMPTS[0]], temperature=0.0, max_tokens=24)[0]
