@@ -106,13 +106,15 @@ ENGINE_FILES = ("tokenizer", "special_tokens", "generation_config", "vocab", "me
 
 
 def engine_signature(path: str) -> str:
-    """What vLLM builds an engine from, apart from the weights: config.json without its name, and the
-    tokenizer and generation files. HF dirs with equal signatures can share an engine."""
+    """What vLLM builds an engine from, apart from the weights: config.json without its name and stored dtype
+    (the engine computes in --dtype; swapped-in tensors are cast to it), and the tokenizer and generation
+    files. HF dirs with equal signatures can share an engine."""
     import hashlib
     h = hashlib.sha256()
     with open(os.path.join(path, "config.json"), "rb") as f:
         cfg = json.loads(f.read())
-    cfg.pop("_name_or_path", None)
+    for key in ("_name_or_path", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(os.listdir(path)):
         if name.startswith(ENGINE_FILES):

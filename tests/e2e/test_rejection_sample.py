@@ -110,7 +110,10 @@ def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy):
     weights = load_file(shard)
     torch.manual_seed(1)
     weights = {k: v + 0.05 * torch.randn_like(v) if v.dim() == 2 else v for k, v in weights.items()}
-    save_file(weights, shard, metadata={"format": "pt"})
+    # stored in bf16, as `sft` exports: the engine computes in float32 either way, so it is still shared
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, shard, metadata={"format": "pt"})
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="bfloat16")))
     common = ["--data", info["eval"], "--samples", "2", "--temperature", "1.0", "--limit", "4", "--max-tokens", "12"]
     both = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--model", f"c={hf}",
                  "--out-dir", str(tmp_path / "res"), "--dump", str(tmp_path / "abc.jsonl"), *common)
