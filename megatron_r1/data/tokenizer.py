@@ -242,9 +242,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(path))
         return Tokenizer(sp, sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.get_piece_size())
     if path.is_dir() and (path / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        hf = AutoTokenizer.from_pretrained(str(path))
+        try:
+            cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+        except (OSError, ValueError):
+            cls = None
+        # Our tokenizers (export_hf_tokenizer, write_student_tokenizer) say PreTrainedTokenizerFast: load exactly
+        # that. AutoTokenizer would follow a config.json beside it instead (a student's qwen2 export) and rebuild
+        # the pre-tokenizer and decoder as byte-level ones, which drop our spaces and CJK characters.
+        loader = PreTrainedTokenizerFast if cls == "PreTrainedTokenizerFast" else AutoTokenizer
+        hf = loader.from_pretrained(str(path))
         if hf.eos_token_id is None:
             from megatron_r1.config import ConfigError
             raise ConfigError(f"{path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")

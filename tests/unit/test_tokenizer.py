@@ -161,6 +161,24 @@ def test_qwen2_tokenizer_without_bos_encodes_sft_rows(student_dirs, tmp_path):
     assert all(isinstance(i, int) for i in rows[0][0])  # was [None, ...]: SFT crashed on torch.tensor
 
 
+@pytest.mark.parametrize("style, model_type", [("qwen2", "qwen2"), ("llama3", "llama")])
+def test_student_tokenizer_beside_its_model_config_is_lossless(student_dirs, tmp_path, style, model_type):
+    """A student's HF export holds its tokenizer beside a qwen2 / llama config.json (sft, eval, grpo load it from
+    there): load_tokenizer must still be the tokenizer written, not the one transformers 5 builds for the model
+    type (byte-level for qwen2: every space and CJK character vanished, and the distilled students learnt
+    nothing)."""
+    import shutil
+
+    from transformers import AutoConfig
+    shutil.copytree(student_dirs[style], tmp_path / "m")
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path / "m")
+    text = "<think> 1 加 4 得 5。 So 1 + 24 = 25. </think> The answer is \\boxed{25}."
+    alone, beside = load_tokenizer(student_dirs[style]), load_tokenizer(tmp_path / "m")
+    assert beside.encode(text) == alone.encode(text)
+    assert beside.decode(beside.encode(text)) == text
+    assert (beside.bos_id, beside.eos_id, beside.pad_id) == (alone.bos_id, alone.eos_id, alone.pad_id)
+
+
 def test_llama3_tokenizer_without_pad_pads_with_eos(student_dirs):
     import torch
 
