@@ -170,9 +170,11 @@ run "$RUN/student_llama_distill/DONE" $MR1 sft --config tiny-llama --tokenizer "
 stage "10/10 evaluation table"
 ev() {  # ev TEMPLATE LABEL=HF_DIR...: one eval per template; consecutive models of one architecture share a vLLM
   # engine (weights swapped in); each result is $RUN/eval/LABEL.json, and a re-run skips those already there
-  local template=$1 last=${!#} models=(); shift
-  for m in "$@"; do models+=(--model "$m"); done
-  run "$RUN/eval/${last%%=*}.json" $MR1 eval "${models[@]}" --template "$template" "${EVAL[@]}" --out-dir "$RUN/eval"
+  local template=$1 done=$RUN/eval/${2%%=*}.json models=(); shift
+  for m in "$@"; do  # done when every result is there (a missing one names the call's done-file)
+    models+=(--model "$m"); [ -e "$RUN/eval/${m%%=*}.json" ] || done=$RUN/eval/${m%%=*}.json
+  done
+  run "$done" $MR1 eval "${models[@]}" --template "$template" "${EVAL[@]}" --out-dir "$RUN/eval"
 }
 [ ${#DRY[@]} -gt 0 ] || mkdir -p "$RUN/eval"
 NOLANG=(); [ "$ABLATE_LANGUAGE" != 1 ] || NOLANG=(reasoning_rl_no_language="$RUN/reasoning_rl_nolang/hf")
