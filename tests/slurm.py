@@ -118,7 +118,8 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+            f"AuthInfo=socket={self.munge_socket},cred_expire=15",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",

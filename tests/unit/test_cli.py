@@ -28,8 +28,11 @@ def _run_outside(args, tmp_path):
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason=f"console script not installed beside {sys.executable}")
 def test_every_command_helps_from_outside_the_repo(tmp_path):
-    for cmd in sorted(COMMANDS):
-        r = _run_outside([cmd, "--help"], tmp_path)
+    from concurrent.futures import ThreadPoolExecutor
+    cmds = sorted(COMMANDS)
+    with ThreadPoolExecutor(4) as pool:  # each is mostly an interpreter start and imports: overlap them
+        runs = list(pool.map(lambda cmd: _run_outside([cmd, "--help"], tmp_path), cmds))
+    for cmd, r in zip(cmds, runs):
         assert r.returncode == 0, f"megatron-r1 {cmd} --help exited {r.returncode}:\n{r.stderr[-2000:]}"
         assert f"megatron-r1 {cmd}" in r.stdout, f"{cmd}: usage does not name the command:\n{r.stdout[:500]}"
 
