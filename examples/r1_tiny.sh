@@ -52,6 +52,7 @@ GENERAL_RL_STEPS=${GENERAL_RL_STEPS:-$RL_STEPS}      # stage-7 GRPO
 GENERAL_RL_REASONING=${GENERAL_RL_REASONING:-400}   # reasoning prompts mixed with the general ones in stage 7
 REF_REFRESH=${REF_REFRESH:-10}          # stage 7: rl.ref_refresh_interval (0: never); the KL term needs rl.beta > 0
 GENERAL_RL_BETA=${GENERAL_RL_BETA:-0.001}
+GENERAL_RL_LR=${GENERAL_RL_LR:-3e-5}     # stage 7's learning rate (1e-4, the reasoning RL's, lost 12 points of pass@1)
 GEN=$RUN/general                        # general-data's output
 GENERAL_SFT=${GENERAL_SFT-$GEN/general_sft.jsonl}  # non-reasoning SFT rows of stage 5; GENERAL_SFT= for none
 SMALL_ARGS=${SMALL_ARGS:-}              # extra dotted overrides for every training stage (a quick check)
@@ -146,7 +147,8 @@ mix_prompts() {  # reasoning prompts (no task field: rule rewards) + general one
 }
 run "$RUN/general_rl_prompts.jsonl" mix_prompts "$RUN/general_rl_prompts.jsonl"
 run "$RUN/r1/DONE" $MR1 grpo --config "$CFG" --init-hf "$R1" "${RL_OVR[@]}" "${GENERAL_RL[@]}" \
-  data.train_path="$RUN/general_rl_prompts.jsonl" train.train_steps="$GENERAL_RL_STEPS" run_dir="$RUN/r1" $SMALL_ARGS
+  data.train_path="$RUN/general_rl_prompts.jsonl" train.train_steps="$GENERAL_RL_STEPS" train.lr="$GENERAL_RL_LR" \
+  train.min_lr="$GENERAL_RL_LR" run_dir="$RUN/r1" $SMALL_ARGS
 
 stage "8/10 distillation data for the students"
 for style in qwen2 llama3; do
