@@ -145,6 +145,22 @@ def checkpoint_files(path: str) -> dict[str, str]:
     return {k: single for k in read_safetensors_header(single)}
 
 
+def names_by_file(files: dict[str, str]) -> dict[str, list[str]]:
+    """{file path: [tensor names]} from `checkpoint_files`' {name: file}: one open per shard."""
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, f in files.items():
+        by_file[f].append(name)
+    return by_file
+
+
+def iter_hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every tensor of an HF dir as stored, one safetensors file open at a time."""
+    for fpath, names in sorted(names_by_file(checkpoint_files(path)).items()):
+        with _safe_open(fpath) as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
 def _safe_open(path: str):
     """`safe_open`, with a damaged file (truncated, not safetensors) as one CheckpointError naming it."""
     from safetensors import safe_open
@@ -251,10 +267,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, cfg: ModelConfig, mesh, d
         for n in model_state(CausalLM(cfg)):
             known.update(hf_names(n, cfg))
     filled: set[str] = set()
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, f in files.items():
-        by_file[f].append(name)
-    it = sorted(by_file.items())
+    it = sorted(names_by_file(files).items())
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="loading shards", unit="shard")

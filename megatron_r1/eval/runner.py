@@ -124,18 +124,6 @@ def engine_signature(path: str) -> str:
     return h.hexdigest()
 
 
-def hf_dir_tensors(path: str):
-    """(HF name, tensor) of every tensor of an HF dir as stored, one safetensors file open at a time."""
-    from megatron_r1.ckpt.hf import _safe_open, checkpoint_files
-    by_file: dict[str, list[str]] = {}
-    for name, file in checkpoint_files(path).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        with _safe_open(file) as f:
-            for name in names:
-                yield name, f.get_tensor(name)
-
-
 def check_model_dir(path: str):
     """The HF directory's config and weights, checked in a second before vLLM starts; its ModelConfig."""
     from megatron_r1.ckpt.hf import CheckpointError, check_hf_weights
@@ -210,7 +198,9 @@ def main(argv: list[str]) -> int:
     from megatron_r1.config import ConfigError
     from megatron_r1.data.prompts import drop_overlong, load_prompts, report
     from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.ckpt.hf import iter_hf_tensors
     from megatron_r1.rollout.engine import RolloutEngine
+    from megatron_r1.training import _write_json_atomic
     if not 0 < a.top_p <= 1 or a.max_model_len < 2 or a.samples < 1:
         raise ConfigError("need 0 < --top-p <= 1, --max-model-len >= 2 and --samples >= 1")
     models = [_model_arg(m) for m in a.model]
@@ -241,7 +231,7 @@ def main(argv: list[str]) -> int:
         if a.limit:
             data = data[:a.limit]
         if engine is not None and engine_signature(path) == signature:
-            stats = engine.update_weights(hf_dir_tensors(path))
+            stats = engine.update_weights(iter_hf_tensors(path))
             print(f"eval {label}: {stats.num_tensors} tensors of {path} swapped into the running engine "
                   f"({stats.seconds:.1f} s)", file=sys.stderr)
         else:
@@ -261,9 +251,7 @@ def main(argv: list[str]) -> int:
                 row.setdefault("model", label)
         results[label] = res
         if done:  # whole or absent
-            with open(done + ".tmp", "w") as f:
-                json.dump(res, f, indent=2)
-            os.replace(done + ".tmp", done)
+            _write_json_atomic(done, res)
     res = results[models[0][0]] if len(models) == 1 else results
     print(json.dumps(res, indent=2))
     if len(models) > 1 or a.table:
@@ -273,9 +261,7 @@ def main(argv: list[str]) -> int:
             with open(a.table, "w") as f:
                 f.write(md + "\n")
     if a.out:  # whole or absent (scripts skip the evaluation when it exists)
-        with open(a.out + ".tmp", "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(a.out + ".tmp", a.out)
+        _write_json_atomic(a.out, res)
     if a.dump:
         with open(a.dump, "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in dump)
