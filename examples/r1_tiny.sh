@@ -96,7 +96,8 @@ if [ ${#DRY[@]} -gt 0 ]; then
 fi
 
 stage "1/10 base model and R1-Zero (examples/r1_zero_tiny.sh on the bilingual task)"
-RUN_DIR=$Z PRETRAIN_STEPS=$PRETRAIN_STEPS GRPO_STEPS=$ZERO_STEPS PREPARE_ARGS="--zh 0.5 --switch 0.2 --docs $DOCS --eval ${EVAL_PROBLEMS:-200}" \
+# (without its own held-out evaluations at T=1: stage 10 evaluates the base and R1-Zero with the other models)
+RUN_DIR=$Z PRETRAIN_STEPS=$PRETRAIN_STEPS GRPO_STEPS=$ZERO_STEPS HELD_OUT_EVALS=0 PREPARE_ARGS="--zh 0.5 --switch 0.2 --docs $DOCS --eval ${EVAL_PROBLEMS:-200}" \
   PRETRAIN_ARGS="$SMALL_ARGS" GRPO_ARGS="$SMALL_ARGS" bash examples/r1_zero_tiny.sh "${DRY[@]}"
 
 stage "2/10 cold-start data from the R1-Zero policy"
@@ -186,22 +187,20 @@ ev r1_chat cold_start_sft="$RUN/cold_sft/hf" reasoning_rl="$RUN/reasoning_rl/hf"
   qwen2_student_rl="$RUN/student_qwen2_rl/hf" llama_student_distilled="$RUN/student_llama_distill/hf"
 # the reward models' view of stage 7: their mean scores of the models' samples on the general prompts, before
 # (r1_sft) and after (r1). Not held out: the generator has few distinct prompts, all in stage 7's RL set.
-rm_scores() {  # rm_scores LABEL HF_DIR (eval dumps each sample as `completion`)
+rm_scores() {  # one eval of both models (one engine; each sample dumped as `completion` with its `model`), scored
   local d=$RUN/eval_general
-  mkdir -p "$d" && $MR1 eval --model "$2" --template r1_chat --data "$GEN/general_prompts.jsonl" "${EVAL[@]:2}" \
-      --dump "$d/$1.samples.jsonl" > /dev/null \
+  mkdir -p "$d" && $MR1 eval --model r1_sft="$R1" --model r1="$RUN/r1/hf" --template r1_chat \
+      --data "$GEN/general_prompts.jsonl" "${EVAL[@]:2}" --dump "$d/samples.jsonl" > /dev/null \
     && $MR1 score --reward "rm_helpful:$RUN/rm_helpful/hf,rm_harmless:$RUN/rm_harmless/hf" --response-key completion \
-      --input "$d/$1.samples.jsonl" --output "$d/$1.scored.jsonl" --no-progress > "$d/$1.txt.tmp" \
-    && mv "$d/$1.txt.tmp" "$d/$1.txt"
+      --group-by model --input "$d/samples.jsonl" --output "$d/scored.jsonl" --no-progress > "$d/scores.txt.tmp" \
+    && mv "$d/scores.txt.tmp" "$d/scores.txt"
 }
-run "$RUN/eval_general/r1_sft.txt" rm_scores r1_sft "$R1"
-run "$RUN/eval_general/r1.txt" rm_scores r1 "$RUN/r1/hf"
+run "$RUN/eval_general/scores.txt" rm_scores
 if [ ${#DRY[@]} -gt 0 ]; then echo; echo "dry run only: nothing trained"; exit 0; fi
 $MR1 eval-table --out "$RUN/table.md" $(for f in "$RUN"/eval/*.json; do echo "$(basename "$f" .json)=$f"; done)
 { echo; echo "Mean reward-model scores of the samples on the general prompts, before (r1_sft) and after (r1) stage 7:"
   echo; echo "| model | rm_helpful | rm_harmless |"; echo "|---|---|---|"
-  for m in r1_sft r1; do
-    awk -v m="$m" '$1 == "rm_helpful" {h = $3} $1 == "rm_harmless" {s = $3} END {printf "| %s | %s | %s |\n", m, h, s}' \
-      "$RUN/eval_general/$m.txt"
-  done; } | tee -a "$RUN/table.md"
+  awk '/^mean per model:/ {on = 1; next} on && $1 == "model" {for (i = 1; i <= NF; i++) c[$i] = i; next}
+       on && NF {printf "| %s | %s | %s |\n", $1, $c["rm_helpful"], $c["rm_harmless"]}' "$RUN/eval_general/scores.txt"
+  } | tee -a "$RUN/table.md"
 echo "total time: $(( $(date +%s) - start ))s"

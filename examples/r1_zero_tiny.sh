@@ -25,6 +25,7 @@ RUN=${RUN_DIR:-runs/r1_zero_tiny}
 CFG=examples/r1_zero_tiny.yaml
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
 GRPO_STEPS=${GRPO_STEPS:-40}
+HELD_OUT_EVALS=${HELD_OUT_EVALS:-1}  # 0: no stages 3 and 5 and no report (r1_tiny.sh evaluates both models itself)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 DRY_RUN=0
 for arg in "$@"; do
@@ -91,14 +92,21 @@ stage "2/5 pretraining the base model ($PRETRAIN_STEPS steps)"
 run_stage "$RUN/pretrain/DONE" "$RUN/data/corpus.bin" -- $MR1 pretrain --config "$CFG" \
     --data "$RUN/data/corpus" --tokenizer "$RUN/tokenizer" "${PRETRAIN_OVR[@]}"
 
-stage "3/5 held-out accuracy of the base model"
-run_stage "$RUN/eval_base.json" "" -- $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --both \
-    --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json"
+if [ "$HELD_OUT_EVALS" = 1 ]; then
+  stage "3/5 held-out accuracy of the base model"
+  run_stage "$RUN/eval_base.json" "" -- $MR1 eval --model "$RUN/pretrain/hf" --data "$RUN/data/eval.jsonl" --both \
+      --samples 4 --temperature 1.0 --max-tokens 96 --out "$RUN/eval_base.json"
+fi
 
 stage "4/5 R1-Zero GRPO ($GRPO_STEPS steps)"
 run_stage "$RUN/grpo/DONE" "$RUN/pretrain/DONE" -- $MR1 grpo --config "$CFG" \
     --init-hf "$RUN/pretrain/hf" --eval "$RUN/data/eval.jsonl" --eval-every 10 "${GRPO_OVR[@]}"
 
+if [ "$HELD_OUT_EVALS" = 0 ]; then
+  [ "$DRY_RUN" = 0 ] || { echo; echo "dry run only: nothing trained"; }
+  echo "held-out evaluations skipped (HELD_OUT_EVALS=0); total time: $(( $(date +%s) - start ))s"
+  exit 0
+fi
 stage "5/5 held-out accuracy of the final policy"
 if [ "$DRY_RUN" = 1 ]; then
   echo "would run: $MR1 eval --model $RUN/grpo/hf ... --out $RUN/eval_final.json; $MR1 report-tiny --run-dir $RUN"

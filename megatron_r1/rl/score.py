@@ -146,13 +146,17 @@ def read_rows(path: str, answer_key: str = "answer", response_key: str = "respon
 
 
 def score_file(scorer: Scorer, input_path: str, output_path: str, batch_size: int = 64,
-               answer_key: str = "answer", progress: bool | None = None, response_key: str = "response") -> dict:
+               answer_key: str = "answer", progress: bool | None = None, response_key: str = "response",
+               group_by: str | None = None) -> dict:
+    """Score every row of ``input_path`` into ``output_path`` (whole or absent). With ``group_by``, the result
+    also has ``groups``: {value of that field: {"rows": n, reward: mean, ..., "total": mean}}."""
     from tqdm import tqdm
     rows = read_rows(input_path, answer_key, response_key)
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     tmp = output_path + ".tmp"
     t0 = time.perf_counter()
+    groups: dict[str, dict[str, float]] = {}
     try:
         with open(tmp, "w", encoding="utf-8") as f, \
                 tqdm(total=len(rows), unit="row", desc="score", disable=True if progress is False else None,
@@ -163,12 +167,30 @@ def score_file(scorer: Scorer, input_path: str, output_path: str, batch_size: in
                 for i, (row, _, _) in enumerate(part):
                     row = dict(row, rewards={k: v[i] for k, v in out.components.items()}, reward=out.total[i])
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    if group_by is not None:
+                        g = groups.setdefault(str(row.get(group_by)), {"rows": 0})
+                        g["rows"] += 1
+                        for k, v in [*row["rewards"].items(), ("total", row["reward"])]:
+                            g[k] = g.get(k, 0.0) + v
                 bar.update(len(part))
         os.replace(tmp, output_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {"rows": len(rows), "seconds": time.perf_counter() - t0}
+    res = {"rows": len(rows), "seconds": time.perf_counter() - t0}
+    if group_by is not None:
+        res["groups"] = {name: {k: v if k == "rows" else v / g["rows"] for k, v in g.items()}
+                         for name, g in groups.items()}
+    return res
+
+
+def format_groups(field: str, groups: Mapping[str, Mapping[str, float]]) -> str:
+    """The per-group means as a table whose first column is headed by the field's name."""
+    names = [k for k in next(iter(groups.values())) if k != "rows"] if groups else []
+    width = max([len(field), *map(len, groups)])
+    lines = [f"{field:{width}s} {'rows':>6s} " + " ".join(f"{k:>12s}" for k in names)]
+    lines += [f"{g:{width}s} {r['rows']:6d} " + " ".join(f"{r[k]:12.4f}" for k in names) for g, r in groups.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -182,6 +204,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--response-key", default="response",
                     help="field holding the response (default: response; `eval --dump` rows: completion)")
     ap.add_argument("--batch-size", type=int, default=64, help="rows scored together (default 64)")
+    ap.add_argument("--group-by", default=None, metavar="FIELD",
+                    help="also print each reward's mean per value of this field (e.g. `model` of an `eval --dump` "
+                         "of several models)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.batch_size < 1:
@@ -197,8 +222,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--reward is empty")
     scorer = Scorer.from_config(rewards, names)
     res = score_file(scorer, a.input, a.output, a.batch_size, a.answer_key,
-                     progress=False if a.no_progress else None, response_key=a.response_key)
+                     progress=False if a.no_progress else None, response_key=a.response_key, group_by=a.group_by)
     print(f"scored {res['rows']} rows of {a.input} -> {a.output} in {res['seconds']:.2f} s "
           f"({res['rows'] / max(res['seconds'], 1e-9):.1f} rows/s, batches of {a.batch_size})")
     print(scorer.format_summary())
+    if a.group_by is not None:
+        print(f"\nmean per {a.group_by}:")
+        print(format_groups(a.group_by, res["groups"]))
     return 0

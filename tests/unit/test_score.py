@@ -73,14 +73,24 @@ def test_score_uses_config_weights(tmp_path):
 
 
 def test_response_key_reads_eval_dump_rows(tmp_path):
-    """`eval --dump` writes each sample as `completion`: --response-key completion scores those rows as they
-    are, and a row without that field is the usual one-line error naming it."""
+    """`eval --dump` writes each sample as `completion` (and, of several models, its `model`): --response-key
+    completion scores those rows as they are, --group-by model gives each model's means; a row without that
+    field is the usual one-line error naming it."""
     src, out = tmp_path / "dump.jsonl", tmp_path / "scored.jsonl"
-    write_rows(src, [{"completion": row["response"], "answer": row["answer"]} for row in ROWS[:3]])
-    r = run_score("--reward", "accuracy", "--response-key", "completion", "--input", str(src), "--output", str(out),
-                  "--no-progress")
+    write_rows(src, [{"completion": row["response"], "answer": row["answer"], "model": m}
+                     for row, m in zip(ROWS[:3], ["before", "after", "after"])])
+    r = run_score("--reward", "accuracy,format", "--response-key", "completion", "--input", str(src),
+                  "--output", str(out), "--no-progress", "--group-by", "model")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [1.0, 1.0, 0.0]
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["rewards"]["accuracy"] for row in scored] == [1.0, 1.0, 0.0]
+    table = r.stdout[r.stdout.index("mean per model:"):].splitlines()[1:]
+    assert table[0].split() == ["model", "rows", "accuracy", "format", "total"]
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table[1:]}
+    assert set(rows) == {"before", "after"} and rows["before"][:2] == [1, 1.0] and rows["after"][:2] == [2, 0.5]
+    after = [row for row in scored if row["model"] == "after"]
+    assert rows["after"][2:] == pytest.approx([sum(row["rewards"]["format"] for row in after) / 2,
+                                               sum(row["reward"] for row in after) / 2], abs=1e-4)
     r = run_score("--reward", "accuracy", "--input", str(src), "--output", str(out), "--no-progress")
     assert r.returncode == 2 and "dump.jsonl:1: field 'response' must be a string, got nothing" in r.stderr
 
