@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     mod, fn, _ = COMMANDS[cmd]
     try:
         return int(getattr(importlib.import_module(mod), fn)(rest) or 0)
+    except SystemExit:  # argparse's --help and usage errors: not worth importing torch to classify
+        raise
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,9 +54,7 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert not run.exists()
 
 
-# ~35 process starts and 14 engine builds: 314 s on an idle 2-core machine (benchmarks/r1_tiny.md), 383 s in the
-# full suite, which then took 1356 s: with CI's ~1.16x that is over CI's 25 minutes, so not in CI yet
-@pytest.mark.long
+# ~30 process starts (most import vLLM) and 12 engine builds: ~5 min on the 2-core machine (benchmarks/r1_tiny.md)
 def test_shrunken_pipeline_end_to_end(tmp_path):
     r = _run(tmp_path)
     out = r.stdout + r.stderr
@@ -82,6 +80,18 @@ def test_shrunken_pipeline_end_to_end(tmp_path):
     steps = [json.loads(line) for line in (run / "r1/metrics.jsonl").read_text().splitlines()]
     assert any("reward/route/general" in m for m in steps) and steps[-1].get("ref_refreshed") == 1.0
     assert out.count("swapped into the running engine") >= 4, out[-6000:]  # stage 10 shares engines
+    # the distillation rows are rendered with each student's chat template, and the students keep it (Qwen2.5-style:
+    # no BOS; Llama-3.1-style: a BOS and header tokens), so eval and GRPO render prompts as their SFT did
+    from megatron_r1.data.templates import render_prompt
+    from megatron_r1.data.tokenizer import load_tokenizer
+    for style, students, opening in (("qwen2", ["student_qwen2_distill", "student_qwen2_rl"], "<|im_start|>user\n"),
+                                     ("llama3", ["student_llama_distill"], "<|begin_of_text|><|start_header_id|>user")):
+        rows = [json.loads(line) for line in (run / f"distill_{style}/train.jsonl").read_text().splitlines()]
+        assert rows and all(row["prompt"].startswith(opening) for row in rows), rows[:2]
+        for student in students:
+            tok = load_tokenizer(run / student / "hf")
+            assert tok.chat_template and (tok.bos_id is None) == (style == "qwen2"), student
+            assert render_prompt("r1_chat", "What is 2 + 2?", tok).startswith(opening), student
     table = (run / "table.md").read_text()
     for m in MODELS:
         assert f"| {m} | " in table, (m, table)

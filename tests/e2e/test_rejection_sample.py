@@ -69,28 +69,6 @@ def test_rejection_sample_writes_sft_rows(tmp_path, policy):
     assert {e["messages"][0]["content"] for e in exported} <= {row["question"] for row in rows}
 
 
-def test_eval_cli_both_modes_and_dump(tmp_path, policy):
-    info, hf = policy
-    out, dump = tmp_path / "eval.json", tmp_path / "samples.jsonl"
-    r = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "eval", "--model", str(hf), "--data", info["eval"],
-                        "--both", "--samples", "3", "--temperature", "1.0", "--limit", "4", "--max-tokens", "12",
-                        "--out", str(out), "--dump", str(dump)],
-                       capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    rows = [json.loads(line) for line in dump.read_text().splitlines()]
-    sampled, greedy = [x for x in rows if x["temperature"] == 1.0], [x for x in rows if x["temperature"] == 0.0]
-    assert len(sampled) == 4 * 3 and len(greedy) == 4, len(rows)
-    assert (res["sampled"]["samples"], res["greedy"]["samples"], res["sampled"]["problems"]) == (3, 1, 4)
-    for mode, got in (("sampled", sampled), ("greedy", greedy)):
-        assert res[mode]["pass@1"] == pytest.approx(sum(x["correct"] for x in got) / len(got))
-        assert res[mode]["format"] == pytest.approx(sum(x["format"] for x in got) / len(got))
-    # T=1 draws differ within a prompt (a random 512-token policy); the summary's length is theirs
-    assert len({x["completion"] for x in sampled[:3]}) > 1
-    assert 0 < res["sampled"]["response_length"] <= 12
-
-
 def _eval(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "megatron_r1.cli", "eval", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300,
@@ -99,7 +77,8 @@ def _eval(tmp_path, *args):
 
 def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy):
     """Models vLLM builds the same engine for share it (weights swapped in), with the results of a fresh engine;
-    --out-dir writes a result per model and skips the ones already there."""
+    --out-dir writes a result per model and skips the ones already there. The fresh engine's run also checks
+    --both (sampled and greedy from one engine) against its --dump."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -121,14 +100,23 @@ def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy):
     assert both.stderr.count("swapped into the running engine") == 2, both.stderr[-3000:]
     assert both.stderr.count("starting a vLLM engine") == 1, both.stderr[-3000:]
     alone = _eval(tmp_path, "--model", f"b={other}", "--dump", str(tmp_path / "b.jsonl"), "--out",
-                  str(tmp_path / "b.json"), *common)
+                  str(tmp_path / "b.json"), "--both", *common)
     assert alone.returncode == 0, alone.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    dumped = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    sampled, greedy = [x for x in dumped if x["temperature"] == 1.0], [x for x in dumped if x["temperature"] == 0.0]
+    assert len(sampled) == 4 * 2 and len(greedy) == 4, len(dumped)
+    assert (res["sampled"]["samples"], res["greedy"]["samples"], res["sampled"]["problems"]) == (2, 1, 4)
+    for mode, got in (("sampled", sampled), ("greedy", greedy)):
+        assert res[mode]["pass@1"] == pytest.approx(sum(x["correct"] for x in got) / len(got))
+        assert res[mode]["format"] == pytest.approx(sum(x["format"] for x in got) / len(got))
+    # T=1 draws differ within a prompt (a perturbed random 512-token policy); the summary's length is theirs
+    assert len({x["completion"] for x in sampled}) > 4 and 0 < res["sampled"]["response_length"] <= 12
     rows = [json.loads(line) for line in (tmp_path / "abc.jsonl").read_text().splitlines()]
     per = {m: [r["completion"] for r in rows if r["model"] == m] for m in "abc"}
-    fresh = [json.loads(line)["completion"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
-    assert per["b"] == fresh and per["a"] == per["c"]  # a swapped-in model samples as a freshly built one
+    assert per["b"] == [x["completion"] for x in sampled] and per["a"] == per["c"]  # swapped in = freshly built
     assert per["a"] != per["b"]  # ... and the swap changed the weights
-    assert json.loads((tmp_path / "res" / "b.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    assert json.loads((tmp_path / "res" / "b.json").read_text()) == res["sampled"]
     again = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--out-dir", str(tmp_path / "res"), *common)
     assert again.returncode == 0 and again.stderr.count("exists, skipped") == 2, again.stderr[-3000:]
     assert "starting a vLLM engine" not in again.stderr and "swapped" not in again.stderr
