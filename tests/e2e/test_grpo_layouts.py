@@ -70,17 +70,16 @@ def test_update_shares_cover_every_row_once():
         update_shares(16, 3, 1, 0)
 
 
-def test_dp2_and_uneven_micro_batches_equal_dp1(tiny_policy, tmp_path):
+def test_dp2_with_uneven_micro_batches_equals_dp1(tiny_policy, tmp_path):
     hf_dir, info = tiny_policy
     run = lambda world, name, ovr, strict=False: run_ranks(  # noqa: E731
         _one_step, world, hf_dir, info["train"], str(tmp_path / name), ovr, strict, timeout=600, start_method="spawn")
     (ref,) = run(1, "dp1", ["train.micro_batch_size=4"])
     assert ref["metrics"]["kl"] > 0 and ref["metrics"]["grad_norm"] > 0  # both updates moved the policy
-    # dp 2 also runs its logprob pass and updates under the --strict-device guard: no tensor made off the
-    # device, no host read but the allow-listed per-step metrics
-    dp2 = run(2, "dp2", ["train.micro_batch_size=4"], strict=True)
-    _assert_same(dp2[0], ref, "dp2")
-    _assert_same(dp2[1], ref, "dp2 rank 1")
-    # 8 rows per mini-batch in micro-batches of 3, 3, 2
-    (uneven,) = run(1, "mbs3", ["train.micro_batch_size=3"])
-    _assert_same(uneven, ref, "micro_batch_size=3")
+    # dp 2 with micro-batches that do not divide a rank's share (4 rows per update: 3 + 1), against dp 1 in
+    # micro-batches of 4: the dp bookkeeping and the uneven cut must both hold for losses and parameters to agree.
+    # It runs its logprob pass and updates under the --strict-device guard: no tensor made off the device, no
+    # host read but the allow-listed per-step metrics
+    dp2 = run(2, "dp2", ["train.micro_batch_size=3"], strict=True)
+    _assert_same(dp2[0], ref, "dp2, micro_batch_size=3")
+    _assert_same(dp2[1], ref, "dp2 rank 1, micro_batch_size=3")
