@@ -171,20 +171,23 @@ run "$RUN/student_llama_distill/DONE" $MR1 sft --config tiny-llama --tokenizer "
   run_dir="$RUN/student_llama_distill" $SMALL_ARGS
 
 stage "10/10 evaluation table"
-ev() {  # ev TEMPLATE LABEL=HF_DIR...: one eval per template; consecutive models of one architecture share a vLLM
-  # engine (weights swapped in); each result is $RUN/eval/LABEL.json, and a re-run skips those already there
-  local template=$1 done=$RUN/eval/${2%%=*}.json models=(); shift
+ev() {  # ev LABEL=HF_DIR...: one eval of every model in r1_chat, the base models (BASE_MODELS) in r1_zero; models of
+  # one architecture in a row share a vLLM engine (weights swapped in); each result is $RUN/eval/LABEL.json, and a
+  # re-run skips those already there
+  local done=$RUN/eval/${1%%=*}.json args=()
   for m in "$@"; do  # done when every result is there (a missing one names the call's done-file)
-    models+=(--model "$m"); [ -e "$RUN/eval/${m%%=*}.json" ] || done=$RUN/eval/${m%%=*}.json
+    args+=(--model "$m"); [ -e "$RUN/eval/${m%%=*}.json" ] || done=$RUN/eval/${m%%=*}.json
   done
-  run "$done" $MR1 eval "${models[@]}" --template "$template" "${EVAL[@]}" --out-dir "$RUN/eval"
+  for m in "${BASE_MODELS[@]}"; do args+=(--model-template "$m=r1_zero"); done
+  run "$done" $MR1 eval "${args[@]}" --template r1_chat "${EVAL[@]}" --out-dir "$RUN/eval"
 }
 [ ${#DRY[@]} -gt 0 ] || mkdir -p "$RUN/eval"
 NOLANG=(); [ "$ABLATE_LANGUAGE" != 1 ] || NOLANG=(reasoning_rl_no_language="$RUN/reasoning_rl_nolang/hf")
-ev r1_zero base="$Z/pretrain/hf" r1_zero="$Z/grpo/hf" qwen2_student_base="$RUN/student_qwen2_base/hf"
-ev r1_chat cold_start_sft="$RUN/cold_sft/hf" reasoning_rl="$RUN/reasoning_rl/hf" "${NOLANG[@]}" r1_sft="$R1" \
-  r1="$RUN/r1/hf" qwen2_student_distilled="$RUN/student_qwen2_distill/hf" \
-  qwen2_student_rl="$RUN/student_qwen2_rl/hf" llama_student_distilled="$RUN/student_llama_distill/hf"
+BASE_MODELS=(base r1_zero qwen2_student_base)  # prompted as in R1-Zero; the others were tuned on chat-format rows
+ev base="$Z/pretrain/hf" r1_zero="$Z/grpo/hf" cold_start_sft="$RUN/cold_sft/hf" reasoning_rl="$RUN/reasoning_rl/hf" \
+  "${NOLANG[@]}" r1_sft="$R1" r1="$RUN/r1/hf" qwen2_student_base="$RUN/student_qwen2_base/hf" \
+  qwen2_student_distilled="$RUN/student_qwen2_distill/hf" qwen2_student_rl="$RUN/student_qwen2_rl/hf" \
+  llama_student_distilled="$RUN/student_llama_distill/hf"
 # the reward models' view of stage 7: their mean scores of the models' samples on the general prompts, before
 # (r1_sft) and after (r1). Not held out: the generator has few distinct prompts, all in stage 7's RL set.
 rm_scores() {  # one eval of both models (one engine; each sample dumped as `completion` with its `model`), scored

@@ -23,6 +23,9 @@ Notable choices
   with identical results (a test compares them with fresh engines).
 - `--out-dir DIR` writes each model's result to DIR/LABEL.json as soon as it is done and skips a model whose
   file exists, so a stopped evaluation of many models resumes where it stopped.
+- `--model-template LABEL=TEMPLATE` gives one model another prompt template than `--template` (a base model
+  prompted as R1-Zero next to chat-tuned ones), so one call evaluates models of different stages and the
+  models of one architecture still share an engine.
 """
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     langs = [prompt_language(e.prompt, getattr(e, "extra", {}).get("lang")) for e in examples for _ in range(k)]
     lang = [language_share(chain_of_thought(t), x) for t, x in zip(texts, langs)]
     if dump is not None:
-        dump.extend({"prompt": e.prompt, "answer": e.answer, "temperature": temperature, "completion": t,
+        dump.extend({"prompt": e.prompt, "template": template, "answer": e.answer, "temperature": temperature,
+                     "completion": t,
                      "extracted": x, "correct": c, "format": f, "language": g}
                     for e, t, x, c, f, g in zip((e for e in examples for _ in range(k)), texts, extracted, correct, fmt,
                                                 lang))
@@ -175,7 +179,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", required=True, action="append", metavar="[LABEL=]HF_DIR",
                     help="HF directory (config, weights, tokenizer); repeat for a table of several models")
     ap.add_argument("--data", required=True, help="JSONL/Parquet with prompt and answer fields")
-    ap.add_argument("--template", default="r1_zero")
+    ap.add_argument("--template", default="r1_zero", help="the prompt template (and format-reward variant)")
+    ap.add_argument("--model-template", action="append", default=[], metavar="LABEL=TEMPLATE",
+                    help="another template for one --model (models of one architecture then still share an engine)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the R1 paper: 0.95)")
@@ -208,6 +214,18 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"two --model share a label: {[label for label, _ in models]}")
     if a.out_dir and any(os.sep in label for label, _ in models):
         raise ConfigError("--out-dir names each result by its model's label: give --model LABEL=HF_DIR")
+    templates = {label: a.template for label, _ in models}
+    for value in a.model_template:
+        label, sep, name = value.partition("=")
+        if not sep or label not in templates:
+            raise ConfigError(f"--model-template {value!r}: expected LABEL=TEMPLATE with the LABEL of a --model "
+                              f"({', '.join(templates)})")
+        templates[label] = name
+    for name in set(templates.values()):  # an unknown template fails here, before vLLM starts
+        try:
+            get_template(name)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
     for _, path in models:  # everything that can be wrong with the inputs fails here, before vLLM starts
         check_model_dir(path)
     results, dump = {}, ([] if a.dump else None)
@@ -223,7 +241,8 @@ def main(argv: list[str]) -> int:
             continue
         tok = load_tokenizer(path)
         data = load_prompts(a.data)
-        data = drop_overlong(data, lambda e: len(tok.encode(render_prompt(a.template, e.prompt, tok), bos=True)),
+        template = templates[label]
+        data = drop_overlong(data, lambda e: len(tok.encode(render_prompt(template, e.prompt, tok), bos=True)),
                              a.max_model_len - 1)
         for line in report(data, f"eval data {a.data}", f" (the engine's max_model_len={a.max_model_len})"):
             print(line, file=sys.stderr)
@@ -242,10 +261,10 @@ def main(argv: list[str]) -> int:
             signature = engine_signature(path)
         kw = dict(max_tokens=a.max_tokens, top_p=a.top_p, dump=dump)
         if a.both:
-            res = {"sampled": evaluate(engine, tok, data, a.template, a.samples, a.temperature, **kw),
-                   "greedy": evaluate(engine, tok, data, a.template, 1, 0.0, **kw)}
+            res = {"sampled": evaluate(engine, tok, data, template, a.samples, a.temperature, **kw),
+                   "greedy": evaluate(engine, tok, data, template, 1, 0.0, **kw)}
         else:
-            res = evaluate(engine, tok, data, a.template, a.samples, 0.0 if a.greedy else a.temperature, **kw)
+            res = evaluate(engine, tok, data, template, a.samples, 0.0 if a.greedy else a.temperature, **kw)
         if dump is not None and len(models) > 1:
             for row in dump:
                 row.setdefault("model", label)

@@ -45,11 +45,13 @@ def test_dry_run_checks_configs_and_trains_nothing(tmp_path):
     assert f"--init-hf {run}/r1_sft/hf" in grpo and f"data.train_path={run}/general_rl_prompts.jsonl" in grpo
     assert f'"rm_helpful": {{"weight": 1.0, "path": "{run}/rm_helpful/hf"}}' in grpo
     assert "rl.ref_refresh_interval=2" in grpo and "rl.beta=0.001" in grpo
-    # stage 10: one eval per template, a result file per model (consecutive same-architecture models share an engine)
-    (chat,) = [line for line in out.splitlines() if " eval " in line and "--template r1_chat" in line
-               and "--out-dir" in line]
-    assert f"--model r1_sft={run}/r1_sft/hf --model r1={run}/r1/hf" in chat and f"--out-dir {run}/eval" in chat
-    assert chat.count("--model ") == 7 and f"--model llama_student_distilled={run}/student_llama_distill/hf" in chat
+    # stage 10: one eval of every model, a result file per model (same-architecture models in a row share an engine);
+    # the base models are prompted as R1-Zero was
+    (ev,) = [line for line in out.splitlines() if " eval " in line and "--out-dir" in line]
+    assert f"--model r1_sft={run}/r1_sft/hf --model r1={run}/r1/hf" in ev and f"--out-dir {run}/eval" in ev
+    assert ev.count("--model ") == len(MODELS) and f"--model llama_student_distilled={run}/student_llama_distill/hf" in ev
+    assert "--model-template base=r1_zero --model-template r1_zero=r1_zero --model-template qwen2_student_base=r1_zero " \
+        "--template r1_chat" in ev
     assert "would run: rm_scores\n" in out and "held-out evaluations skipped (HELD_OUT_EVALS=0)" in out
     assert not run.exists()
 

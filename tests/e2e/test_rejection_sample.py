@@ -76,8 +76,9 @@ def _eval(tmp_path, *args):
 
 def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy, capsys):
     """Models vLLM builds the same engine for share it (weights swapped in), with the results of a fresh engine;
-    --out-dir writes a result per model and skips the ones already there. The fresh engine's run also checks
-    --both (sampled and greedy from one engine) against its --dump."""
+    --out-dir writes a result per model and skips the ones already there; --model-template gives one model its
+    own template without a new engine. The fresh engine's run also checks --both (sampled and greedy from one
+    engine) against its --dump."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -93,10 +94,17 @@ def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy, caps
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="bfloat16")))
     common = ["--data", info["eval"], "--samples", "2", "--temperature", "1.0", "--limit", "4", "--max-tokens", "12"]
-    both = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--model", f"c={hf}",
-                 "--out-dir", str(tmp_path / "res"), "--dump", str(tmp_path / "abc.jsonl"), *common)
+    from megatron_r1.cli import main as cli
+    for bad, why in (("x=r1_chat", "with the LABEL of a --model (a, b)"), ("a=nope", "unknown template 'nope'")):
+        # one error line, before vLLM starts (in this process)
+        assert cli(["eval", "--model", f"a={hf}", "--model", f"b={other}", "--model-template", bad, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
+    both = _eval(tmp_path, "--model", f"a={hf}", "--model", f"b={other}", "--model", f"c={hf}", "--model", f"d={hf}",
+                 "--model-template", "d=r1_chat", "--out-dir", str(tmp_path / "res"),
+                 "--dump", str(tmp_path / "abc.jsonl"), *common)
     assert both.returncode == 0, both.stdout[-3000:] + both.stderr[-3000:]
-    assert both.stderr.count("swapped into the running engine") == 2, both.stderr[-3000:]
+    assert both.stderr.count("swapped into the running engine") == 3, both.stderr[-3000:]
     assert both.stderr.count("starting a vLLM engine") == 1, both.stderr[-3000:]
     alone = _eval(tmp_path, "--model", f"b={other}", "--dump", str(tmp_path / "b.jsonl"), "--out",
                   str(tmp_path / "b.json"), "--both", *common)
@@ -112,11 +120,17 @@ def test_eval_shares_one_engine_across_models_and_resumes(tmp_path, policy, caps
     # T=1 draws differ within a prompt (a perturbed random 512-token policy); the summary's length is theirs
     assert len({x["completion"] for x in sampled}) > 4 and 0 < res["sampled"]["response_length"] <= 12
     rows = [json.loads(line) for line in (tmp_path / "abc.jsonl").read_text().splitlines()]
-    per = {m: [r["completion"] for r in rows if r["model"] == m] for m in "abc"}
+    per = {m: [r["completion"] for r in rows if r["model"] == m] for m in "abcd"}
     assert per["b"] == [x["completion"] for x in sampled] and per["a"] == per["c"]  # swapped in = freshly built
     assert per["a"] != per["b"]  # ... and the swap changed the weights
+    # d: a's weights prompted with r1_chat: other prompts, other completions; its format rate is r1_chat's
+    assert {r["template"] for r in rows if r["model"] == "d"} == {"r1_chat"} and per["d"] != per["a"]
+    assert {r["template"] for r in rows if r["model"] != "d"} == {"r1_zero"}
+    from megatron_r1.rl.rewards.formatting import format_reward
+    d_json = json.loads((tmp_path / "res" / "d.json").read_text())
+    assert d_json["format"] == pytest.approx(sum(format_reward(c, variant="r1_boxed") for c in per["d"]) / 8)
     assert json.loads((tmp_path / "res" / "b.json").read_text()) == res["sampled"]
-    from megatron_r1.cli import main as cli  # in this process: every result is there, so no engine starts
+    # in this process: every result is there, so no engine starts
     assert cli(["eval", "--model", f"a={hf}", "--model", f"b={other}", "--out-dir", str(tmp_path / "res"), *common]) == 0
     again = capsys.readouterr().err
     assert again.count("exists, skipped") == 2 and "starting a vLLM engine" not in again and "swapped" not in again
