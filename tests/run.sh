@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the project needs into .venv and run the whole test suite.
-#   bash tests/run.sh              # CI's set (everything not marked `long`)
+#   bash tests/run.sh              # CI's set (everything not marked `long`; the `beside` tests in a second pytest alongside)
 #   bash tests/run.sh --all        # also the long tests
 #   bash tests/run.sh -k rewards   # extra arguments go to pytest
 set -euo pipefail
@@ -25,5 +25,20 @@ for a in "$@"; do
 done
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
+if [ -n "$MARK" ] && [ ${#ARGS[@]} -eq 0 ]; then
+  # CI's run: the `beside` tests (the shrunken R1 pipeline: ~25 process starts, mostly single-threaded imports,
+  # ~1.2 of the 2 cores) run in a second pytest beside the rest, in their own base temp directory (pytest prunes
+  # old numbered ones), with their report printed after the main one's
+  BESIDE_TMP=$(mktemp -d /tmp/pytest-beside.XXXXXX)
+  echo "== pytest -m beside (beside the main run; its report follows the main one's)"
+  .venv/bin/python -m pytest -m "beside and not long" --basetemp "$BESIDE_TMP/tmp" > "$BESIDE_TMP/log" 2>&1 &
+  BESIDE_PID=$!
+  echo "== pytest"
+  rc=0; .venv/bin/python -m pytest -m "$MARK and not beside" || rc=$?
+  brc=0; wait "$BESIDE_PID" || brc=$?
+  echo "== pytest -m beside (exit $brc)"; cat "$BESIDE_TMP/log"
+  [ "$brc" = 0 ] && [ "$rc" = 0 ] && rm -rf "$BESIDE_TMP"
+  exit $(( rc != 0 ? rc : brc ))
+fi
 echo "== pytest"
 exec .venv/bin/python -m pytest ${MARK:+-m "$MARK"} "${ARGS[@]}"

@@ -17,7 +17,10 @@ from megatron_r1.data.tokenizer import load_tokenizer, train_sentencepiece, writ
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("style, preset", [("qwen2", "tiny-qwen2"), ("llama3", "tiny-llama")])
+# the Llama-3.1-style student (no pad token, header template) also goes through export-distill and sft in CI's
+# shrunken R1 pipeline (tests/e2e/test_r1_tiny.py, which checks its template the same way): `long` here
+@pytest.mark.parametrize("style, preset", [("qwen2", "tiny-qwen2"),
+                                           pytest.param("llama3", "tiny-llama", marks=pytest.mark.long)])
 def test_export_then_sft_a_student(style, preset, tmp_path):
     sp = train_sentencepiece(arith.build_corpus(300, "{prompt}", 0, arith.DIFFICULTY[1]), tmp_path / "sp",
                              vocab_size=400)
