@@ -87,8 +87,7 @@ def evaluate(engine, tokenizer, examples, template: str = "r1_zero", samples: in
     lang = [language_share(chain_of_thought(t), x) for t, x in zip(texts, langs)]
     if dump is not None:
         dump.extend({"prompt": e.prompt, "template": template, "answer": e.answer, "temperature": temperature,
-                     "completion": t,
-                     "extracted": x, "correct": c, "format": f, "language": g}
+                     "completion": t, "extracted": x, "correct": c, "format": f, "language": g}
                     for e, t, x, c, f, g in zip((e for e in examples for _ in range(k)), texts, extracted, correct, fmt,
                                                 lang))
     per_problem = [sum(correct[i * k:(i + 1) * k]) / k for i in range(len(examples))]
